@@ -1,0 +1,132 @@
+"""The values the RAG services take and give. Field names match the JSON fields of the
+contract, so the web layer turns each into its generated model with ``from_attributes``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+T = TypeVar("T")
+
+MetadataValue = str | int | float | bool
+Metadata = dict[str, MetadataValue]
+DocumentStatus = Literal["pending", "ready", "failed"]
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    """One document handed in: the raw bytes of an upload, or text given as JSON."""
+
+    content: bytes
+    filename: str | None
+    title: str | None
+    metadata: Metadata
+    declared_media_type: str | None = None  # the client's claim; content decides
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    filename: str | None
+    media_type: str
+    size_bytes: int
+    sha256: str
+    chunk_count: int
+    status: DocumentStatus
+    created_at: datetime
+    updated_at: datetime
+    metadata: Metadata
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: str
+    document_id: str
+    index: int
+    text: str
+    page: int | None  # 1-based page for paged formats (PDF), else None
+    start_char: int  # offsets into the document's extracted text
+    end_char: int
+
+
+@dataclass(frozen=True)
+class JobError:
+    title: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    chunks_done: int
+    chunks_total: int
+    document_ids: list[str]
+    duplicate_document_ids: list[str]  # subset of document_ids that already existed
+    error: JobError | None = None
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class MetadataRange:
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """document_ids: only these documents. metadata: every condition must hold; a condition
+    is a value (equality), a list (one of), or a MetadataRange."""
+
+    document_ids: list[str] | None = None
+    metadata: dict[str, MetadataValue | list[MetadataValue] | MetadataRange] = field(
+        default_factory=dict
+    )
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    chunk: Chunk
+    document_title: str
+    score: float  # cosine similarity in [-1, 1], higher is closer
+
+
+@dataclass(frozen=True)
+class Citation:
+    marker: int  # the n of [n] in the answer text
+    document_id: str
+    document_title: str
+    chunk_id: str
+    quote: str
+    page: int | None
+    start_char: int
+    end_char: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    retrieval_ms: float
+    generation_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str
+    citations: list[Citation]
+    provider: str
+    found: bool  # False when nothing relevant was retrieved
+    timings: Timings

