@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     ingest_queue_size: int = Field(
         64, ge=1, description="Queued ingestion jobs accepted before ingest answers 503."
     )
+    ingest_wait_seconds: float = Field(
+        300.0, gt=0, description="Longest time ingest with wait=true waits for its job."
+    )
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes."
     )

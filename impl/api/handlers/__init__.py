@@ -1,0 +1,21 @@
+"""The binding of operationIds to handlers: one explicit map, checked against the spec when
+the app is built."""
+
+from __future__ import annotations
+
+from impl.api.handlers import documents, health, ingestion, operations, retrieval
+from impl.api.routing import Handler
+
+HANDLERS: dict[str, Handler] = {
+    "getHealth": health.get_health,
+    "getReadiness": health.get_readiness,
+    "ingestDocuments": ingestion.ingest_documents,
+    "getJob": ingestion.get_job,
+    "listDocuments": documents.list_documents,
+    "getDocument": documents.get_document,
+    "deleteDocument": documents.delete_document,
+    "listDocumentChunks": documents.list_document_chunks,
+    "searchChunks": retrieval.search_chunks,
+    "queryDocuments": retrieval.query_documents,
+    "getMetrics": operations.get_metrics,
+}

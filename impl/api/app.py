@@ -1,0 +1,70 @@
+"""The app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from impl.api import problems
+from impl.api.docs import mount_docs
+from impl.api.handlers import HANDLERS
+from impl.api.middleware import RequestContext
+from impl.api.routing import Handler, add_routes
+from impl.errors import RagapiError
+from impl.observability.logs import configure_logging
+from impl.observability.metrics import Metrics
+from impl.rag.service import RagService
+from impl.settings import Settings
+
+
+class State(TypedDict):
+    settings: Settings
+    service: RagService
+    metrics: Metrics
+
+
+def create_app(
+    settings: Settings | None = None, handlers: Mapping[str, Handler] = HANDLERS
+) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+        service = await run_in_threadpool(RagService, settings)
+        await run_in_threadpool(service.start)
+        try:
+            yield {"settings": settings, "service": service, "metrics": metrics}
+        finally:
+            await run_in_threadpool(service.close)
+
+    # FastAPI's own schema, docs and trailing-slash redirects are off: the contract file is
+    # served as written, and paths match it exactly.
+    app = FastAPI(
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
+    add_routes(app, handlers)
+    mount_docs(app)
+    app.add_exception_handler(RagapiError, problems.handle_ragapi_error)
+    app.add_exception_handler(HTTPException, problems.handle_http_exception)
+    # Inputs are parsed by impl.api.inputs, so this only fires if a handler grows a parameter
+    # FastAPI validates itself; it still must never leak FastAPI's 422 body.
+    app.add_exception_handler(RequestValidationError, problems.handle_request_validation)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for `uvicorn --factory` and for several worker processes."""
+    return create_app(Settings())

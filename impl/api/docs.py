@@ -1,0 +1,58 @@
+"""The contract served as written, and the docs rendered from it with locally served assets
+(the docs must work on a machine with no internet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fastapi_offline
+import yaml
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.staticfiles import StaticFiles
+from starlette.responses import HTMLResponse, Response
+
+SPEC_PATH = Path(__file__).resolve().parents[2] / "openapi" / "v1.yaml"
+# fastapi-offline exists to ship the Swagger UI and ReDoc bundles inside its wheel.
+ASSETS = Path(fastapi_offline.__file__).parent / "static"
+ASSETS_URL = "/docs/assets"
+
+
+def mount_docs(app: FastAPI) -> None:
+    spec_yaml = SPEC_PATH.read_bytes()
+    spec_json = json.dumps(yaml.safe_load(spec_yaml)).encode()
+    title = "ragapi API"
+
+    async def openapi_json() -> Response:
+        return Response(spec_json, media_type="application/json")
+
+    async def openapi_yaml() -> Response:
+        return Response(spec_yaml, media_type="application/yaml")
+
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=title,
+            swagger_js_url=f"{ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{ASSETS_URL}/favicon.png",
+        )
+
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=title,
+            redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.mount(ASSETS_URL, StaticFiles(directory=ASSETS), name="docs-assets")
+    for path, endpoint in (
+        ("/openapi.json", openapi_json),
+        ("/openapi.yaml", openapi_yaml),
+        ("/docs", swagger_ui),
+        ("/redoc", redoc),
+    ):
+        app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)

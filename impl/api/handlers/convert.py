@@ -1,0 +1,67 @@
+"""Service values to generated response models and request models to service values."""
+
+from __future__ import annotations
+
+from pydantic import MISSING, BaseModel
+
+from generated import models
+from impl.api.problems import TYPE_PREFIX
+from impl.errors import FieldError, InvalidInput
+from impl.rag import types
+
+
+def document(value: types.Document) -> models.Document:
+    return models.Document.model_validate(value, from_attributes=True)
+
+
+def job(value: types.Job) -> models.Job:
+    error = None
+    if value.error is not None:
+        error = models.Problem(
+            type=f"{TYPE_PREFIX}ingestion-failed",  # type: ignore[arg-type]  # validated as AnyUrl
+            title=value.error.title,
+            status=422,
+            detail=value.error.detail,
+        )
+    fields = {k: v for k, v in vars(value).items() if k != "error"}
+    return models.Job.model_validate({**fields, "error": error})
+
+
+def chunk(value: types.Chunk) -> models.Chunk:
+    return models.Chunk.model_validate(value, from_attributes=True)
+
+
+def metadata(value: models.Metadata | None) -> types.Metadata:
+    if value is None or value is MISSING:
+        return {}
+    return {key: scalar(item) for key, item in value.root.items()}
+
+
+def scalar(value: models.MetadataValue) -> types.MetadataValue:
+    root = value.root
+    return root.root if isinstance(root, BaseModel) else root
+
+
+def filters(value: models.SearchFilters | None) -> types.SearchFilters | None:
+    if value is None or value is MISSING:
+        return None
+    conditions: dict[str, types.MetadataValue | list[types.MetadataValue] | types.MetadataRange]
+    conditions = {}
+    for key, condition in (value.metadata if value.metadata is not MISSING else {}).items():
+        root = condition.root
+        if isinstance(root, models.MetadataIn):
+            conditions[key] = [scalar(v) for v in root.in_]
+        elif isinstance(root, models.MetadataRange):
+            bounds = root.model_dump()  # MISSING bounds are left out
+            if not bounds:
+                raise InvalidInput(
+                    "A range needs at least one bound.",
+                    [FieldError(f"body/filters/metadata/{key}", "Give gt, gte, lt or lte.")],
+                )
+            conditions[key] = types.MetadataRange(**bounds)
+        else:
+            conditions[key] = scalar(root)
+    document_ids = None
+    if value.document_ids is not MISSING:
+        document_ids = [d.root for d in value.document_ids]
+    return types.SearchFilters(document_ids=document_ids, metadata=conditions)

@@ -1,0 +1,61 @@
+"""Handlers of the retrieval tag."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from generated import models
+from impl.api.deps import Service, Tenant
+from impl.api.handlers import convert
+from impl.api.handlers.documents import given
+from impl.api.inputs import BODY
+from impl.api.responses import reply
+
+
+async def search_chunks(
+    body: Annotated[models.SearchRequest, BODY], service: Service, tenant: Tenant
+) -> Response:
+    search_filters = convert.filters(given(body.filters))
+    hits = await run_in_threadpool(
+        lambda: service.search(
+            tenant,
+            body.query,
+            top_k=body.top_k,
+            filters=search_filters,
+            min_score=given(body.min_score),
+        )
+    )
+    results = [
+        models.SearchResult(
+            document_id=hit.chunk.document_id,
+            document_title=hit.document_title,
+            chunk_id=hit.chunk.id,
+            chunk_index=hit.chunk.index,
+            text=hit.chunk.text,
+            score=hit.score,
+            page=hit.chunk.page,
+            start_char=hit.chunk.start_char,
+            end_char=hit.chunk.end_char,
+        )
+        for hit in hits
+    ]
+    return reply(models.SearchResponse(results=results))
+
+
+async def query_documents(
+    body: Annotated[models.QueryRequest, BODY], service: Service, tenant: Tenant
+) -> Response:
+    search_filters = convert.filters(given(body.filters))
+    answer = await run_in_threadpool(
+        lambda: service.answer(
+            tenant,
+            body.question,
+            top_k=body.top_k,
+            filters=search_filters,
+            min_score=given(body.min_score),
+        )
+    )
+    return reply(models.QueryResponse.model_validate(answer, from_attributes=True))

@@ -1,0 +1,150 @@
+"""The one place where errors become RFC 9457 problem documents."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from generated import models
+from impl import errors
+
+log = logging.getLogger("ragapi.errors")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_PREFIX = "urn:ragapi:problem:"
+
+# Most specific class first: the first match wins.
+ERROR_MAP: tuple[tuple[type[errors.RagapiError], int, str], ...] = (
+    (errors.UnreadableDocument, 400, "unreadable-document"),
+    (errors.InvalidInput, 400, "validation-failed"),
+    (errors.Unauthenticated, 401, "unauthenticated"),
+    (errors.Forbidden, 403, "forbidden"),
+    (errors.NotFound, 404, "not-found"),
+    (errors.DocumentTooLarge, 413, "document-too-large"),
+    (errors.PayloadTooLarge, 413, "payload-too-large"),
+    (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
+    (errors.RateLimited, 429, "rate-limited"),
+    (errors.UpstreamError, 502, "upstream-error"),
+    (errors.ServiceUnavailable, 503, "service-unavailable"),
+)
+
+
+class MalformedBody(errors.InvalidInput):
+    """The body is not parseable JSON or not UTF-8 (400). Web-only: services never see raw
+    bodies."""
+
+    def __init__(self, detail: str, slug: str) -> None:
+        super().__init__(detail)
+        self.slug = slug
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", "unknown"))
+
+
+def problem_response(
+    status: int,
+    slug: str,
+    detail: str,
+    instance: str,
+    field_errors: list[errors.FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    problem = models.Problem(
+        type=f"{TYPE_PREFIX}{slug}",  # type: ignore[arg-type]  # validated as AnyUrl
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=f"urn:request:{instance}",
+    )
+    if field_errors:
+        problem.errors = [
+            models.FieldError(location=e.location, message=e.message) for e in field_errors
+        ]
+    return Response(
+        problem.model_dump_json(exclude_unset=False),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def classify(exc: errors.RagapiError) -> tuple[int, str]:
+    if isinstance(exc, MalformedBody):
+        return 400, exc.slug
+    for cls, status, slug in ERROR_MAP:
+        if isinstance(exc, cls):
+            return status, slug
+    return 500, "internal-error"
+
+
+def problem_for_error(exc: errors.RagapiError, rid: str) -> Response:
+    status, slug = classify(exc)
+    headers = None
+    if isinstance(exc, errors.RateLimited):
+        headers = {"Retry-After": str(exc.retry_after_seconds)}
+    field_errors = exc.errors if isinstance(exc, errors.InvalidInput) else None
+    if status == 500:
+        log.error("unmapped error", exc_info=exc, extra={"request_id": rid})
+        return internal_error(rid)
+    return problem_response(status, slug, exc.detail, rid, field_errors, headers)
+
+
+def internal_error(rid: str) -> Response:
+    return problem_response(
+        500,
+        "internal-error",
+        "The server failed to handle this request; it has been logged with this request's id.",
+        rid,
+    )
+
+
+async def handle_ragapi_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.RagapiError)
+    return problem_for_error(exc, request_id(request))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no route) and 405 (no such method on a route)."""
+    assert isinstance(exc, HTTPException)
+    rid = request_id(request)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request)
+        detail = f"{request.method} is not allowed here; allowed: {allowed}."
+        return problem_response(405, "method-not-allowed", detail, rid, headers={"Allow": allowed})
+    if exc.status_code == 404:
+        return problem_response(404, "not-found", f"No resource at {request.url.path}.", rid)
+    # Starlette's form parser reports a malformed multipart body this way.
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    slug = "validation-failed" if exc.status_code == 400 else "http-error"
+    return problem_response(exc.status_code, slug, detail, rid)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def handle_request_validation(request: Request, exc: Exception) -> Response:
+    from fastapi.exceptions import RequestValidationError
+
+    assert isinstance(exc, RequestValidationError)
+    field_errors = [
+        errors.FieldError("/".join(str(p) for p in e["loc"]), str(e["msg"])) for e in exc.errors()
+    ]
+    return problem_response(
+        400,
+        "validation-failed",
+        "The request failed validation.",
+        request_id(request),
+        field_errors,
+    )

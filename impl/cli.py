@@ -1,0 +1,179 @@
+"""The `ragapi` command: the server, and the RAG services in-process (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from impl.errors import RagapiError
+from impl.settings import Settings
+
+TENANT = "default"
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from impl.api.app import create_app
+
+    # Flags override the environment; they go through it so that worker processes, which
+    # build their own app, see them too.
+    for flag in ("host", "port", "workers", "log_level"):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[f"RAGAPI_{flag.upper()}"] = str(value)
+    settings = Settings()
+    app = create_app(settings)  # checks the spec against the handler map before serving
+    if settings.workers == 1:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    else:
+        uvicorn.run(
+            "impl.api.app:app_from_environment",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+        )
+    return 0
+
+
+@contextmanager
+def open_service(start_workers: bool) -> Iterator[Any]:
+    from impl.rag.service import RagService
+
+    service = RagService(Settings())
+    if start_workers:
+        service.start()
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def files_under(paths: Sequence[str]) -> Iterator[Path]:
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+def ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from impl.rag.types import IngestItem
+
+    metadata = json.loads(args.metadata) if args.metadata else {}
+    files = list(files_under(args.paths))
+    failures = 0
+    with open_service(start_workers=True) as service:
+        for path in tqdm(files, unit="file", disable=not sys.stderr.isatty()):
+            item = IngestItem(path.read_bytes(), path.name, args.title, metadata)
+            try:
+                job = service.submit_ingest(TENANT, [item])
+                job = service.wait_for_job(TENANT, job.id, timeout_s=3600)
+            except RagapiError as exc:
+                failures += 1
+                print(f"{path}: {exc.detail}", file=sys.stderr)
+                continue
+            duplicate = " (duplicate)" if job.duplicate_document_ids else ""
+            reason = f": {job.error.detail}" if job.error else ""
+            print(f"{path}: {job.status} {' '.join(job.document_ids)}{duplicate}{reason}")
+            failures += job.status == "failed"
+    return 1 if failures else 0
+
+
+def query(args: argparse.Namespace) -> int:
+    with open_service(start_workers=False) as service:
+        answer = service.answer(TENANT, args.question, top_k=args.top_k)
+    print(answer.answer)
+    for citation in answer.citations:
+        page = f", page {citation.page}" if citation.page else ""
+        print(f"[{citation.marker}] {citation.document_title}{page}: {citation.quote}")
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    with open_service(start_workers=False) as service:
+        hits = service.search(TENANT, args.query, top_k=args.top_k)
+    for hit in hits:
+        print(f"{hit.score:.3f}  {hit.document_title} #{hit.chunk.index}: {hit.chunk.text[:200]}")
+    return 0
+
+
+def documents(args: argparse.Namespace) -> int:
+    with open_service(start_workers=False) as service:
+        if args.action == "list":
+            cursor = None
+            while True:
+                page = service.list_documents(TENANT, limit=100, cursor=cursor)
+                for d in page.items:
+                    print(f"{d.id}  {d.status:<7}  {d.chunk_count:>5} chunks  {d.title}")
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        elif args.action == "show":
+            d = service.get_document(TENANT, args.doc_id)
+            print(json.dumps(vars(d), default=str, indent=2))
+        else:
+            service.delete_document(TENANT, args.doc_id)
+            print(f"deleted {args.doc_id}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="ragapi", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="start the HTTP server")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--log-level", dest="log_level")
+    p.set_defaults(run=serve)
+
+    p = commands.add_parser("ingest", help="ingest files and folders (recursively)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--title", help="title for every file (default: from each file)")
+    p.add_argument("--metadata", help="JSON object kept with every document")
+    p.set_defaults(run=ingest)
+
+    p = commands.add_parser("query", help="answer a question with citations")
+    p.add_argument("question")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(run=query)
+
+    p = commands.add_parser("search", help="list the passages closest to a query")
+    p.add_argument("query")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(run=search)
+
+    p = commands.add_parser("documents", help="list, show or delete documents")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list")
+    actions.add_parser("show").add_argument("doc_id")
+    actions.add_parser("delete").add_argument("doc_id")
+    p.set_defaults(run=documents)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except RagapiError as exc:
+        print(f"ragapi: {exc.detail}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

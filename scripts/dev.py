@@ -1,0 +1,81 @@
+"""One entry point that sets itself up: needs only Python 3.11+ and pip.
+
+    python3 scripts/dev.py serve [ragapi serve flags]   start the server (embedded default)
+    python3 scripts/dev.py test [pytest args]           run the test suite
+    python3 scripts/dev.py lint                         ruff (lint, format check) and mypy
+    python3 scripts/dev.py setup                        only create or update .venv
+
+The virtualenv is .venv in the repository; it is (re)installed from constraints.txt whenever
+pyproject.toml or constraints.txt changed since the last install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".ragapi-installed"
+# Tests run the llamacpp extra too: the OpenAI-compatible provider is tested against a real
+# llama.cpp server on loopback.
+EXTRAS = {
+    "serve": "",
+    "test": "[dev,llamacpp]",
+    "lint": "[dev,llamacpp]",
+    "setup": "[dev,llamacpp]",
+}
+
+
+def fingerprint(extras: str) -> str:
+    digest = hashlib.sha256(extras.encode())
+    for name in ("pyproject.toml", "constraints.txt"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def installed_fingerprints() -> set[str]:
+    return set(STAMP.read_text().split()) if STAMP.exists() else set()
+
+
+def setup(extras: str) -> None:
+    wanted = fingerprint(extras)
+    if wanted in installed_fingerprints():
+        return
+    if not (BIN / "python").exists():
+        print("creating .venv", file=sys.stderr)
+        venv.create(VENV, with_pip=True)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print(f"installing ragapi{extras} into .venv (first time takes a few minutes)", file=sys.stderr)
+    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}{extras}"], check=True)
+    STAMP.write_text("\n".join(sorted(installed_fingerprints() | {wanted})))
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in EXTRAS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = sys.argv[1], sys.argv[2:]
+    setup(EXTRAS[command])
+    os.chdir(ROOT)
+    if command == "serve":
+        return subprocess.call([str(BIN / "ragapi"), "serve", *rest])
+    if command == "test":
+        return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest])
+    if command == "lint":
+        checks = [
+            [str(BIN / "ruff"), "check", "."],
+            [str(BIN / "ruff"), "format", "--check", "."],
+            [str(BIN / "mypy")],
+        ]
+        return max(subprocess.call(check) for check in checks)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
