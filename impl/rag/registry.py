@@ -1,0 +1,884 @@
+"""The registry: documents, ingestion jobs, chunk rows and store-wide facts, in SQL.
+
+SQLite by default, any SQLAlchemy URL (PostgreSQL) later, so queries stay portable: no
+SQLite-only SQL outside the connection set-up. Every method is one unit of work in its own
+session, which makes the class safe to share between threads.
+
+Document statuses are the public ones (pending, ready, failed) plus ``deleting``: a document
+whose removal has begun is invisible to every read, and ``RagService.start`` finishes removing it
+after a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CursorResult,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from impl.errors import ConfigurationError, InvalidInput
+from impl.rag.types import (
+    Chunk,
+    Document,
+    DocumentStatus,
+    Job,
+    JobError,
+    JobStatus,
+    Metadata,
+    Page,
+)
+
+SCHEMA_VERSION = "1"
+DELETING = "deleting"
+# A document whose content a tenant already holds is returned instead of stored again, unless
+# the earlier one failed (so the same file can be tried again) or is being deleted.
+_LIVE_STATUSES = ("pending", "ready")
+INTERRUPTED_DETAIL = "interrupted too often"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, stored naive: SQLite keeps no zone and
+    the same column must compare alike on every backend."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class MetaRow(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class DocumentRow(Base):
+    __tablename__ = "documents"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(256))
+    title: Mapped[str] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(Text)
+    media_type: Mapped[str] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    original_key: Mapped[str] = mapped_column(String(128))
+    extracted_key: Mapped[str] = mapped_column(String(128))
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    # "metadata" is taken by the declarative base, hence the attribute name.
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("ix_documents_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_documents_status", "status"),
+        Index("ix_documents_original_key", "original_key"),
+        Index("ix_documents_extracted_key", "extracted_key"),
+        # Guards deduplication against a second process registering the same bytes at once.
+        Index(
+            "ux_documents_tenant_sha256_live",
+            "tenant",
+            "sha256",
+            unique=True,
+            sqlite_where=text("status IN ('pending', 'ready')"),
+            postgresql_where=text("status IN ('pending', 'ready')"),
+        ),
+    )
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    chunks_done: Mapped[int] = mapped_column(Integer, default=0)
+    chunks_total: Mapped[int] = mapped_column(Integer, default=0)
+    error_title: Mapped[str | None] = mapped_column(Text)
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+
+
+class JobDocumentRow(Base):
+    """Which documents a job covers. No foreign key to documents: a job keeps naming the
+    documents it reported even after they are deleted."""
+
+    __tablename__ = "job_documents"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    document_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(256))
+    position: Mapped[int] = mapped_column(Integer)
+    duplicate: Mapped[bool] = mapped_column(Boolean)
+
+
+class ChunkRow(Base):
+    __tablename__ = "chunks"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
+    tenant: Mapped[str] = mapped_column(String(256))
+    chunk_index: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    page: Mapped[int | None] = mapped_column(Integer)
+    start_char: Mapped[int] = mapped_column(Integer)
+    end_char: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (UniqueConstraint("document_id", "chunk_index"),)
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    """A validated upload whose bytes and extracted text are already stored."""
+
+    sha256: str
+    title: str
+    filename: str | None
+    media_type: str
+    size_bytes: int
+    original_key: str
+    extracted_key: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    tenant: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class DocumentWork:
+    """What a worker needs to index one document."""
+
+    id: str
+    tenant: str
+    extracted_key: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class StoredObjects:
+    """The storage keys a document holds; freed when no other document uses them."""
+
+    document_id: str
+    tenant: str
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A running job with no live worker behind it, and its documents still pending."""
+
+    job_id: str
+    tenant: str
+    document_ids: list[str]
+    gives_up: bool  # True: it ran out of attempts and is to be failed, not queued again
+
+
+class LeaseLost(Exception):
+    """The worker no longer owns the job it is running (another worker reclaimed it)."""
+
+
+def _encode_cursor(payload: dict[str, Any]) -> str:
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_cursor(cursor: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        payload = json.loads(raw)
+    except (binascii.Error, ValueError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise InvalidInput("the cursor is not valid")
+    return payload
+
+
+def _document(row: DocumentRow) -> Document:
+    return Document(
+        id=row.id,
+        title=row.title,
+        filename=row.filename,
+        media_type=row.media_type,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        chunk_count=row.chunk_count,
+        status=cast(DocumentStatus, row.status),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        metadata=dict(row.metadata_),
+        error=row.error,
+    )
+
+
+def _chunk(row: ChunkRow) -> Chunk:
+    return Chunk(
+        id=row.id,
+        document_id=row.document_id,
+        index=row.chunk_index,
+        text=row.text,
+        page=row.page,
+        start_char=row.start_char,
+        end_char=row.end_char,
+    )
+
+
+def _rowcount(result: Any) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+def _prepare_sqlite(engine: Engine) -> None:
+    """WAL (readers never wait for the writer), a busy timeout, foreign keys, and explicit
+    BEGIN statements: pysqlite's implicit transactions would start every write transaction as a
+    reader that later fails to upgrade under concurrency instead of waiting for the lock."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Registry:
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        is_sqlite = parsed.get_backend_name() == "sqlite"
+        if is_sqlite and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": 30} if is_sqlite else {}
+        self._engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
+        if is_sqlite:
+            _prepare_sqlite(self._engine)
+        self._reads = sessionmaker(self._engine, expire_on_commit=False)
+        # SQLite: take the write lock up front, so concurrent writers queue on the busy timeout.
+        self._writes = sessionmaker(
+            self._engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
+        )
+        Base.metadata.create_all(self._engine)
+        recorded = self._record_meta("schema_version", SCHEMA_VERSION)
+        if recorded != SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the registry has schema version {recorded}; this server uses {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self._read() as session:
+            session.execute(select(1))
+
+    # -- store-wide facts ---------------------------------------------------------------------
+
+    def _record_meta(self, key: str, value: str) -> str:
+        """Record ``value`` under ``key`` the first time; return what is recorded."""
+        with self._write() as session:
+            row = session.get(MetaRow, key)
+            if row is None:
+                session.add(MetaRow(key=key, value=value))
+                return value
+            return row.value
+
+    def check_model(self, model_id: str, dimension: int) -> None:
+        """Record the embedding model on first use; refuse another one after that."""
+        recorded = self._record_meta("embedding_model", f"{model_id}|{dimension}")
+        if recorded != f"{model_id}|{dimension}":
+            recorded_id, _, recorded_dim = recorded.rpartition("|")
+            raise ConfigurationError(
+                f"the vector store was built with model {recorded_id} ({recorded_dim} "
+                f"dimensions); this server uses {model_id} ({dimension} dimensions); re-index "
+                "or use a new data_dir"
+            )
+
+    # -- ingestion ----------------------------------------------------------------------------
+
+    def find_live(self, tenant: str, sha256s: Sequence[str]) -> dict[str, str]:
+        """Document ids by sha256 for the given contents the tenant already holds."""
+        with self._read() as session:
+            return self._find_live(session, tenant, sha256s)
+
+    @staticmethod
+    def _find_live(session: Session, tenant: str, sha256s: Sequence[str]) -> dict[str, str]:
+        if not sha256s:
+            return {}
+        rows = session.execute(
+            select(DocumentRow.sha256, DocumentRow.id).where(
+                DocumentRow.tenant == tenant,
+                DocumentRow.sha256.in_(set(sha256s)),
+                DocumentRow.status.in_(_LIVE_STATUSES),
+            )
+        )
+        return {sha: doc_id for sha, doc_id in rows}
+
+    def register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
+        """Create the documents and their job in one transaction. Items whose content the tenant
+        already holds (or that repeat an earlier item) map to the existing document; a job with
+        nothing new to index is created already succeeded."""
+        for attempt in range(3):
+            try:
+                return self._register_ingest(tenant, items)
+            except IntegrityError:
+                # Another process registered the same content between our check and insert;
+                # the next round finds its document and reports a duplicate.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
+        now = utcnow()
+        job_id = new_id("job")
+        with self._write() as session:
+            existing = self._find_live(session, tenant, [item.sha256 for item in items])
+            created: dict[str, str] = {}
+            links: dict[str, bool] = {}  # document id -> duplicate, in item order
+            for item in items:
+                if item.sha256 in existing:
+                    links.setdefault(existing[item.sha256], True)
+                    continue
+                if item.sha256 not in created:
+                    doc_id = new_id("doc")
+                    created[item.sha256] = doc_id
+                    session.add(
+                        DocumentRow(
+                            id=doc_id,
+                            tenant=tenant,
+                            title=item.title,
+                            filename=item.filename,
+                            media_type=item.media_type,
+                            size_bytes=item.size_bytes,
+                            sha256=item.sha256,
+                            original_key=item.original_key,
+                            extracted_key=item.extracted_key,
+                            chunk_count=0,
+                            status="pending",
+                            error=None,
+                            metadata_=dict(item.metadata),
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                links.setdefault(created[item.sha256], False)
+            status: JobStatus = "queued" if created else "succeeded"
+            job = JobRow(
+                id=job_id,
+                tenant=tenant,
+                status=status,
+                attempts=0,
+                chunks_done=0,
+                chunks_total=0,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.flush()  # the job row first: job_documents points at it
+            for position, (doc_id, duplicate) in enumerate(links.items()):
+                session.add(
+                    JobDocumentRow(
+                        job_id=job_id,
+                        document_id=doc_id,
+                        tenant=tenant,
+                        position=position,
+                        duplicate=duplicate,
+                    )
+                )
+            session.flush()
+            return self._job(session, job)
+
+    def claim_job(self, job_id: str | None, owner: str, lease: timedelta) -> ClaimedJob | None:
+        """Move a queued job to running under ``owner``'s lease: the given one, or the oldest
+        queued one when ``job_id`` is None. None when there is nothing (left) to claim."""
+        if job_id is None:
+            # A read first: idle workers poll, and must not take SQLite's write lock to do it.
+            oldest = self.queued_job_ids(1)
+            if not oldest:
+                return None
+            job_id = oldest[0]
+        now = utcnow()
+        with self._write() as session:
+            # The status condition makes the claim atomic on any backend: of two claimers,
+            # one updates a row and the other none.
+            claimed = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(
+                    status="running",
+                    attempts=JobRow.attempts + 1,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease,
+                    updated_at=now,
+                )
+            )
+            if _rowcount(claimed) != 1:
+                return None
+            row = session.execute(
+                select(JobRow.tenant, JobRow.attempts).where(JobRow.id == job_id)
+            ).one()
+            return ClaimedJob(id=job_id, tenant=row.tenant, attempt=row.attempts)
+
+    def job_work(self, job_id: str) -> list[DocumentWork]:
+        """The job's documents that still await indexing, in the order they were given."""
+        with self._read() as session:
+            rows = session.scalars(
+                select(DocumentRow)
+                .join(JobDocumentRow, JobDocumentRow.document_id == DocumentRow.id)
+                .where(
+                    JobDocumentRow.job_id == job_id,
+                    JobDocumentRow.duplicate.is_(False),
+                    DocumentRow.status == "pending",
+                )
+                .order_by(JobDocumentRow.position)
+            )
+            return [
+                DocumentWork(
+                    id=row.id,
+                    tenant=row.tenant,
+                    extracted_key=row.extracted_key,
+                    metadata=dict(row.metadata_),
+                )
+                for row in rows
+            ]
+
+    def _renew(
+        self, session: Session, job_id: str, owner: str, lease: timedelta, **values: Any
+    ) -> None:
+        now = utcnow()
+        renewed = session.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
+            .values(lease_expires_at=now + lease, updated_at=now, **values)
+        )
+        if _rowcount(renewed) != 1:
+            raise LeaseLost(job_id)
+
+    def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None:
+        with self._write() as session:
+            self._renew(session, job_id, owner, lease)
+
+    def start_progress(
+        self, job_id: str, owner: str, lease: timedelta, total: int, document_ids: Sequence[str]
+    ) -> None:
+        """Drop chunk rows a crashed run left for these documents and reset the progress."""
+        with self._write() as session:
+            session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
+            self._renew(session, job_id, owner, lease, chunks_done=0, chunks_total=total)
+
+    def add_chunks(
+        self, job_id: str, owner: str, lease: timedelta, document_id: str, chunks: Sequence[Chunk]
+    ) -> bool:
+        """Record indexed chunks and the job's progress. False, writing nothing, when the
+        document is no longer pending (deletion began): the caller then removes its vectors."""
+        with self._write() as session:
+            # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
+            doc = session.execute(
+                select(DocumentRow.status, DocumentRow.tenant)
+                .where(DocumentRow.id == document_id)
+                .with_for_update()
+            ).one_or_none()
+            if doc is None or doc.status != "pending":
+                return False
+            session.add_all(
+                ChunkRow(
+                    id=chunk.id,
+                    document_id=document_id,
+                    tenant=doc.tenant,
+                    chunk_index=chunk.index,
+                    text=chunk.text,
+                    page=chunk.page,
+                    start_char=chunk.start_char,
+                    end_char=chunk.end_char,
+                )
+                for chunk in chunks
+            )
+            self._renew(session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(chunks))
+            return True
+
+    def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None:
+        """Take chunks that will not be indexed (their document went away) out of the total."""
+        with self._write() as session:
+            self._renew(session, job_id, owner, lease, chunks_total=JobRow.chunks_total - count)
+
+    def mark_ready(self, document_id: str, chunk_count: int) -> bool:
+        """Pending -> ready; False when the document is being deleted (or gone)."""
+        with self._write() as session:
+            changed = session.execute(
+                update(DocumentRow)
+                .where(DocumentRow.id == document_id, DocumentRow.status == "pending")
+                .values(status="ready", chunk_count=chunk_count, updated_at=utcnow())
+            )
+            return _rowcount(changed) == 1
+
+    def mark_failed(self, document_id: str, reason: str) -> bool:
+        """Pending -> failed with ``reason``, dropping its chunk rows (the caller has already
+        removed the vectors). False when the document was no longer pending."""
+        with self._write() as session:
+            session.execute(delete(ChunkRow).where(ChunkRow.document_id == document_id))
+            changed = session.execute(
+                update(DocumentRow)
+                .where(DocumentRow.id == document_id, DocumentRow.status == "pending")
+                .values(status="failed", error=reason, chunk_count=0, updated_at=utcnow())
+            )
+            return _rowcount(changed) == 1
+
+    def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None:
+        with self._write() as session:
+            now = utcnow()
+            finished = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
+                .values(
+                    status="failed" if error else "succeeded",
+                    error_title=error.title if error else None,
+                    error_detail=error.detail if error else None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            if _rowcount(finished) != 1:
+                raise LeaseLost(job_id)
+
+    def release_job(self, job_id: str, owner: str) -> None:
+        """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed."""
+        with self._write() as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
+                .values(
+                    status="queued",
+                    attempts=JobRow.attempts - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=utcnow(),
+                )
+            )
+
+    def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]:
+        """Running jobs no worker is running: all of them when only this process may run jobs
+        (``every_running``), else those whose lease expired."""
+        with self._read() as session:
+            query = select(JobRow).where(JobRow.status == "running")
+            if not every_running:
+                query = query.where(
+                    or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < utcnow())
+                )
+            found = []
+            for job in session.scalars(query):
+                document_ids = session.scalars(
+                    select(DocumentRow.id)
+                    .join(JobDocumentRow, JobDocumentRow.document_id == DocumentRow.id)
+                    .where(
+                        JobDocumentRow.job_id == job.id,
+                        JobDocumentRow.duplicate.is_(False),
+                        DocumentRow.status == "pending",
+                    )
+                    .order_by(JobDocumentRow.position)
+                )
+                found.append(
+                    Interrupted(
+                        job_id=job.id,
+                        tenant=job.tenant,
+                        document_ids=list(document_ids),
+                        gives_up=job.attempts >= max_attempts,
+                    )
+                )
+            return found
+
+    def requeue(self, job_id: str) -> None:
+        with self._write() as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running")
+                .values(
+                    status="queued", lease_owner=None, lease_expires_at=None, updated_at=utcnow()
+                )
+            )
+
+    def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None:
+        """Fail an interrupted job and its unfinished documents (their vectors already gone)."""
+        with self._write() as session:
+            now = utcnow()
+            session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
+            session.execute(
+                update(DocumentRow)
+                .where(DocumentRow.id.in_(document_ids), DocumentRow.status == "pending")
+                .values(status="failed", error=error.detail, chunk_count=0, updated_at=now)
+            )
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running")
+                .values(
+                    status="failed",
+                    error_title=error.title,
+                    error_detail=error.detail,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+
+    def queued_job_ids(self, limit: int) -> list[str]:
+        with self._read() as session:
+            return list(
+                session.scalars(
+                    select(JobRow.id)
+                    .where(JobRow.status == "queued")
+                    .order_by(JobRow.created_at, JobRow.id)
+                    .limit(limit)
+                )
+            )
+
+    def get_job(self, tenant: str, job_id: str) -> Job | None:
+        with self._read() as session:
+            row = session.get(JobRow, job_id)
+            if row is None or row.tenant != tenant:
+                return None
+            return self._job(session, row)
+
+    @staticmethod
+    def _job(session: Session, row: JobRow) -> Job:
+        links = session.execute(
+            select(JobDocumentRow.document_id, JobDocumentRow.duplicate)
+            .where(JobDocumentRow.job_id == row.id)
+            .order_by(JobDocumentRow.position)
+        ).all()
+        error = None
+        if row.error_title is not None:
+            error = JobError(title=row.error_title, detail=row.error_detail or "")
+        return Job(
+            id=row.id,
+            status=cast(JobStatus, row.status),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            chunks_done=row.chunks_done,
+            chunks_total=row.chunks_total,
+            document_ids=[doc_id for doc_id, _ in links],
+            duplicate_document_ids=[doc_id for doc_id, duplicate in links if duplicate],
+            error=error,
+        )
+
+    # -- reading documents --------------------------------------------------------------------
+
+    def get_document(self, tenant: str, document_id: str) -> Document | None:
+        with self._read() as session:
+            row = session.get(DocumentRow, document_id)
+            if row is None or row.tenant != tenant or row.status == DELETING:
+                return None
+            return _document(row)
+
+    def list_documents(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: DocumentStatus | None = None,
+        title_contains: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> Page[Document]:
+        """Newest first by (created_at, id); the cursor names the last item of a page."""
+        query = select(DocumentRow).where(DocumentRow.tenant == tenant)
+        if status is None:
+            query = query.where(DocumentRow.status != DELETING)
+        else:
+            query = query.where(DocumentRow.status == status)
+        if title_contains:
+            query = query.where(
+                func.lower(DocumentRow.title).contains(title_contains.lower(), autoescape=True)
+            )
+        if created_after is not None:
+            query = query.where(DocumentRow.created_at > created_after)
+        if created_before is not None:
+            query = query.where(DocumentRow.created_at < created_before)
+        if cursor is not None:
+            last_created, last_id = self._document_cursor(cursor)
+            query = query.where(
+                or_(
+                    DocumentRow.created_at < last_created,
+                    and_(DocumentRow.created_at == last_created, DocumentRow.id < last_id),
+                )
+            )
+        query = query.order_by(DocumentRow.created_at.desc(), DocumentRow.id.desc()).limit(
+            limit + 1
+        )
+        with self._read() as session:
+            rows = list(session.scalars(query))
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            next_cursor = _encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
+        return Page(items=[_document(row) for row in rows], next_cursor=next_cursor)
+
+    @staticmethod
+    def _document_cursor(cursor: str) -> tuple[datetime, str]:
+        payload = _decode_cursor(cursor)
+        created, doc_id = payload.get("t"), payload.get("i")
+        if not isinstance(created, str) or not isinstance(doc_id, str):
+            raise InvalidInput("the cursor is not valid")
+        try:
+            when = datetime.fromisoformat(created)
+        except ValueError:
+            raise InvalidInput("the cursor is not valid") from None
+        if when.tzinfo is None:
+            raise InvalidInput("the cursor is not valid")
+        return when, doc_id
+
+    def list_chunks(
+        self, tenant: str, document_id: str, *, limit: int, cursor: str | None
+    ) -> Page[Chunk] | None:
+        """The document's chunk rows by index; None when the document is not the tenant's."""
+        after = -1
+        if cursor is not None:
+            index = _decode_cursor(cursor).get("n")
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise InvalidInput("the cursor is not valid")
+            after = index
+        with self._read() as session:
+            doc = session.get(DocumentRow, document_id)
+            if doc is None or doc.tenant != tenant or doc.status == DELETING:
+                return None
+            rows = list(
+                session.scalars(
+                    select(ChunkRow)
+                    .where(ChunkRow.document_id == document_id, ChunkRow.chunk_index > after)
+                    .order_by(ChunkRow.chunk_index)
+                    .limit(limit + 1)
+                )
+            )
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = _encode_cursor({"n": rows[-1].chunk_index})
+        return Page(items=[_chunk(row) for row in rows], next_cursor=next_cursor)
+
+    def ready_titles(self, tenant: str, document_ids: Sequence[str]) -> dict[str, str]:
+        """Titles of those of the given documents that are the tenant's and ready."""
+        if not document_ids:
+            return {}
+        with self._read() as session:
+            rows = session.execute(
+                select(DocumentRow.id, DocumentRow.title).where(
+                    DocumentRow.tenant == tenant,
+                    DocumentRow.id.in_(set(document_ids)),
+                    DocumentRow.status == "ready",
+                )
+            )
+            return {doc_id: title for doc_id, title in rows}
+
+    # -- deleting -----------------------------------------------------------------------------
+
+    def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
+        """First step of a deletion: from here on the document is invisible, and a crash before
+        the last step is finished by the next start."""
+        with self._write() as session:
+            row = session.get(DocumentRow, document_id)
+            if row is None or row.tenant != tenant or row.status == DELETING:
+                return None
+            row.status = DELETING
+            row.updated_at = utcnow()
+            return StoredObjects(row.id, row.tenant, (row.original_key, row.extracted_key))
+
+    def being_deleted(self) -> list[StoredObjects]:
+        with self._read() as session:
+            rows = session.scalars(select(DocumentRow).where(DocumentRow.status == DELETING))
+            return [
+                StoredObjects(row.id, row.tenant, (row.original_key, row.extracted_key))
+                for row in rows
+            ]
+
+    def keys_in_use(self, keys: Sequence[str], excluding: str) -> set[str]:
+        """Which of ``keys`` a document other than ``excluding`` still uses (any tenant: the
+        storage is content-addressed, so tenants share bytes)."""
+        with self._read() as session:
+            used: set[str] = set()
+            for column in (DocumentRow.original_key, DocumentRow.extracted_key):
+                used.update(
+                    session.scalars(
+                        select(column).where(column.in_(keys), DocumentRow.id != excluding)
+                    )
+                )
+            return used
+
+    def delete_document_row(self, document_id: str) -> None:
+        """Last step of a deletion, chunk rows included (explicitly: a backend without foreign
+        key enforcement would not cascade)."""
+        with self._write() as session:
+            session.execute(delete(ChunkRow).where(ChunkRow.document_id == document_id))
+            session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))

@@ -1,0 +1,385 @@
+"""RagService: the RAG stack behind the API and the CLI, called in-process.
+
+Every method is synchronous and safe to call from many threads at once; the web layer calls
+them from worker threads. Parsing happens in the caller's thread (so a bad file is refused at
+once, naming the file); chunking and embedding happen in the ingestion workers (jobs.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import PurePath
+
+from impl.errors import (
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    RagapiError,
+    ServiceUnavailable,
+)
+from impl.rag.answers import AnswerProvider, build_answer_provider
+from impl.rag.chunking import Chunker
+from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
+from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
+from impl.rag.loaders import ExtractedText, ParseLimits, detect_media_type, extract_text
+from impl.rag.originals import LocalOriginalStore
+from impl.rag.registry import NewDocument, Registry, StoredObjects
+from impl.rag.store import VectorStore, validate_metadata
+from impl.rag.types import (
+    Answer,
+    Chunk,
+    Citation,
+    Document,
+    DocumentStatus,
+    IngestItem,
+    Job,
+    Page,
+    SearchFilters,
+    SearchHit,
+    Timings,
+)
+from impl.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 50
+MAX_PAGE_SIZE = 100
+MAX_TITLE_CHARS = 200
+NO_ANSWER = "No passage in the documents answers this question."
+# Hits of documents that are not ready (still indexing, being deleted) are excluded and the
+# search repeated; each round excludes at least one more such document.
+_SEARCH_ROUNDS = 4
+_STOP_TIMEOUT_SECONDS = 15.0
+_WAIT_SLICE_SECONDS = 0.5
+_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One validated item: its text is extracted, so the worker never parses it again."""
+
+    item: IngestItem
+    media_type: str
+    extracted: ExtractedText
+    sha256: str
+    title: str
+
+
+def _naming(name: str, exc: RagapiError) -> RagapiError:
+    """The same error, its detail prefixed with the file it is about."""
+    detail = f"{name}: {exc.detail}"
+    if isinstance(exc, InvalidInput):
+        return type(exc)(detail, exc.errors)
+    return type(exc)(detail)
+
+
+def _clean_title(text: str) -> str:
+    return " ".join(text.split())[:MAX_TITLE_CHARS].strip()
+
+
+def derive_title(item: IngestItem, extracted: ExtractedText) -> str:
+    """The given title; else the file name without its extension; else the first Markdown
+    heading; else the first line of text."""
+    for candidate in (item.title, PurePath(item.filename or "").stem):
+        if candidate and _clean_title(candidate):
+            return _clean_title(candidate)
+    heading = _HEADING.search(extracted.text)
+    if heading:
+        return _clean_title(heading.group(1))
+    for line in extracted.text.splitlines():
+        if line.strip():
+            return _clean_title(line)
+    return "Untitled"
+
+
+class RagService:
+    def __init__(self, settings: Settings, embeddings: EmbeddingModel | None = None) -> None:
+        self._settings = settings
+        self._embeddings = embeddings or build_embeddings(settings)
+        model_id, dimension = self._embeddings.model_id, self._embeddings.dimension
+        self._registry = Registry(settings.resolved_registry_url)
+        try:
+            self._registry.check_model(model_id, dimension)
+            self._store = VectorStore(settings, model_id, dimension)
+        except BaseException:
+            self._registry.close()
+            raise
+        self._originals = LocalOriginalStore(settings.data_dir / "originals")
+        self._limits = ParseLimits.from_settings(settings)
+        self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
+        tokenizer = load_tokenizer()
+        self._workers = IngestWorkers(
+            registry=self._registry,
+            store=self._store,
+            originals=self._originals,
+            embeddings=self._embeddings,
+            chunker=Chunker(
+                count_tokens=functools.partial(count_tokens, tokenizer),
+                chunk_tokens=settings.chunk_tokens,
+                overlap_tokens=settings.chunk_overlap_tokens,
+            ),
+            threads=settings.ingest_workers,
+            queue_size=settings.ingest_queue_size,
+        )
+        # Held while originals are stored and registered, and while a deletion frees them, so
+        # a deletion never removes bytes that a new document is about to reference.
+        self._ingest_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Repair what a crash left half done, then start the ingestion workers."""
+        with self._state_lock:
+            if self._started:
+                return
+            self._started = True
+        # With embedded Chroma no other process can be running jobs on this data, so every
+        # running job is an interrupted one; with a server, only those whose lease expired.
+        recover_interrupted(
+            self._registry, self._store, every_running=self._settings.chroma_url is None
+        )
+        for target in self._registry.being_deleted():
+            self._finish_delete(target)
+        self._workers.start()
+
+    def close(self) -> None:
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._workers.stop(_STOP_TIMEOUT_SECONDS)
+        self._store.close()
+        self._registry.close()
+
+    def readiness(self) -> dict[str, bool]:
+        checks = {
+            "registry": self._registry.ping,
+            "vector_store": self._store.heartbeat,
+            "embeddings": self._check_embeddings,
+        }
+        ready: dict[str, bool] = {}
+        for name, check in checks.items():
+            try:
+                check()
+            except Exception:
+                logger.warning("readiness check %s failed", name, exc_info=True)
+                ready[name] = False
+            else:
+                ready[name] = True
+        return ready
+
+    def _check_embeddings(self) -> None:
+        if len(self._embeddings.embed_query("ready")) != self._embeddings.dimension:
+            raise RuntimeError("the embedding model returned a vector of the wrong width")
+
+    # -- ingestion ----------------------------------------------------------------------------
+
+    def submit_ingest(self, tenant: str, items: list[IngestItem]) -> Job:
+        if not items:
+            raise InvalidInput("no documents were given")
+        if len(items) > self._settings.max_files_per_request:
+            raise InvalidInput(
+                f"at most {self._settings.max_files_per_request} documents per request"
+            )
+        # Every item is checked before anything is stored: one bad file refuses the request.
+        prepared = [self._prepare(number, item) for number, item in enumerate(items, start=1)]
+        with self._ingest_lock:
+            existing = self._registry.find_live(tenant, [p.sha256 for p in prepared])
+            if any(p.sha256 not in existing for p in prepared) and not self._workers.has_room():
+                raise ServiceUnavailable("the ingestion queue is full; try again shortly")
+            new_documents = [self._store_original(p) for p in prepared]
+            job = self._registry.register_ingest(tenant, new_documents)
+            if job.status == "queued":
+                # Room was checked under the same lock, and only submissions fill the queue.
+                self._workers.offer(job.id)
+        return job
+
+    def _prepare(self, number: int, item: IngestItem) -> _Prepared:
+        name = item.filename or f"document {number}"
+        try:
+            if len(item.content) > self._settings.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"larger than the {self._settings.max_upload_bytes} bytes accepted"
+                )
+            validate_metadata(item.metadata)
+            media_type = detect_media_type(item.content, item.filename, item.declared_media_type)
+            extracted = extract_text(item.content, media_type, self._limits)
+        except RagapiError as exc:
+            raise _naming(name, exc) from exc
+        return _Prepared(
+            item=item,
+            media_type=media_type,
+            extracted=extracted,
+            sha256=hashlib.sha256(item.content).hexdigest(),
+            title=derive_title(item, extracted),
+        )
+
+    def _store_original(self, prepared: _Prepared) -> NewDocument:
+        # Stored even when the content looks like a duplicate: storing is a no-op for bytes
+        # already held, and the registry decides duplicates again in its own transaction.
+        original_key = self._originals.put(prepared.item.content)
+        extracted_key = self._originals.put(encode_extracted(prepared.extracted))
+        return NewDocument(
+            sha256=prepared.sha256,
+            title=prepared.title,
+            filename=prepared.item.filename,
+            media_type=prepared.media_type,
+            size_bytes=len(prepared.item.content),
+            original_key=original_key,
+            extracted_key=extracted_key,
+            metadata=dict(prepared.item.metadata),
+        )
+
+    def get_job(self, tenant: str, job_id: str) -> Job:
+        job = self._registry.get_job(tenant, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def wait_for_job(self, tenant: str, job_id: str, timeout_s: float) -> Job:
+        """The job once finished, or as it stands when ``timeout_s`` has passed."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            job = self.get_job(tenant, job_id)
+            remaining = deadline - time.monotonic()
+            if job.status in ("succeeded", "failed") or remaining <= 0:
+                return job
+            # Woken when a local worker finishes a job; the slice bounds the wait for one that
+            # another process finishes.
+            self._workers.wait_for_change(min(remaining, _WAIT_SLICE_SECONDS))
+
+    # -- documents ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_limit(limit: int) -> None:
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+
+    def list_documents(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: DocumentStatus | None = None,
+        title_contains: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> Page[Document]:
+        self._check_limit(limit)
+        for name, moment in (("created_after", created_after), ("created_before", created_before)):
+            if moment is not None and moment.tzinfo is None:
+                raise InvalidInput(f"{name} must carry a time zone")
+        return self._registry.list_documents(
+            tenant,
+            limit=limit,
+            cursor=cursor,
+            status=status,
+            title_contains=title_contains,
+            created_after=created_after,
+            created_before=created_before,
+        )
+
+    def get_document(self, tenant: str, doc_id: str) -> Document:
+        document = self._registry.get_document(tenant, doc_id)
+        if document is None:
+            raise NotFound(f"document {doc_id} not found")
+        return document
+
+    def list_chunks(
+        self, tenant: str, doc_id: str, *, limit: int, cursor: str | None
+    ) -> Page[Chunk]:
+        self._check_limit(limit)
+        page = self._registry.list_chunks(tenant, doc_id, limit=limit, cursor=cursor)
+        if page is None:
+            raise NotFound(f"document {doc_id} not found")
+        return page
+
+    def delete_document(self, tenant: str, doc_id: str) -> None:
+        """Mark, then remove vectors, stored bytes and rows, in that order: a crash in between
+        leaves a document marked for deletion, which the next start finishes removing."""
+        target = self._registry.mark_deleting(tenant, doc_id)
+        if target is None:
+            raise NotFound(f"document {doc_id} not found")
+        self._finish_delete(target)
+
+    def _finish_delete(self, target: StoredObjects) -> None:
+        self._store.delete_document(target.tenant, target.document_id)
+        with self._ingest_lock:
+            in_use = self._registry.keys_in_use(target.keys, excluding=target.document_id)
+            for key in set(target.keys) - in_use:
+                self._originals.delete(key)
+        self._registry.delete_document_row(target.document_id)
+
+    # -- retrieval ----------------------------------------------------------------------------
+
+    def search(
+        self,
+        tenant: str,
+        query: str,
+        *,
+        top_k: int,
+        filters: SearchFilters | None = None,
+        min_score: float | None = None,
+    ) -> list[SearchHit]:
+        if not query.strip():
+            raise InvalidInput("the query is empty")
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}")
+        if min_score is not None and not (math.isfinite(min_score) and -1 <= min_score <= 1):
+            raise InvalidInput("min_score must be between -1 and 1")
+        vector = self._embeddings.embed_query(query)
+        excluded: set[str] = set()
+        for _ in range(_SEARCH_ROUNDS):
+            found = self._store.query(tenant, vector, top_k, filters, excluded)
+            titles = self._registry.ready_titles(tenant, [f.chunk.document_id for f in found])
+            not_ready = {f.chunk.document_id for f in found} - titles.keys()
+            if not not_ready:
+                break
+            excluded |= not_ready
+        return [
+            SearchHit(chunk=f.chunk, document_title=titles[f.chunk.document_id], score=f.score)
+            for f in found
+            if f.chunk.document_id in titles and (min_score is None or f.score >= min_score)
+        ]
+
+    def answer(
+        self,
+        tenant: str,
+        question: str,
+        *,
+        top_k: int,
+        filters: SearchFilters | None = None,
+        min_score: float | None = None,
+    ) -> Answer:
+        started = time.perf_counter()
+        hits = self.search(tenant, question, top_k=top_k, filters=filters, min_score=min_score)
+        retrieved = time.perf_counter()
+        citations: list[Citation] = []
+        if hits:
+            text, citations = self._answers.generate(question, hits)
+        else:
+            text = NO_ANSWER
+        finished = time.perf_counter()
+        return Answer(
+            answer=text,
+            citations=citations,
+            provider=self._answers.name,
+            found=bool(hits),
+            timings=Timings(
+                retrieval_ms=(retrieved - started) * 1000,
+                generation_ms=(finished - retrieved) * 1000,
+                total_ms=(finished - started) * 1000,
+            ),
+        )
