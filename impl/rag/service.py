@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 50
 MAX_PAGE_SIZE = 100
-MAX_TITLE_CHARS = 200
+MAX_TITLE_CHARS = 300  # the contract's bound on a given title
 NO_ANSWER = "No passage in the documents answers this question."
 # Hits of documents that are not ready (still indexing, being deleted) are excluded and the
 # search repeated; each round excludes at least one more such document.

@@ -44,8 +44,11 @@ _MODEL_KEY = "ragapi_model_id"
 _DIMENSION_KEY = "ragapi_dimension"
 _COLLECTION_PREFIX = "ragapi-tenant-"
 
-_METADATA_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-_MAX_METADATA_STRING = 1000
+# The contract's bounds on metadata (openapi/v1.yaml, Metadata), enforced here too so that the
+# CLI and other in-process callers get the same answers as the API's clients.
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_MAX_METADATA_KEYS = 32
+_MAX_METADATA_STRING = 512
 
 
 def collection_name(tenant: str) -> str:
@@ -60,6 +63,8 @@ def chroma_settings() -> ChromaSettings:
 
 def validate_metadata(metadata: Metadata) -> None:
     """Keys Chroma can filter on and values it can store; raises InvalidInput naming the key."""
+    if len(metadata) > _MAX_METADATA_KEYS:
+        raise InvalidInput(f"metadata may hold at most {_MAX_METADATA_KEYS} keys")
     for key, value in metadata.items():
         _check_key(key)
         if isinstance(value, str):
@@ -76,10 +81,7 @@ def validate_metadata(metadata: Metadata) -> None:
 
 def _check_key(key: str) -> None:
     if not _METADATA_KEY.fullmatch(key):
-        raise InvalidInput(
-            f"metadata key {key!r} must be 1 to 64 letters, digits, '_', '.' or '-', "
-            "not starting with '.' or '-'"
-        )
+        raise InvalidInput(f"metadata key {key!r} must be 1 to 64 letters, digits, '_', '.' or '-'")
 
 
 @dataclass(frozen=True)

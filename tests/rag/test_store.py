@@ -1,0 +1,258 @@
+"""The Chroma vector store, embedded and as a server: collections per tenant, their HNSW
+configuration, batched writes, filters, deletes and the model identity check."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
+from impl.rag.store import VectorStore, build_where, collection_name
+from impl.rag.types import Chunk, Metadata, MetadataRange, SearchFilters
+from tests.conftest import free_port
+from tests.rag.conftest import make_settings
+
+DIM = 4
+
+
+def unit(*values: float) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in values))
+    return [v / norm for v in values]
+
+
+def chunks_of(document_id: str, count: int) -> list[Chunk]:
+    return [
+        Chunk(f"{document_id}-{i}", document_id, i, f"{document_id} text {i}", None, i, i + 1)
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[VectorStore]:
+    store = VectorStore(make_settings(tmp_path / "data"), "model-a", DIM)
+    yield store
+    store.close()
+
+
+def add_document(
+    store: VectorStore,
+    tenant: str,
+    document_id: str,
+    vector: list[float],
+    metadata: Metadata | None = None,
+) -> None:
+    store.add(tenant, chunks_of(document_id, 1), [vector], metadata or {})
+
+
+def found_documents(
+    store: VectorStore, tenant: str, filters: SearchFilters | None, top_k: int = 10
+) -> set[str]:
+    hits = store.query(tenant, unit(1, 0, 0, 0), top_k, filters)
+    return {hit.chunk.document_id for hit in hits}
+
+
+def test_collection_names_are_valid_and_distinct_for_any_tenant(store: VectorStore) -> None:
+    tenants = ["acme", "ACME", "a/b", "../..", "x" * 300, "ünïcode tenant", "", "1.2.3.4"]
+    names = {collection_name(tenant) for tenant in tenants}
+    assert len(names) == len(tenants)
+    for tenant in tenants:
+        add_document(store, tenant, "doc", unit(1, 0, 0, 0))
+        [hit] = store.query(tenant, unit(1, 0, 0, 0), 5, None)
+        assert hit.chunk.document_id == "doc"
+
+
+def test_collections_get_the_configured_hnsw_settings(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path / "data", hnsw_ef_search=123, hnsw_ef_construction=77, hnsw_m=12
+    )
+    store = VectorStore(settings, "model-a", DIM)
+    try:
+        add_document(store, "t", "doc", unit(1, 0, 0, 0))
+        collection = store._collection("t", create=False)
+        assert collection is not None
+        hnsw = collection.configuration["hnsw"]
+        assert hnsw is not None
+        assert hnsw["space"] == "cosine"
+        assert (hnsw["ef_search"], hnsw["ef_construction"], hnsw["max_neighbors"]) == (123, 77, 12)
+        assert collection.configuration["embedding_function"] is None
+    finally:
+        store.close()
+
+
+def test_query_scores_are_cosine_similarity_best_first(store: VectorStore) -> None:
+    add_document(store, "t", "same", unit(1, 0, 0, 0))
+    add_document(store, "t", "near", unit(1, 1, 0, 0))
+    add_document(store, "t", "opposite", unit(-1, 0, 0, 0))
+    hits = store.query("t", unit(1, 0, 0, 0), 3, None)
+    assert [hit.chunk.document_id for hit in hits] == ["same", "near", "opposite"]
+    assert [round(hit.score, 4) for hit in hits] == [1.0, round(math.sqrt(0.5), 4), -1.0]
+    assert hits[0].chunk == chunks_of("same", 1)[0]
+
+
+def test_writes_larger_than_chromas_batch_limit_are_split(store: VectorStore) -> None:
+    count = store._client.get_max_batch_size() + 100
+    vectors = [unit(1, i, 0, 1) for i in range(count)]
+    store.add("t", chunks_of("big", count), vectors, {})
+    assert store.count("t", "big") == count
+    # Writing the same chunks again replaces them rather than adding more.
+    store.add("t", chunks_of("big", 10), vectors[:10], {})
+    assert store.count("t", "big") == count
+    store.delete_document("t", "big")
+    assert store.count("t", "big") == 0
+
+
+def test_delete_removes_one_document_in_one_tenant(store: VectorStore) -> None:
+    store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {})
+    store.add("t", chunks_of("b", 2), [unit(1, 0, 0, 0)] * 2, {})
+    store.add("u", chunks_of("a", 1), [unit(1, 0, 0, 0)], {})
+    store.delete_document("t", "a")
+    assert (store.count("t", "a"), store.count("t", "b"), store.count("u", "a")) == (0, 2, 1)
+
+
+def test_reads_do_not_create_collections(store: VectorStore) -> None:
+    assert store.query("nobody", unit(1, 0, 0, 0), 5, None) == []
+    assert store.count("nobody", "doc") == 0
+    store.delete_document("nobody", "doc")
+    names = {collection.name for collection in store._client.list_collections()}
+    assert collection_name("nobody") not in names
+
+
+def test_metadata_filters(store: VectorStore) -> None:
+    add_document(store, "t", "a", unit(1, 0, 0, 0), {"team": "red", "year": 2020, "pub": True})
+    add_document(store, "t", "b", unit(1, 0.1, 0, 0), {"team": "blue", "year": 2022, "pub": False})
+    add_document(store, "t", "c", unit(1, 0.2, 0, 0), {"team": "red", "year": 2024, "score": 0.5})
+
+    def found(**conditions: object) -> set[str]:
+        return found_documents(store, "t", SearchFilters(metadata=conditions))  # type: ignore[arg-type]
+
+    assert found(team="red") == {"a", "c"}
+    assert found(pub=True) == {"a"}
+    assert found(year=2022) == {"b"}
+    assert found(team=["blue", "green"]) == {"b"}
+    assert found(year=[2020, 2024.0]) == {"a", "c"}  # ints and floats mix in one list
+    assert found(year=MetadataRange(gte=2022)) == {"b", "c"}
+    assert found(year=MetadataRange(gt=2020, lt=2024)) == {"b"}
+    assert found(year=MetadataRange(lte=2022.5)) == {"a", "b"}
+    assert found(score=MetadataRange(gt=0.1)) == {"c"}
+    assert found(team="red", year=MetadataRange(gt=2021)) == {"c"}
+    assert found(missing="x") == set()
+    by_id = SearchFilters(document_ids=["a", "b"], metadata={"team": "red"})
+    assert found_documents(store, "t", by_id) == {"a"}
+    assert found_documents(store, "t", SearchFilters(document_ids=[])) == set()
+
+
+def test_user_metadata_cannot_collide_with_ours(store: VectorStore) -> None:
+    add_document(store, "t", "real", unit(1, 0, 0, 0), {"document_id": "fake", "chunk_index": 9})
+    [hit] = store.query("t", unit(1, 0, 0, 0), 5, None)
+    assert (hit.chunk.document_id, hit.chunk.index) == ("real", 0)
+    assert found_documents(store, "t", SearchFilters(metadata={"document_id": "fake"})) == {"real"}
+    store.delete_document("t", "fake")
+    assert store.count("t", "real") == 1
+
+
+def test_exclusions_join_the_filters() -> None:
+    where = build_where(SearchFilters(document_ids=["a"], metadata={"k": 1}), {"x", "y"})
+    assert where == {
+        "$and": [
+            {"document_id": {"$in": ["a"]}},
+            {"document_id": {"$nin": ["x", "y"]}},
+            {"m_k": {"$eq": 1}},
+        ]
+    }
+    assert build_where(None) is None
+    assert build_where(SearchFilters(metadata={"k": "v"})) == {"m_k": {"$eq": "v"}}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"k": []}, "list of values is empty"),
+        ({"k": MetadataRange()}, "at least one bound"),
+        ({"k": [1, "one"]}, "one type"),
+        ({"k": [True, 1]}, "one type"),
+        ({"bad key": 1}, "metadata key"),
+        ({"$where": 1}, "metadata key"),
+    ],
+)
+def test_invalid_filters_are_refused(metadata: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        build_where(SearchFilters(metadata=metadata))  # type: ignore[arg-type]
+
+
+def test_a_store_built_with_another_model_is_refused(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    store = VectorStore(settings, "model-a", DIM)
+    add_document(store, "t", "doc", unit(1, 0, 0, 0))
+    store.close()
+    for model_id, dimension in (("model-b", DIM), ("model-a", 8)):
+        with pytest.raises(ConfigurationError) as caught:
+            VectorStore(settings, model_id, dimension)
+        assert "built with model model-a" in caught.value.detail
+        assert "re-index or use a new data_dir" in caught.value.detail
+        assert str(tmp_path) not in caught.value.detail
+    VectorStore(settings, "model-a", DIM).close()
+
+
+@pytest.mark.parametrize(
+    "url", ["localhost:8000", "ftp://host:8000", "http://:8000", "http://host:99999", "http://h/x"]
+)
+def test_malformed_chroma_urls_are_configuration_errors(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        VectorStore(make_settings(tmp_path, chroma_url=url), "model-a", DIM)
+
+
+def test_an_unreachable_chroma_server_is_unavailable(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, chroma_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ServiceUnavailable):
+        VectorStore(settings, "model-a", DIM)
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path) -> Iterator[str]:
+    """A real Chroma server (the chromadb package's own ``chroma run``) on a free port."""
+    executable = shutil.which("chroma") or str(Path(__file__).parents[2] / ".venv/bin/chroma")
+    port = free_port()
+    log = (tmp_path / "chroma.log").open("wb")
+    process = subprocess.Popen(
+        [executable, "run", "--path", str(tmp_path / "server"), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/api/v2/heartbeat", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("chroma run did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_a_chroma_server_by_url(tmp_path: Path, chroma_server: str) -> None:
+    settings = make_settings(tmp_path / "data", chroma_url=chroma_server)
+    store = VectorStore(settings, "model-a", DIM)
+    try:
+        store.heartbeat()
+        store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {"team": "red"})
+        assert found_documents(store, "t", SearchFilters(metadata={"team": "red"})) == {"a"}
+        store.delete_document("t", "a")
+        assert store.count("t", "a") == 0
+    finally:
+        store.close()
+    with pytest.raises(ConfigurationError):
+        VectorStore(settings, "model-b", DIM)
