@@ -17,8 +17,8 @@ class Operation:
     tags: tuple[str, ...]
     # Path and query parameters gathered into one model; None when there are none.
     params_model: type[BaseModel] | None
-    # (name, JSON type) of each query parameter, to turn query strings into JSON values.
-    query_params: tuple[tuple[str, str], ...]
+    # (name, JSON type, format) of each query parameter: how to read its query string.
+    query_params: tuple[tuple[str, str, str | None], ...]
     body_required: bool
     # Request media type -> model (None where the body is not a named schema).
     body: dict[str, type[BaseModel] | None]
@@ -65,7 +65,7 @@ OPERATIONS: dict[str, Operation] = {
         path="/api/v1/ingest",
         tags=("ingestion",),
         params_model=models.IngestDocumentsParams,
-        query_params=(("wait", "boolean"),),
+        query_params=(("wait", "boolean", None),),
         body_required=True,
         body={"multipart/form-data": models.IngestUpload, "application/json": models.IngestText},
         responses={
@@ -103,12 +103,12 @@ OPERATIONS: dict[str, Operation] = {
         tags=("documents",),
         params_model=models.ListDocumentsParams,
         query_params=(
-            ("limit", "integer"),
-            ("cursor", "string"),
-            ("status", "string"),
-            ("title", "string"),
-            ("created_after", "string"),
-            ("created_before", "string"),
+            ("limit", "integer", None),
+            ("cursor", "string", None),
+            ("status", "string", None),
+            ("title", "string", None),
+            ("created_after", "string", "date-time"),
+            ("created_before", "string", "date-time"),
         ),
         body_required=False,
         body={},
@@ -159,7 +159,7 @@ OPERATIONS: dict[str, Operation] = {
         path="/api/v1/documents/{doc_id}/chunks",
         tags=("documents",),
         params_model=models.ListDocumentChunksParams,
-        query_params=(("limit", "integer"), ("cursor", "string")),
+        query_params=(("limit", "integer", None), ("cursor", "string", None)),
         body_required=False,
         body={},
         responses={

@@ -143,7 +143,7 @@ def generate_operations(spec: dict[str, Any]) -> str:
                 "tags": tuple(op.get("tags", [])),
                 "params_model": params_schema_name(op) if has_params else None,
                 "query_params": tuple(
-                    (p["name"], p["schema"].get("type", "string"))
+                    (p["name"], p["schema"].get("type", "string"), p["schema"].get("format"))
                     for p in params
                     if p["in"] == "query"
                 ),
@@ -168,8 +168,8 @@ def generate_operations(spec: dict[str, Any]) -> str:
         "    tags: tuple[str, ...]\n",
         "    # Path and query parameters gathered into one model; None when there are none.\n",
         "    params_model: type[BaseModel] | None\n",
-        "    # (name, JSON type) of each query parameter: how to read its query string.\n",
-        "    query_params: tuple[tuple[str, str], ...]\n",
+        "    # (name, JSON type, format) of each query parameter: how to read its query string.\n",
+        "    query_params: tuple[tuple[str, str, str | None], ...]\n",
         "    body_required: bool\n",
         "    # Request media type -> model (None where the body is not a named schema).\n",
         "    body: dict[str, type[BaseModel] | None]\n",

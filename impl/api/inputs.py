@@ -26,6 +26,10 @@ from impl.settings import Settings
 
 INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+# pydantic also reads "0" as a date-time (a Unix time); JSON Schema's date-time is RFC 3339 only.
+RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 
 def operation_of(request: Request) -> Operation:
@@ -68,18 +72,20 @@ async def parse_params(request: Request) -> BaseModel:
     assert op.params_model is not None, f"{op.operation_id} declares no parameters"
     values: dict[str, Any] = dict(request.path_params)
     errors = []
-    for name, json_type in op.query_params:
+    for name, json_type, json_format in op.query_params:
         given = request.query_params.getlist(name)
         if len(given) > 1:
             errors.append(FieldError(f"query/{name}", "Give this parameter once."))
+        elif given and json_format == "date-time" and not RFC3339.fullmatch(given[0]):
+            errors.append(FieldError(f"query/{name}", "Give an RFC 3339 date-time."))
         elif given:
             values[name] = query_value(given[0], json_type)
     if errors:
-        raise InvalidInput("A query parameter was given more than once.", errors)
+        raise validation_failed(errors)
     try:
         return op.params_model.model_validate_json(json.dumps(values), strict=True)
     except ValidationError as exc:
-        query_names = {name for name, _ in op.query_params}
+        query_names = {name for name, *_ in op.query_params}
         raise validation_failed(
             [
                 FieldError(f"{'query' if loc.split('/')[0] in query_names else 'path'}/{loc}", msg)
@@ -107,24 +113,46 @@ def media_type_of(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def parse_json_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    raw = await request.body()
-    if not raw:
-        raise InvalidInput("The request body is empty.", [FieldError("body", "Required.")])
+def json_number(text: str) -> int | float:
+    """JSON Schema counts 2.0 as an integer; pydantic's strict mode would refuse it."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def normalized_json(raw: bytes) -> str:
+    """The body as canonical JSON text: valid UTF-8, standard JSON only, integral numbers as
+    integers, and no lone surrogates (they would fail later, deep in a store)."""
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedBody(
             f"The body is not valid UTF-8 (byte {exc.start}).", "invalid-utf8"
         ) from None
     try:
-        return model.model_validate_json(raw, strict=True)
+        value = json.loads(text, parse_float=json_number, parse_constant=reject_constant)
+    except ValueError as exc:
+        raise MalformedBody(f"The body is not valid JSON: {exc}.", "malformed-json") from None
+    try:
+        canonical = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        canonical.encode("utf-8")
+    except ValueError:  # UnicodeEncodeError too: a lone surrogate escaped as \ud800
+        raise MalformedBody(
+            "The body holds a number out of range or an unpaired surrogate.", "malformed-json"
+        ) from None
+    return canonical
+
+
+async def parse_json_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    raw = await request.body()
+    if not raw:
+        raise InvalidInput("The request body is empty.", [FieldError("body", "Required.")])
+    try:
+        return model.model_validate_json(normalized_json(raw), strict=True)
     except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            reason = exc.errors()[0]["msg"]
-            raise MalformedBody(
-                f"The body is not valid JSON: {reason}.", "malformed-json"
-            ) from None
         raise body_validation_failed(exc, "body") from None
 
 
