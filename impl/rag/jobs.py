@@ -51,6 +51,7 @@ EMBED_BATCH = 32
 # (another process's, or more than the queue held at start-up), and for expired leases.
 POLL_SECONDS = 2.0
 RECLAIM_SECONDS = 60.0
+_WAKE_UP = ""  # not a job id: put on the queue only to wake a worker at shutdown
 
 
 def encode_extracted(extracted: ExtractedText) -> bytes:
@@ -126,6 +127,9 @@ class IngestWorkers:
     def stop(self, timeout: float) -> None:
         """Stop promptly: a worker finishes its current batch, then gives its job back."""
         self._stopping.set()
+        for _ in self._threads:
+            # Wakes a worker waiting on the queue; a full queue wakes them all anyway.
+            self.offer(_WAKE_UP)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

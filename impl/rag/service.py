@@ -7,6 +7,7 @@ once, naming the file); chunking and embedding happen in the ingestion workers (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -105,16 +106,17 @@ class RagService:
         self._settings = settings
         self._embeddings = embeddings or build_embeddings(settings)
         model_id, dimension = self._embeddings.model_id, self._embeddings.dimension
-        self._registry = Registry(settings.resolved_registry_url)
-        try:
+        with contextlib.ExitStack() as cleanup:
+            # Whatever fails below closes what was already opened.
+            self._registry = Registry(settings.resolved_registry_url)
+            cleanup.callback(self._registry.close)
             self._registry.check_model(model_id, dimension)
             self._store = VectorStore(settings, model_id, dimension)
-        except BaseException:
-            self._registry.close()
-            raise
+            cleanup.callback(self._store.close)
+            self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
+            cleanup.pop_all()
         self._originals = LocalOriginalStore(settings.data_dir / "originals")
         self._limits = ParseLimits.from_settings(settings)
-        self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
         tokenizer = load_tokenizer()
         self._workers = IngestWorkers(
             registry=self._registry,

@@ -135,12 +135,17 @@ class VectorStore:
             }
         }
         self._client = _connect(settings)
-        self._batch = self._client.get_max_batch_size()
         self._collections: dict[str, Collection] = {}
         self._lock = threading.Lock()
-        for collection in self._client.list_collections():
-            if collection.name.startswith(_COLLECTION_PREFIX):
-                self._check_model(collection)
+        try:
+            self._batch = self._client.get_max_batch_size()
+            for collection in self._client.list_collections():
+                if collection.name.startswith(_COLLECTION_PREFIX):
+                    self._check_model(collection)
+        except BaseException:
+            # An embedded client left open keeps Chroma's files open for the whole process.
+            self._client.close()
+            raise
 
     def close(self) -> None:
         with self._lock:

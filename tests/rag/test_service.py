@@ -1,0 +1,524 @@
+"""RagService end to end with real parsers, the real packaged embedding model and real Chroma:
+ingestion of every file type, ranking, duplicates, jobs, pagination, filters, deletion, tenancy
+and the model identity check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from impl.errors import (
+    ConfigurationError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnreadableDocument,
+    UnsupportedMediaType,
+)
+from impl.rag.embeddings import EmbeddingModel
+from impl.rag.service import NO_ANSWER, RagService
+from impl.rag.types import Document, IngestItem, Job, MetadataRange, SearchFilters
+from tests.documents import (
+    CORPUS,
+    make_corrupt_pdf,
+    make_docx,
+    make_html,
+    make_markdown,
+    make_pdf,
+    make_png,
+    make_text,
+)
+from tests.rag.conftest import (
+    ServiceFactory,
+    ingest,
+    make_settings,
+    text_item,
+    vector_metadata,
+)
+
+TENANT = "acme"
+OTHER = "globex"
+
+# One corpus document per file type, so every type is indexed and ranked end to end.
+FORMATS = {
+    "rust": ("rust.pdf", "application/pdf"),
+    "sourdough": (
+        "sourdough.docx",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ),
+    "saturn": ("saturn.html", "text/html"),
+    "french_revolution": ("revolution.md", "text/markdown"),
+    "photosynthesis": ("photosynthesis.txt", "text/plain"),
+}
+
+
+def corpus_item(key: str, year: int) -> IngestItem:
+    doc = CORPUS[key]
+    filename, _ = FORMATS[key]
+    content = {
+        "rust": lambda: make_pdf([doc.paragraphs[0], "\n\n".join(doc.paragraphs[1:])]),
+        "sourdough": lambda: make_docx(doc.paragraphs),
+        "saturn": lambda: make_html(doc.title, doc.paragraphs),
+        "french_revolution": lambda: make_markdown(doc.title, doc.paragraphs),
+        "photosynthesis": lambda: make_text(doc.paragraphs),
+    }[key]()
+    return IngestItem(
+        content=content,
+        filename=filename,
+        title=doc.title,
+        metadata={"topic": key, "year": year, "science": key in ("saturn", "photosynthesis")},
+    )
+
+
+def long_text(sentences: int, subject: str = "warehouse") -> str:
+    return " ".join(
+        f"Sentence {i} records that crate {i} of the {subject} holds {i * 7 % 13} widgets."
+        for i in range(sentences)
+    )
+
+
+class Corpus:
+    def __init__(self, service: RagService, data_dir: Path, job: Job) -> None:
+        self.service = service
+        self.data_dir = data_dir
+        self.job = job
+        self.ids = dict(zip(FORMATS, job.document_ids, strict=True))
+
+
+@pytest.fixture(scope="module")
+def corpus(
+    tmp_path_factory: pytest.TempPathFactory, embeddings: EmbeddingModel
+) -> Iterator[Corpus]:
+    """The five CORPUS documents, one per file type, indexed once for the read-only tests."""
+    data_dir = tmp_path_factory.mktemp("corpus") / "data"
+    service = RagService(make_settings(data_dir), embeddings)
+    service.start()
+    items = [corpus_item(key, 2020 + n) for n, key in enumerate(FORMATS)]
+    job = ingest(service, TENANT, items)
+    yield Corpus(service, data_dir, job)
+    service.close()
+
+
+# -- read-only tests on the corpus -------------------------------------------------------------
+
+
+def test_every_file_type_is_indexed(corpus: Corpus) -> None:
+    service = corpus.service
+    for key, (filename, media_type) in FORMATS.items():
+        document = service.get_document(TENANT, corpus.ids[key])
+        assert (document.status, document.media_type, document.filename) == (
+            "ready",
+            media_type,
+            filename,
+        )
+        assert document.title == CORPUS[key].title
+        assert document.error is None and document.chunk_count > 0
+        chunks = service.list_chunks(TENANT, document.id, limit=100, cursor=None).items
+        assert [chunk.index for chunk in chunks] == list(range(document.chunk_count))
+        # Chroma itself holds exactly one vector per chunk row, with the chunk's ids.
+        stored = vector_metadata(corpus.data_dir, TENANT, document.id)
+        assert sorted(stored) == sorted(chunk.id for chunk in chunks)
+        assert CORPUS[key].answer in " ".join(chunk.text for chunk in chunks)
+        for chunk in chunks:
+            assert chunk.page == (1 if key == "rust" else None)
+            assert 0 <= chunk.start_char < chunk.end_char
+    job = service.get_job(TENANT, corpus.job.id)
+    assert (
+        job.chunks_done
+        == job.chunks_total
+        == sum(service.get_document(TENANT, doc_id).chunk_count for doc_id in corpus.ids.values())
+    )
+
+
+def test_each_question_ranks_its_document_first(corpus: Corpus) -> None:
+    for key, doc in CORPUS.items():
+        hits = corpus.service.search(TENANT, doc.question, top_k=5)
+        assert hits[0].chunk.document_id == corpus.ids[key], (key, hits[0])
+        assert hits[0].document_title == doc.title
+        assert hits == sorted(hits, key=lambda hit: hit.score, reverse=True)
+
+
+def test_answers_cite_the_right_document(corpus: Corpus) -> None:
+    answer = corpus.service.answer(TENANT, CORPUS["saturn"].question, top_k=3)
+    assert answer.found and answer.provider == "extractive"
+    assert answer.citations and answer.citations[0].document_id == corpus.ids["saturn"]
+    assert CORPUS["saturn"].answer in answer.answer
+    timings = answer.timings
+    assert 0 < timings.retrieval_ms <= timings.total_ms
+    assert timings.generation_ms <= timings.total_ms
+
+
+def test_an_unanswerable_question_says_so(corpus: Corpus) -> None:
+    answer = corpus.service.answer(
+        TENANT, "What is the airspeed of an unladen swallow?", top_k=3, min_score=0.9
+    )
+    assert not answer.found
+    assert answer.answer == NO_ANSWER
+    assert answer.citations == []
+    assert answer.timings.generation_ms < answer.timings.total_ms
+
+
+def test_min_score_drops_weak_hits(corpus: Corpus) -> None:
+    hits = corpus.service.search(TENANT, CORPUS["rust"].question, top_k=10)
+    cut = hits[1].score
+    kept = corpus.service.search(TENANT, CORPUS["rust"].question, top_k=10, min_score=cut)
+    assert kept == [hit for hit in hits if hit.score >= cut]
+
+
+def test_search_filters(corpus: Corpus) -> None:
+    def found(filters: SearchFilters) -> set[str]:
+        hits = corpus.service.search(TENANT, "history and science", top_k=20, filters=filters)
+        ids = {hit.chunk.document_id for hit in hits}
+        return {key for key, doc_id in corpus.ids.items() if doc_id in ids}
+
+    assert found(SearchFilters(metadata={"topic": "saturn"})) == {"saturn"}
+    assert found(SearchFilters(metadata={"science": True})) == {"saturn", "photosynthesis"}
+    assert found(SearchFilters(metadata={"topic": ["rust", "sourdough", "nope"]})) == {
+        "rust",
+        "sourdough",
+    }
+    # Years are 2020 (rust) to 2024 (photosynthesis), in FORMATS order.
+    assert found(SearchFilters(metadata={"year": MetadataRange(gte=2022, lt=2024)})) == {
+        "saturn",
+        "french_revolution",
+    }
+    assert found(SearchFilters(metadata={"year": MetadataRange(gt=2023.5)})) == {"photosynthesis"}
+    ids_filter = SearchFilters(
+        document_ids=[corpus.ids["rust"], corpus.ids["saturn"]],
+        metadata={"science": False},
+    )
+    assert found(ids_filter) == {"rust"}
+
+
+def test_invalid_searches_are_refused(corpus: Corpus) -> None:
+    service = corpus.service
+    for kwargs in ({"top_k": 0}, {"top_k": 51}, {"top_k": 5, "min_score": 1.5}):
+        with pytest.raises(InvalidInput):
+            service.search(TENANT, "bread", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        service.search(TENANT, "   ", top_k=5)
+    with pytest.raises(InvalidInput, match="range"):
+        service.search(TENANT, "x", top_k=5, filters=SearchFilters(metadata={"y": MetadataRange()}))
+
+
+def test_tenants_are_isolated(corpus: Corpus) -> None:
+    service = corpus.service
+    doc_id = corpus.ids["saturn"]
+    assert service.search(OTHER, CORPUS["saturn"].question, top_k=50) == []
+    assert not service.answer(OTHER, CORPUS["saturn"].question, top_k=5).found
+    assert service.list_documents(OTHER, limit=100, cursor=None).items == []
+    unknown = "doc_does_not_exist"
+    calls = [
+        lambda d: service.get_document(OTHER, d),
+        lambda d: service.list_chunks(OTHER, d, limit=5, cursor=None),
+        lambda d: service.delete_document(OTHER, d),
+    ]
+    for call in calls:
+        # Another tenant's document and a missing one are told apart by nothing.
+        with pytest.raises(NotFound) as theirs:
+            call(doc_id)
+        with pytest.raises(NotFound) as missing:
+            call(unknown)
+        assert theirs.value.detail == f"document {doc_id} not found"
+        assert missing.value.detail == f"document {unknown} not found"
+    with pytest.raises(NotFound, match="job"):
+        service.get_job(OTHER, corpus.job.id)
+    # The other tenant's failed delete left the document whole.
+    assert service.get_document(TENANT, doc_id).status == "ready"
+    assert len(vector_metadata(corpus.data_dir, TENANT, doc_id)) > 0
+
+
+def test_readiness_checks_every_component(corpus: Corpus) -> None:
+    assert corpus.service.readiness() == {
+        "registry": True,
+        "vector_store": True,
+        "embeddings": True,
+    }
+
+
+# -- tests that change what is stored ------------------------------------------------------------
+
+
+def test_duplicates_embed_nothing(service: RagService, data_dir: Path) -> None:
+    first = ingest(service, TENANT, [text_item(long_text(20), filename="a.txt")])
+    [doc_id] = first.document_ids
+    vectors = vector_metadata(data_dir, TENANT)
+    again = service.submit_ingest(
+        TENANT,
+        [text_item(long_text(20), filename="copy.txt"), text_item(long_text(20))],
+    )
+    assert again.status == "succeeded"
+    assert again.document_ids == again.duplicate_document_ids == [doc_id]
+    assert (again.chunks_done, again.chunks_total) == (0, 0)
+    assert vector_metadata(data_dir, TENANT) == vectors
+    assert [d.id for d in service.list_documents(TENANT, limit=10, cursor=None).items] == [doc_id]
+    # A mix of new and duplicate content indexes only the new.
+    mixed = ingest(service, TENANT, [text_item(long_text(20)), text_item("Fresh words here.")])
+    assert mixed.duplicate_document_ids == [doc_id]
+    assert len(mixed.document_ids) == 2
+    new_id = mixed.document_ids[1]
+    assert mixed.chunks_total == service.get_document(TENANT, new_id).chunk_count
+    assert len(vector_metadata(data_dir, TENANT)) == len(vectors) + mixed.chunks_total
+
+
+def test_job_lifecycle_and_progress(make_service: ServiceFactory) -> None:
+    # Small chunks: many batches of cheap embeddings, so the running state can be watched.
+    settings = {"chunk_tokens": 32, "chunk_overlap_tokens": 0}
+    stopped = make_service(start=False, **settings)
+    job = stopped.submit_ingest(TENANT, [text_item(long_text(200))])
+    assert (job.status, job.chunks_done, job.chunks_total) == ("queued", 0, 0)
+    assert job.error is None and job.duplicate_document_ids == []
+    assert stopped.get_document(TENANT, job.document_ids[0]).status == "pending"
+    waited = stopped.wait_for_job(TENANT, job.id, timeout_s=0.3)
+    assert waited.status == "queued"
+    stopped.close()
+
+    service = make_service(**settings)
+    seen: list[tuple[str, int, int]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        current = service.get_job(TENANT, job.id)
+        seen.append((current.status, current.chunks_done, current.chunks_total))
+        if current.status in ("succeeded", "failed"):
+            break
+        time.sleep(0.02)
+    final = service.get_job(TENANT, job.id)
+    assert final.status == "succeeded", final
+    assert final.chunks_total > 3 * 32  # several embedding batches
+    assert final.chunks_done == final.chunks_total
+    assert final.updated_at > final.created_at
+    running = [progress for progress in seen if progress[0] == "running"]
+    assert running, seen
+    assert any(0 < done < total for _, done, total in running), seen
+    done_counts = [done for _, done, _ in seen]
+    assert done_counts == sorted(done_counts)
+    document = service.get_document(TENANT, job.document_ids[0])
+    assert (document.status, document.chunk_count) == ("ready", final.chunks_total)
+
+
+def test_a_bad_file_refuses_the_whole_request(make_service: ServiceFactory, data_dir: Path) -> None:
+    service = make_service(max_upload_bytes=4096)
+    good = text_item("A perfectly good note.", filename="good.txt")
+    cases = [
+        (IngestItem(make_corrupt_pdf(), "broken.pdf", None, {}), UnreadableDocument),
+        (IngestItem(make_png(), "photo.png", None, {}), UnsupportedMediaType),
+        (IngestItem(b"   \n", "empty.txt", None, {}), UnreadableDocument),
+        (IngestItem(b"x" * 5000, "huge.txt", None, {}), PayloadTooLarge),
+        (IngestItem(b"Some text.", "meta.txt", None, {"bad key": 1}), InvalidInput),
+    ]
+    for bad, error in cases:
+        with pytest.raises(error) as caught:
+            service.submit_ingest(TENANT, [good, bad])
+        assert caught.value.detail.startswith(f"{bad.filename}: ")
+    with pytest.raises(UnsupportedMediaType, match=r"^document 2: "):
+        service.submit_ingest(TENANT, [good, IngestItem(make_png(), None, None, {})])
+    with pytest.raises(InvalidInput):
+        service.submit_ingest(TENANT, [])
+    assert service.list_documents(TENANT, limit=10, cursor=None).items == []
+    assert not [path for path in (data_dir / "originals").rglob("*") if path.is_file()]
+
+
+def test_a_full_queue_refuses_new_work(make_service: ServiceFactory) -> None:
+    service = make_service(start=False, ingest_queue_size=1)
+    first = service.submit_ingest(TENANT, [text_item("The first note.")])
+    with pytest.raises(ServiceUnavailable):
+        service.submit_ingest(TENANT, [text_item("The second note.")])
+    assert [d.id for d in service.list_documents(TENANT, limit=10, cursor=None).items] == [
+        first.document_ids[0]
+    ]
+    # Nothing to index, nothing queued: a duplicate is still answered.
+    duplicate = service.submit_ingest(TENANT, [text_item("The first note.")])
+    assert duplicate.status == "succeeded"
+
+
+def test_listing_pages_and_filters(service: RagService) -> None:
+    titles = ["Alpha report", "Beta memo", "Gamma REPORT", "Delta note", "Epsilon", "Zeta report"]
+    for title in titles:
+        ingest(service, TENANT, [text_item(f"The {title} says hello.", title=title)])
+    ingest(service, TENANT, [text_item("The last one.", title="Omega report")])
+
+    def pages(limit: int, **filters: object) -> list[list[Document]]:
+        out, cursor = [], None
+        while True:
+            page = service.list_documents(TENANT, limit=limit, cursor=cursor, **filters)  # type: ignore[arg-type]
+            out.append(page.items)
+            if page.next_cursor is None:
+                return out
+            cursor = page.next_cursor
+
+    every = [doc for page in pages(3) for doc in page]
+    assert [len(page) for page in pages(3)] == [3, 3, 1]
+    assert len({doc.id for doc in every}) == 7
+    keys = [(doc.created_at, doc.id) for doc in every]
+    assert keys == sorted(keys, reverse=True)
+    reports = [doc.title for page in pages(2, title_contains="rePort") for doc in page]
+    assert reports == ["Omega report", "Zeta report", "Gamma REPORT", "Alpha report"]
+    assert pages(3, status="pending") == [[]]
+    middle = every[3].created_at
+    newer = [doc.id for page in pages(2, created_after=middle) for doc in page]
+    assert newer == [doc.id for doc in every[:3]]
+    older = [doc.id for page in pages(2, created_before=middle, status="ready") for doc in page]
+    assert older == [doc.id for doc in every[4:]]
+    for cursor in ("garbage!", "eyJ4IjogMX0"):
+        with pytest.raises(InvalidInput, match="cursor"):
+            service.list_documents(TENANT, limit=3, cursor=cursor)
+    for limit in (0, 101):
+        with pytest.raises(InvalidInput, match="limit"):
+            service.list_documents(TENANT, limit=limit, cursor=None)
+
+
+def test_chunks_page_in_order(make_service: ServiceFactory) -> None:
+    service = make_service(chunk_tokens=32, chunk_overlap_tokens=0)
+    job = ingest(service, TENANT, [text_item(long_text(30))])
+    [doc_id] = job.document_ids
+    indexes, cursor = [], None
+    while True:
+        page = service.list_chunks(TENANT, doc_id, limit=4, cursor=cursor)
+        indexes.extend(chunk.index for chunk in page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert indexes == list(range(service.get_document(TENANT, doc_id).chunk_count))
+    assert len(indexes) > 4
+    with pytest.raises(InvalidInput, match="cursor"):
+        service.list_chunks(TENANT, doc_id, limit=4, cursor="bm9wZQ")
+
+
+def test_pdf_chunks_carry_their_page(make_service: ServiceFactory) -> None:
+    service = make_service(chunk_tokens=32, chunk_overlap_tokens=0)
+    pages = [long_text(6, f"{name} depot") for name in ("north", "south", "east")]
+    job = ingest(service, TENANT, [IngestItem(make_pdf(pages), "depots.pdf", None, {})])
+    chunks = service.list_chunks(TENANT, job.document_ids[0], limit=100, cursor=None).items
+    chunk_pages = [chunk.page for chunk in chunks]
+    assert chunk_pages == sorted(chunk_pages)  # type: ignore[type-var]
+    assert set(chunk_pages) == {1, 2, 3}
+    for chunk in chunks:
+        name = ("north", "south", "east")[chunk.page - 1]  # type: ignore[operator]
+        assert f"{name} depot" in chunk.text
+
+
+def test_delete_removes_vectors_chunks_and_original(service: RagService, data_dir: Path) -> None:
+    saturn, bread = CORPUS["saturn"], CORPUS["sourdough"]
+    job = ingest(
+        service,
+        TENANT,
+        [
+            text_item("\n\n".join(saturn.paragraphs), title=saturn.title),
+            text_item("\n\n".join(bread.paragraphs), title=bread.title),
+        ],
+    )
+    saturn_id, bread_id = job.document_ids
+    # The other tenant holds the same bytes: the stored original is shared.
+    ingest(service, OTHER, [text_item("\n\n".join(saturn.paragraphs))])
+    stored_before = {p for p in (data_dir / "originals").rglob("*") if p.is_file()}
+
+    service.delete_document(TENANT, saturn_id)
+
+    assert vector_metadata(data_dir, TENANT, saturn_id) == {}
+    assert len(vector_metadata(data_dir, TENANT, bread_id)) > 0
+    with pytest.raises(NotFound):
+        service.get_document(TENANT, saturn_id)
+    with pytest.raises(NotFound):
+        service.list_chunks(TENANT, saturn_id, limit=5, cursor=None)
+    with pytest.raises(NotFound):
+        service.delete_document(TENANT, saturn_id)
+    hits = service.search(TENANT, saturn.question, top_k=50)
+    assert hits and all(hit.chunk.document_id == bread_id for hit in hits)
+    assert [d.id for d in service.list_documents(TENANT, limit=10, cursor=None).items] == [bread_id]
+    assert {p for p in (data_dir / "originals").rglob("*") if p.is_file()} == stored_before
+    assert service.search(OTHER, saturn.question, top_k=1)
+
+    service.delete_document(TENANT, bread_id)
+    remaining = {p for p in (data_dir / "originals").rglob("*") if p.is_file()}
+    assert len(remaining) == len(stored_before) - 2  # the bread's original and extracted text
+    assert vector_metadata(data_dir, TENANT) == {}
+
+
+def test_delete_while_indexing_leaves_no_vectors(
+    make_service: ServiceFactory, data_dir: Path
+) -> None:
+    service = make_service(chunk_tokens=32, chunk_overlap_tokens=0)
+    job = service.submit_ingest(TENANT, [text_item(long_text(300))])
+    [doc_id] = job.document_ids
+    deadline = time.monotonic() + 60
+    while service.get_job(TENANT, job.id).chunks_done == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    service.delete_document(TENANT, doc_id)
+    finished = service.wait_for_job(TENANT, job.id, 120)
+    assert finished.status == "succeeded"
+    assert finished.chunks_done == finished.chunks_total
+    assert vector_metadata(data_dir, TENANT, doc_id) == {}
+    with pytest.raises(NotFound):
+        service.get_document(TENANT, doc_id)
+
+
+def test_a_missing_stored_text_fails_the_job(make_service: ServiceFactory, data_dir: Path) -> None:
+    stopped = make_service(start=False)
+    job = stopped.submit_ingest(TENANT, [text_item("Gone before it was indexed.")])
+    stopped.close()
+    for path in (data_dir / "originals").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    service = make_service()
+    finished = service.wait_for_job(TENANT, job.id, 60)
+    assert finished.status == "failed"
+    assert finished.error is not None and finished.error.title == "Ingestion failed"
+    assert "missing" in finished.error.detail
+    document = service.get_document(TENANT, job.document_ids[0])
+    assert document.status == "failed" and document.error
+    assert vector_metadata(data_dir, TENANT) == {}
+    # A failed document does not count as held: the same file can be sent again.
+    retry = service.submit_ingest(TENANT, [text_item("Gone before it was indexed.")])
+    assert retry.duplicate_document_ids == []
+
+
+def test_titles_are_derived_when_not_given(service: RagService) -> None:
+    job = service.submit_ingest(
+        TENANT,
+        [
+            text_item("Body text one.", title="  Given   title "),
+            text_item("Body text two.", filename="quarterly_report.v2.txt"),
+            text_item("Intro line\n\n# The Heading\n\nText.", filename=None),
+            text_item("\n\n  First line wins  \nsecond line"),
+        ],
+    )
+    titles = [service.get_document(TENANT, doc_id).title for doc_id in job.document_ids]
+    assert titles == ["Given title", "quarterly_report.v2", "The Heading", "First line wins"]
+
+
+class _OtherModel(EmbeddingModel):
+    """The real model under another name: as if the server were configured differently."""
+
+    def __init__(self, inner: EmbeddingModel) -> None:
+        self._inner = inner
+        self.model_id = "another-model"
+
+    @property
+    def dimension(self) -> int:
+        return self._inner.dimension
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._inner.embed_query(text)
+
+
+def test_a_data_dir_built_with_another_model_is_refused(
+    service: RagService, data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    ingest(service, TENANT, [text_item("Indexed with the packaged model.")])
+    service.close()
+    with pytest.raises(ConfigurationError) as caught:
+        RagService(make_settings(data_dir), _OtherModel(embeddings))
+    assert f"built with model {embeddings.model_id}" in caught.value.detail
+    assert "this server uses another-model" in caught.value.detail
+    # Also when only the vector store remembers the model (a new registry beside old vectors).
+    fresh_registry = f"sqlite:///{data_dir / 'other-registry.db'}"
+    with pytest.raises(ConfigurationError, match="built with model"):
+        RagService(make_settings(data_dir, registry_url=fresh_registry), _OtherModel(embeddings))
