@@ -125,11 +125,12 @@ class VectorStore:
     def __init__(self, settings: Settings, model_id: str, dimension: int) -> None:
         self._model_id = model_id
         self._dimension = dimension
+        self._ef_search = settings.hnsw_ef_search
         self._configuration: dict[str, Any] = {
             "hnsw": {
                 "space": "cosine",
                 # Chroma's default ef_search measured poor top-5 recall at 100k vectors.
-                "ef_search": settings.hnsw_ef_search,
+                "ef_search": self._ef_search,
                 "ef_construction": settings.hnsw_ef_construction,
                 "max_neighbors": settings.hnsw_m,
             }
@@ -187,6 +188,11 @@ class VectorStore:
                 except NotFoundError:
                     return None
             self._check_model(collection)
+            hnsw = collection.configuration.get("hnsw") or {}
+            if hnsw.get("ef_search") != self._ef_search:
+                # ef_search is read at query time, so collections made under other settings
+                # follow the current ones; ef_construction and max_neighbors stay as built.
+                collection.modify(configuration={"hnsw": {"ef_search": self._ef_search}})
             self._collections[tenant] = collection
             return collection
 

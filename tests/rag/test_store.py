@@ -86,6 +86,25 @@ def test_collections_get_the_configured_hnsw_settings(tmp_path: Path) -> None:
         store.close()
 
 
+def test_existing_collections_follow_the_configured_ef_search(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    store = VectorStore(make_settings(data_dir, hnsw_ef_search=100), "model-a", DIM)
+    add_document(store, "t", "doc", unit(1, 0, 0, 0))
+    store.close()
+    store = VectorStore(make_settings(data_dir, hnsw_ef_search=300, hnsw_m=8), "model-a", DIM)
+    try:
+        assert len(store.query("t", unit(1, 0, 0, 0), 5, None)) == 1
+        collection = store._collection("t", create=False)
+        assert collection is not None
+        hnsw = collection.configuration["hnsw"]
+        assert hnsw is not None
+        assert hnsw["ef_search"] == 300
+        assert hnsw["max_neighbors"] == 32  # fixed when the index was built
+        assert collection.metadata == {"ragapi_model_id": "model-a", "ragapi_dimension": DIM}
+    finally:
+        store.close()
+
+
 def test_query_scores_are_cosine_similarity_best_first(store: VectorStore) -> None:
     add_document(store, "t", "same", unit(1, 0, 0, 0))
     add_document(store, "t", "near", unit(1, 1, 0, 0))
