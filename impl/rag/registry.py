@@ -199,8 +199,7 @@ class NewDocument:
 @dataclass(frozen=True)
 class ClaimedJob:
     id: str
-    tenant: str
-    attempt: int
+    attempt: int  # 1 for the first run; interrupted runs count, shutdowns do not
 
 
 @dataclass(frozen=True)
@@ -486,10 +485,8 @@ class Registry:
             )
             if _rowcount(claimed) != 1:
                 return None
-            row = session.execute(
-                select(JobRow.tenant, JobRow.attempts).where(JobRow.id == job_id)
-            ).one()
-            return ClaimedJob(id=job_id, tenant=row.tenant, attempt=row.attempts)
+            attempts = session.scalar(select(JobRow.attempts).where(JobRow.id == job_id))
+            return ClaimedJob(id=job_id, attempt=attempts or 0)
 
     def job_work(self, job_id: str) -> list[DocumentWork]:
         """The job's documents that still await indexing, in the order they were given."""

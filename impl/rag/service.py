@@ -113,24 +113,23 @@ class RagService:
             self._registry.check_model(model_id, dimension)
             self._store = VectorStore(settings, model_id, dimension)
             cleanup.callback(self._store.close)
+            self._originals = LocalOriginalStore(settings.data_dir / "originals")
+            self._limits = ParseLimits.from_settings(settings)
             self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
+            self._workers = IngestWorkers(
+                registry=self._registry,
+                store=self._store,
+                originals=self._originals,
+                embeddings=self._embeddings,
+                chunker=Chunker(
+                    count_tokens=functools.partial(count_tokens, load_tokenizer()),
+                    chunk_tokens=settings.chunk_tokens,
+                    overlap_tokens=settings.chunk_overlap_tokens,
+                ),
+                threads=settings.ingest_workers,
+                queue_size=settings.ingest_queue_size,
+            )
             cleanup.pop_all()
-        self._originals = LocalOriginalStore(settings.data_dir / "originals")
-        self._limits = ParseLimits.from_settings(settings)
-        tokenizer = load_tokenizer()
-        self._workers = IngestWorkers(
-            registry=self._registry,
-            store=self._store,
-            originals=self._originals,
-            embeddings=self._embeddings,
-            chunker=Chunker(
-                count_tokens=functools.partial(count_tokens, tokenizer),
-                chunk_tokens=settings.chunk_tokens,
-                overlap_tokens=settings.chunk_overlap_tokens,
-            ),
-            threads=settings.ingest_workers,
-            queue_size=settings.ingest_queue_size,
-        )
         # Held while originals are stored and registered, and while a deletion frees them, so
         # a deletion never removes bytes that a new document is about to reference.
         self._ingest_lock = threading.Lock()
@@ -153,7 +152,8 @@ class RagService:
         )
         for target in self._registry.being_deleted():
             self._finish_delete(target)
-        self._workers.start()
+        with self._ingest_lock:  # queues jobs: keeps submit_ingest's room check true
+            self._workers.start()
 
     def close(self) -> None:
         with self._state_lock:

@@ -522,3 +522,13 @@ def test_a_data_dir_built_with_another_model_is_refused(
     fresh_registry = f"sqlite:///{data_dir / 'other-registry.db'}"
     with pytest.raises(ConfigurationError, match="built with model"):
         RagService(make_settings(data_dir, registry_url=fresh_registry), _OtherModel(embeddings))
+
+
+def test_inconsistent_chunk_settings_stop_start_up(
+    data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    # The default overlap (30 tokens) does not fit in 16-token chunks.
+    with pytest.raises(ConfigurationError, match="overlap"):
+        RagService(make_settings(data_dir, chunk_tokens=16), embeddings)
+    # Nothing was left open that would stand in the way of a correct configuration.
+    RagService(make_settings(data_dir, chunk_tokens=16, chunk_overlap_tokens=4), embeddings).close()

@@ -1,8 +1,10 @@
-"""The Chroma vector store, embedded and as a server: collections per tenant, their HNSW
-configuration, batched writes, filters, deletes and the model identity check."""
+"""The stores: Chroma, embedded and as a server (collections per tenant, their HNSW
+configuration, batched writes, filters, deletes, the model identity check), and the store of
+originals."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
+from impl.rag.originals import LocalOriginalStore
 from impl.rag.store import VectorStore, build_where, collection_name
 from impl.rag.types import Chunk, Metadata, MetadataRange, SearchFilters
 from tests.conftest import free_port
@@ -275,3 +278,30 @@ def test_a_chroma_server_by_url(tmp_path: Path, chroma_server: str) -> None:
         store.close()
     with pytest.raises(ConfigurationError):
         VectorStore(settings, "model-b", DIM)
+
+
+# -- the originals store -------------------------------------------------------------------------
+
+
+def test_originals_are_content_addressed_and_written_atomically(tmp_path: Path) -> None:
+    originals = LocalOriginalStore(tmp_path / "originals")
+    key = originals.put(b"hello")
+    assert key == hashlib.sha256(b"hello").hexdigest()
+    assert originals.put(b"hello") == key
+    assert originals.exists(key) and originals.get(key) == b"hello"
+    files = [p for p in (tmp_path / "originals").rglob("*") if p.is_file()]
+    assert [p.name for p in files] == [key]  # one copy, no temporary files left over
+    originals.delete(key)
+    originals.delete(key)
+    assert not originals.exists(key)
+    with pytest.raises(KeyError):
+        originals.get(key)
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "ABC", "", "a" * 63, "g" * 64])
+def test_originals_refuse_keys_that_are_not_sha256(tmp_path: Path, key: str) -> None:
+    originals = LocalOriginalStore(tmp_path / "originals")
+    with pytest.raises(KeyError):
+        originals.get(key)
+    with pytest.raises(KeyError):
+        originals.delete(key)
