@@ -532,3 +532,21 @@ def test_inconsistent_chunk_settings_stop_start_up(
         RagService(make_settings(data_dir, chunk_tokens=16), embeddings)
     # Nothing was left open that would stand in the way of a correct configuration.
     RagService(make_settings(data_dir, chunk_tokens=16, chunk_overlap_tokens=4), embeddings).close()
+
+
+def test_documents_being_indexed_never_appear_in_search(make_service: ServiceFactory) -> None:
+    service = make_service(chunk_tokens=32, chunk_overlap_tokens=0)
+    ready = ingest(service, TENANT, [text_item("A small note about crates in a warehouse.")])
+    job = service.submit_ingest(TENANT, [text_item(long_text(300))])
+    deadline = time.monotonic() + 60
+    while service.get_job(TENANT, job.id).chunks_done == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    # The pending document's chunks are the nearest: they are excluded, and the search is
+    # repeated without them, so the ready document still fills the result.
+    hits = service.search(TENANT, "which crate of the warehouse holds widgets", top_k=3)
+    assert service.get_job(TENANT, job.id).status == "running"
+    assert [hit.chunk.document_id for hit in hits] == ready.document_ids
+    service.wait_for_job(TENANT, job.id, 120)
+    hits = service.search(TENANT, "which crate of the warehouse holds widgets", top_k=3)
+    assert job.document_ids[0] in {hit.chunk.document_id for hit in hits}
