@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,7 +239,8 @@ def test_an_unreachable_chroma_server_is_unavailable(tmp_path: Path) -> None:
 @pytest.fixture
 def chroma_server(tmp_path: Path) -> Iterator[str]:
     """A real Chroma server (the chromadb package's own ``chroma run``) on a free port."""
-    executable = shutil.which("chroma") or str(Path(__file__).parents[2] / ".venv/bin/chroma")
+    # chromadb installs its ``chroma`` command beside the interpreter running the tests.
+    executable = str(Path(sys.executable).parent / "chroma")
     port = free_port()
     log = (tmp_path / "chroma.log").open("wb")
     process = subprocess.Popen(
