@@ -428,6 +428,7 @@ def test_delete_removes_vectors_chunks_and_original(service: RagService, data_di
         service.delete_document(TENANT, saturn_id)
     hits = service.search(TENANT, saturn.question, top_k=50)
     assert hits and all(hit.chunk.document_id == bread_id for hit in hits)
+    assert not any("Titan" in hit.chunk.text for hit in hits)
     assert [d.id for d in service.list_documents(TENANT, limit=10, cursor=None).items] == [bread_id]
     assert {p for p in (data_dir / "originals").rglob("*") if p.is_file()} == stored_before
     assert service.search(OTHER, saturn.question, top_k=1)
