@@ -30,19 +30,14 @@ from impl.rag.chunking import Chunker, ChunkSpan
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
-from impl.rag.registry import (
-    INTERRUPTED_DETAIL,
-    ClaimedJob,
-    DocumentWork,
-    LeaseLost,
-    Registry,
-)
+from impl.rag.registry import ClaimedJob, DocumentWork, LeaseLost, Registry
 from impl.rag.store import VectorStore
 from impl.rag.types import Chunk, JobError
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+INTERRUPTED_DETAIL = "interrupted too often"
 LEASE = timedelta(minutes=10)
 # Chunks embedded and written together: one progress update and lease renewal per batch, and
 # the longest a shutdown waits for a worker (about a second with the packaged model).

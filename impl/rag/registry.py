@@ -67,7 +67,6 @@ DELETING = "deleting"
 # A document whose content a tenant already holds is returned instead of stored again, unless
 # the earlier one failed (so the same file can be tried again) or is being deleted.
 _LIVE_STATUSES = ("pending", "ready")
-INTERRUPTED_DETAIL = "interrupted too often"
 
 
 def utcnow() -> datetime:
