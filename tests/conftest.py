@@ -85,3 +85,33 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def client(server: Server) -> Iterator[httpx.Client]:
     with server.client() as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Chroma server (the chromadb package's own `chroma run`) on a free port."""
+    # chromadb installs its `chroma` command beside the interpreter running the tests.
+    executable = str(Path(sys.executable).parent / "chroma")
+    folder = tmp_path_factory.mktemp("chroma")
+    port = free_port()
+    with (folder / "chroma.log").open("wb") as log:
+        process = subprocess.Popen(
+            [executable, "run", "--path", str(folder / "data"), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/api/v2/heartbeat", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("chroma run did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
