@@ -116,7 +116,12 @@ _ZIP_KINDS: tuple[tuple[str, str], ...] = (
 _MARKDOWN_SUFFIXES = (".md", ".markdown", ".mdown", ".mkd")
 _MARKDOWN_TYPES = ("text/markdown", "text/x-markdown")
 
-_HTML_START = re.compile(r"<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>]", re.IGNORECASE)
+# A page opens with its skeleton, after at most an XML declaration and comments; text that only
+# mentions <body> somewhere (a Markdown tutorial) is not a page.
+_HTML_PAGE = re.compile(
+    r"(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*(?:<!doctype\s+html|<html[\s>]|<head[\s>]|<body[\s>])",
+    re.IGNORECASE | re.DOTALL,
+)
 _HTML_ELEMENT = re.compile(
     r"<(p|div|span|a|h[1-6]|ul|ol|li|table|tr|td|th|br|em|strong|b|i|section|article|main|"
     r"header|footer|nav|title|meta|link|script|style|img|form|blockquote|pre|code)(\s[^<>]*)?/?>",
@@ -130,13 +135,15 @@ _MD_FENCE = re.compile(r"^[ \t]*(?:```|~~~)", re.MULTILINE)
 # C0 controls other than tab, newline, form feed and carriage return, and DEL.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _SNIFF_CHARS = 64 * 1024
+_LETTER_OR_DIGIT = re.compile(r"[^\W_]")
 _PAGE_SEPARATOR = "\n\n"
 
 
 def detect_media_type(content: bytes, filename: str | None, declared: str | None = None) -> str:
     """One of SUPPORTED_MEDIA_TYPES, decided by the bytes. The file name and the declared type
-    only choose Markdown over plain text for text that could be either."""
-    if content.lstrip(b" \t\r\n\f").startswith(b"%PDF-"):
+    only choose Markdown for text that could be Markdown, plain text or an HTML fragment (a
+    README.md may open with a few HTML tags)."""
+    if content[:1024].lstrip(b" \t\r\n\f").startswith(b"%PDF-"):
         return PDF
     if content.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _detect_zip(content)
@@ -151,9 +158,13 @@ def detect_media_type(content: bytes, filename: str | None, declared: str | None
         raise _unsupported("an RTF document")
     if stripped[:5].lower() == "<svg " or (stripped.startswith("<?xml") and "<svg" in sample):
         raise _unsupported("an SVG image")
-    if _looks_like_html(sample):
+    if _HTML_PAGE.match(stripped):
         return HTML
-    if _says_markdown(filename, declared) or _looks_like_markdown(sample):
+    if _says_markdown(filename, declared):
+        return MARKDOWN
+    if _is_html_fragment(stripped):
+        return HTML
+    if _looks_like_markdown(sample):
         return MARKDOWN
     return TEXT
 
@@ -215,15 +226,13 @@ def _decode(content: bytes) -> str | None:
         return None
 
 
-def _looks_like_html(sample: str) -> bool:
-    if _HTML_START.search(sample[:4096]):
-        return True
-    # Markup without the page skeleton (a fragment): text that opens with a known element and
-    # carries a real structure of them, with closing tags.
+def _is_html_fragment(stripped: str) -> bool:
+    # Markup without the page skeleton: text that opens with a tag and carries a real structure
+    # of known elements, closing tags included.
     return (
-        sample.lstrip().startswith("<")
-        and len(_HTML_ELEMENT.findall(sample)) >= 3
-        and len(_HTML_CLOSE.findall(sample)) >= 2
+        stripped.startswith("<")
+        and len(_HTML_ELEMENT.findall(stripped)) >= 3
+        and len(_HTML_CLOSE.findall(stripped)) >= 2
     )
 
 
@@ -284,7 +293,7 @@ def extract_text(content: bytes, media_type: str, limits: ParseLimits) -> Extrac
     budget = _Budget(limits)
     extracted = extractor(content, budget)
     budget.check_chars(len(extracted.text))
-    if not any(ch.isalnum() for ch in extracted.text):
+    if not _LETTER_OR_DIGIT.search(extracted.text):
         if media_type == PDF:
             raise UnreadableDocument("the PDF has no extractable text (scanned images?)")
         raise UnreadableDocument("the document holds no text (no letters or digits)")
@@ -328,6 +337,8 @@ def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
         except Exception as exc:
             logger.info("unreadable PDF page %d: %r", number, exc)
             raise UnreadableDocument(f"page {number} of the PDF is damaged") from exc
+        # Broken font maps can yield lone surrogates, which no UTF-8 store accepts.
+        page_text = page_text.encode("utf-8", "replace").decode("utf-8")
         page_text = _normalise_newlines(page_text).strip()
         budget.add(page_text)
         pages.append(page_text)

@@ -121,6 +121,26 @@ def test_content_decides_over_a_misleading_name_or_type(
     assert detect_media_type(content, filename, declared) == expected
 
 
+def test_a_readme_opening_with_html_tags_stays_markdown() -> None:
+    readme = (
+        b'<p align="center"><img src="logo.png" alt="logo"></p>\n'
+        b'<h1 align="center">ragapi</h1>\n<p align="center"><b>Ask your documents.</b></p>\n\n'
+        b"## Install\n\n- `pip install ragapi`\n"
+    )
+    assert detect_media_type(readme, "README.md") == MARKDOWN
+    assert detect_media_type(readme, None) == HTML
+
+
+def test_text_that_talks_about_html_tags_is_not_html() -> None:
+    tutorial = b"Writing pages\n\nEvery page has a <head> and a <body>; the <body> holds text.\n"
+    assert detect_media_type(tutorial, "notes.txt") == TEXT
+
+
+def test_a_page_opening_with_a_comment_is_html() -> None:
+    page = b"<!-- generated -->\n<!DOCTYPE html><html><body><p>Hello</p></body></html>"
+    assert detect_media_type(page, "page.md", MARKDOWN) == HTML
+
+
 def test_plain_notes_with_a_dash_list_stay_plain_text() -> None:
     notes = b"Shopping\n\n- eggs\n- flour\n\nCall the baker before noon.\n"
     assert detect_media_type(notes, "notes.txt") == TEXT
