@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends
-from pydantic import BaseModel, ValidationError
+from pydantic import MISSING, BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -106,7 +106,7 @@ class Upload:
     """A multipart ingest: the files and the metadata that applies to each."""
 
     files: list[UploadedFile]
-    metadata: models.Metadata | None
+    metadata: models.Metadata | MISSING  # as in the generated IngestUpload
 
 
 def media_type_of(request: Request) -> str:
@@ -177,7 +177,7 @@ async def parse_multipart(request: Request, settings: Settings) -> Upload:
         files.append(UploadedFile(item.filename, item.content_type, await item.read()))
     if not files:
         raise InvalidInput("No file was sent.", [FieldError("body/files", "At least one file.")])
-    metadata = None
+    metadata: models.Metadata | MISSING = MISSING
     raw_metadata = form.getlist("metadata")
     if len(raw_metadata) > 1:
         raise InvalidInput("metadata given twice.", [FieldError("body/metadata", "Give it once.")])

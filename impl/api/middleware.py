@@ -95,7 +95,7 @@ class RequestContext:
     def request_id(scope: Scope) -> str:
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                given = value.decode("latin-1")
+                given: str = value.decode("latin-1")
                 if VALID_REQUEST_ID.fullmatch(given):
                     return given
         return uuid.uuid4().hex

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -55,7 +56,7 @@ def problem_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     problem = models.Problem(
-        type=f"{TYPE_PREFIX}{slug}",  # type: ignore[arg-type]  # validated as AnyUrl
+        type=f"{TYPE_PREFIX}{slug}",
         title=HTTPStatus(status).phrase,
         status=status,
         detail=detail,
@@ -135,8 +136,6 @@ def allowed_methods(request: Request) -> str:
 
 
 async def handle_request_validation(request: Request, exc: Exception) -> Response:
-    from fastapi.exceptions import RequestValidationError
-
     assert isinstance(exc, RequestValidationError)
     field_errors = [
         errors.FieldError("/".join(str(p) for p in e["loc"]), str(e["msg"])) for e in exc.errors()

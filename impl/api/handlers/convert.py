@@ -18,7 +18,7 @@ def job(value: types.Job) -> models.Job:
     error = None
     if value.error is not None:
         error = models.Problem(
-            type=f"{TYPE_PREFIX}ingestion-failed",  # type: ignore[arg-type]  # validated as AnyUrl
+            type=f"{TYPE_PREFIX}ingestion-failed",
             title=value.error.title,
             status=422,
             detail=value.error.detail,
@@ -31,8 +31,8 @@ def chunk(value: types.Chunk) -> models.Chunk:
     return models.Chunk.model_validate(value, from_attributes=True)
 
 
-def metadata(value: models.Metadata | None) -> types.Metadata:
-    if value is None or value is MISSING:
+def metadata(value: models.Metadata | MISSING) -> types.Metadata:
+    if value is MISSING:
         return {}
     return {key: scalar(item) for key, item in value.root.items()}
 
@@ -42,8 +42,8 @@ def scalar(value: models.MetadataValue) -> types.MetadataValue:
     return root.root if isinstance(root, BaseModel) else root
 
 
-def filters(value: models.SearchFilters | None) -> types.SearchFilters | None:
-    if value is None or value is MISSING:
+def filters(value: models.SearchFilters | MISSING) -> types.SearchFilters | None:
+    if value is MISSING:
         return None
     conditions: dict[str, types.MetadataValue | list[types.MetadataValue] | types.MetadataRange]
     conditions = {}

@@ -18,7 +18,7 @@ from impl.api.responses import reply
 async def search_chunks(
     body: Annotated[models.SearchRequest, BODY], service: Service, tenant: Tenant
 ) -> Response:
-    search_filters = convert.filters(given(body.filters))
+    search_filters = convert.filters(body.filters)
     hits = await run_in_threadpool(
         lambda: service.search(
             tenant,
@@ -48,7 +48,7 @@ async def search_chunks(
 async def query_documents(
     body: Annotated[models.QueryRequest, BODY], service: Service, tenant: Tenant
 ) -> Response:
-    search_filters = convert.filters(given(body.filters))
+    search_filters = convert.filters(body.filters)
     answer = await run_in_threadpool(
         lambda: service.answer(
             tenant,
