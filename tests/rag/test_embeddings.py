@@ -115,7 +115,8 @@ def test_embed_query_of_a_short_question_is_fast(model: OnnxMiniLM) -> None:
     started = time.perf_counter()
     for _ in range(20):
         model.embed_query("When was the Bastille stormed?")
-    # Measured 3.5 ms on 2 cores; a padded 256-token batch would take about ten times longer.
+    # About 9 ms measured on a busy 2-core machine; padded to 256 tokens, a question would take
+    # about ten times longer.
     assert (time.perf_counter() - started) / 20 < 0.05
 
 
