@@ -2,6 +2,7 @@
 # Change the contract, then run: python scripts/generate.py
 
 from __future__ import annotations
+from typing import Annotated, Literal
 from pydantic import (
     AnyUrl,
     AwareDatetime,
@@ -12,7 +13,23 @@ from pydantic import (
     RootModel,
     StringConstraints,
 )
-from typing import Annotated, Literal
+
+
+class Scope(RootModel[Literal["read", "write", "admin"]]):
+    root: Literal["read", "write", "admin"]
+    """
+    read (search, query, documents, jobs), write (ingest, delete), admin (keys, metrics).
+    """
+
+
+class RateLimitValue(RootModel[str]):
+    root: Annotated[
+        str,
+        Field(
+            examples=["120/minute"],
+            pattern="^[1-9][0-9]{0,8}/(second|minute|hour|day)$",
+        ),
+    ]
 
 
 class FieldError(BaseModel):
@@ -430,6 +447,94 @@ class ListDocumentChunksParams(BaseModel):
     doc_id: ResourceId
     limit: Annotated[int, Field(ge=1, le=100)] = 20
     cursor: Annotated[str | MISSING, Field(max_length=512, min_length=1)] = MISSING
+
+
+class ListApiKeysParams(BaseModel):
+    """
+    Path and query parameters of listApiKeys.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | MISSING, Field(max_length=512, min_length=1)] = MISSING
+
+
+class RevokeApiKeyParams(BaseModel):
+    """
+    Path and query parameters of revokeApiKey.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    key_id: ResourceId
+
+
+class RateLimitOverrides(BaseModel):
+    """
+    This key's own budgets, replacing the server's defaults, as `<count>/<period>`.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    read: RateLimitValue | MISSING = MISSING
+    query: RateLimitValue | MISSING = MISSING
+    ingest: RateLimitValue | MISSING = MISSING
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    name: Annotated[str, Field(max_length=100, min_length=1, pattern="\\S")]
+    scopes: Annotated[list[Scope], Field(max_length=3, min_length=1)]
+    rate_limits: RateLimitOverrides | MISSING = MISSING
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    name: str
+    prefix: str
+    """
+    The key's first characters, to recognise it; not secret.
+    """
+    tenant: str
+    scopes: list[Scope]
+    rate_limits: RateLimitOverrides
+    created_at: AwareDatetime
+    revoked_at: AwareDatetime | None
+
+
+class ApiKeyCreated(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    name: str
+    prefix: str
+    tenant: str
+    scopes: list[Scope]
+    rate_limits: RateLimitOverrides
+    created_at: AwareDatetime
+    revoked_at: AwareDatetime | None
+    key: str
+    """
+    The secret to send as `X-API-Key`. Shown only in this answer.
+    """
+
+
+class ApiKeyPage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    items: list[ApiKey]
+    next_cursor: str | None
 
 
 class Problem(BaseModel):

@@ -30,18 +30,41 @@ def serve(args: argparse.Namespace) -> int:
             os.environ[f"RAGAPI_{flag.upper()}"] = str(value)
     settings = Settings()
     app = create_app(settings)  # checks the spec against the handler map before serving
+    if settings.auth_enabled:
+        bootstrap_admin_key(settings)
+    # No Server header: a version is an attacker's head start.
+    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     if settings.workers == 1:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+        uvicorn.run(app, server_header=False, **common)  # type: ignore[arg-type]
     else:
         uvicorn.run(
             "impl.api.app:app_from_environment",
             factory=True,
-            host=settings.host,
-            port=settings.port,
             workers=settings.workers,
-            log_level=settings.log_level,
+            server_header=False,
+            **common,  # type: ignore[arg-type]
         )
     return 0
+
+
+def bootstrap_admin_key(settings: Settings) -> None:
+    """On a first start there are no keys, so nobody could use the server: make an admin key
+    and show it once. Done here, before the workers start, so several workers make one key."""
+    from impl.security.keys import SCOPES, KeyStore
+
+    keys = KeyStore(settings)
+    try:
+        if keys.count() == 0:
+            created = keys.create(TENANT, "bootstrap admin", list(SCOPES))
+            print(
+                f"ragapi: no API key existed, so an admin key for tenant {TENANT!r} was made.\n"
+                f"ragapi: it is shown this once; keep it:\n"
+                f"X-API-Key: {created.secret}",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        keys.close()
 
 
 @contextmanager
@@ -129,6 +152,33 @@ def documents(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys(args: argparse.Namespace) -> int:
+    from impl.security.keys import KeyStore
+
+    store = KeyStore(Settings())
+    try:
+        if args.action == "create":
+            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+            created = store.create(args.tenant, args.name, scopes)
+            print(f"{created.key.id}  tenant={created.key.tenant}  scopes={','.join(scopes)}")
+            print(f"X-API-Key: {created.secret}")
+        elif args.action == "list":
+            cursor = None
+            while True:
+                page, cursor = store.list(args.tenant, limit=100, cursor=cursor)
+                for k in page:
+                    state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+                    print(f"{k.id}  {k.prefix}  {','.join(k.scopes):<16} {state:<18} {k.name}")
+                if cursor is None:
+                    break
+        else:
+            store.revoke(args.tenant, args.key_id)
+            print(f"revoked {args.key_id}")
+    finally:
+        store.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="ragapi", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -162,6 +212,17 @@ def parser() -> argparse.ArgumentParser:
     actions.add_parser("show").add_argument("doc_id")
     actions.add_parser("delete").add_argument("doc_id")
     p.set_defaults(run=documents)
+
+    p = commands.add_parser("keys", help="create, list or revoke API keys")
+    actions = p.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create")
+    create.add_argument("--name", required=True)
+    create.add_argument("--scopes", default="read", help="comma-separated: read,write,admin")
+    actions.add_parser("list")
+    actions.add_parser("revoke").add_argument("key_id")
+    for action in actions.choices.values():
+        action.add_argument("--tenant", default=TENANT)
+    p.set_defaults(run=keys)
     return root
 
 

@@ -27,6 +27,30 @@ class Settings(BaseSettings):
     )
     log_level: LogLevel = Field("info", description="Lowest level of log lines written.")
 
+    # Security
+    auth_enabled: bool = Field(
+        True,
+        description="Require an API key on every operation but health. Turning it off is for "
+        "local experiments only; the server warns loudly at start.",
+    )
+    cors_allow_origins: list[str] = Field(
+        [],
+        description="Origins allowed to call the API from a browser, as a JSON list such as "
+        '["https://app.example.com"]; empty: CORS closed.',
+    )
+    rate_limit_storage_url: str = Field(
+        "memory://",
+        description="Where rate-limit counters live: memory:// for one process, "
+        "redis://host:6379 for several workers.",
+    )
+    rate_limit_read: str = Field(
+        "600/minute", description="Budget per key for cheap reads (documents, jobs, keys)."
+    )
+    rate_limit_query: str = Field("120/minute", description="Budget per key for search and query.")
+    rate_limit_ingest: str = Field(
+        "60/minute", description="Budget per key for ingest, delete and key changes."
+    )
+
     # Stores: each is a URL or a path, so one deployment can move onto servers.
     data_dir: Path = Field(
         Path("data"), description="Folder for the embedded stores and the stored originals."
@@ -43,7 +67,11 @@ class Settings(BaseSettings):
 
     # Ingestion
     chunk_tokens: int = Field(
-        200, ge=16, le=256, description="Target chunk length, in embedding-model tokens."
+        200,
+        ge=16,
+        le=254,
+        # 256 is the model window, less the two special tokens it adds.
+        description="Target chunk length, in embedding-model tokens.",
     )
     chunk_overlap_tokens: int = Field(
         30, ge=0, le=128, description="Tokens shared by consecutive chunks."

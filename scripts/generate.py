@@ -151,6 +151,8 @@ def generate_operations(spec: dict[str, Any]) -> str:
                 "body": body_content,
                 "responses": responses,
                 "security": tuple(sorted(name for req in security for name in req)),
+                "scope": op.get("x-ragapi-scope"),
+                "rate_limit": op.get("x-ragapi-rate-limit"),
             }
         )
 
@@ -175,7 +177,11 @@ def generate_operations(spec: dict[str, Any]) -> str:
         "    body: dict[str, type[BaseModel] | None]\n",
         "    # Status -> (media type or None, model or None).\n",
         "    responses: dict[str, tuple[str | None, type[BaseModel] | None]]\n",
-        "    security: tuple[str, ...]\n\n\n",
+        "    security: tuple[str, ...]\n",
+        "    # The key scope the operation needs (x-ragapi-scope); None for public operations.\n",
+        "    scope: str | None\n",
+        "    # The rate-limit budget it counts against (x-ragapi-rate-limit); None for none.\n",
+        "    rate_limit: str | None\n\n\n",
         "OPERATIONS: dict[str, Operation] = {\n",
     ]
 
@@ -200,6 +206,8 @@ def generate_operations(spec: dict[str, Any]) -> str:
             f"        body={{{body}}},\n"
             f"        responses={{{responses}}},\n"
             f"        security={row['security']!r},\n"
+            f"        scope={row['scope']!r},\n"
+            f"        rate_limit={row['rate_limit']!r},\n"
             f"    ),\n"
         )
     out.append("}\n")

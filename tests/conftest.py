@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,15 +24,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+UNLIMITED = {f"rate_limit_{b}": "1000000/minute" for b in ("read", "query", "ingest")}
+ADMIN_KEY_LINE = re.compile(r"^X-API-Key: (rk_\S+)$", re.MULTILINE)
+
+
 @dataclass
 class Server:
     url: str
     data_dir: Path
     process: subprocess.Popen[bytes]
     log: Path
+    api_key: str = ""  # the admin key the server printed on its first start
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
+    def client(self, key: str | None = None) -> httpx.Client:
+        """An HTTP client sending `key`, or the admin key when none is given."""
+        headers = {"X-API-Key": key or self.api_key}
+        return httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
     def stop(self, sig: int | None = None) -> None:
         if self.process.poll() is None:
@@ -63,6 +71,8 @@ def start_server(data_dir: Path, **settings: str) -> Server:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(f"{server.url}/api/v1/health/ready", timeout=2).status_code == 200:
+                printed = ADMIN_KEY_LINE.search(log.read_text())
+                server.api_key = printed.group(1) if printed else ""
                 return server
         except httpx.TransportError:
             pass
@@ -73,9 +83,12 @@ def start_server(data_dir: Path, **settings: str) -> Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the session's HTTP tests, with a small body limit so 413 is cheap."""
+    """One server for the session's HTTP tests, with a small body limit so 413 is cheap and
+    budgets no test run reaches (rate limiting has tests of its own)."""
     running = start_server(
-        tmp_path_factory.mktemp("server") / "data", max_upload_bytes=str(2 * 1024 * 1024)
+        tmp_path_factory.mktemp("server") / "data",
+        max_upload_bytes=str(2 * 1024 * 1024),
+        **UNLIMITED,
     )
     yield running
     running.stop()

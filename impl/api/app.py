@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TypedDict
@@ -10,23 +11,31 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from generated.operations import OPERATIONS
 from impl.api import problems
 from impl.api.docs import mount_docs
 from impl.api.handlers import HANDLERS
-from impl.api.middleware import RequestContext
+from impl.api.middleware import RATE_LIMIT_HEADERS, RequestContext
 from impl.api.routing import Handler, add_routes
 from impl.errors import RagapiError
 from impl.observability.logs import configure_logging
 from impl.observability.metrics import Metrics
 from impl.rag.service import RagService
+from impl.security.keys import KeyStore
+from impl.security.limits import RateLimiter
 from impl.settings import Settings
+
+log = logging.getLogger("ragapi.app")
 
 
 class State(TypedDict):
     settings: Settings
     service: RagService
     metrics: Metrics
+    keys: KeyStore
+    limiter: RateLimiter
 
 
 def create_app(
@@ -38,12 +47,25 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
+        if not settings.auth_enabled:
+            log.warning(
+                "AUTHENTICATION IS OFF (RAGAPI_AUTH_ENABLED=false): anyone who can reach this "
+                "server can read, change and delete every document of the default tenant"
+            )
+        keys = await run_in_threadpool(KeyStore, settings)
         service = await run_in_threadpool(RagService, settings)
         await run_in_threadpool(service.start)
         try:
-            yield {"settings": settings, "service": service, "metrics": metrics}
+            yield {
+                "settings": settings,
+                "service": service,
+                "metrics": metrics,
+                "keys": keys,
+                "limiter": RateLimiter(settings),
+            }
         finally:
             await run_in_threadpool(service.close)
+            keys.close()
 
     # FastAPI's own schema, docs and trailing-slash redirects are off: the contract file is
     # served as written, and paths match it exactly.
@@ -61,6 +83,17 @@ def create_app(
     # Inputs are parsed by impl.api.inputs, so this only fires if a handler grows a parameter
     # FastAPI validates itself; it still must never leak FastAPI's 422 body.
     app.add_exception_handler(RequestValidationError, problems.handle_request_validation)
+    if settings.cors_allow_origins:
+        # Starlette's CORSMiddleware is pure ASGI; with no origins configured it is left out,
+        # so no browser origin may call the API.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=sorted({op.method for op in OPERATIONS.values()}),
+            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Location", "Retry-After", *RATE_LIMIT_HEADERS],
+            max_age=600,
+        )
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
     return app
 

@@ -7,8 +7,10 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import Request
 
+from impl.api.security import Principal
 from impl.observability.metrics import Metrics
 from impl.rag.service import RagService
+from impl.security.keys import KeyStore
 from impl.settings import Settings
 
 
@@ -32,10 +34,17 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 
 
-def current_tenant() -> str:
-    """The tenant a request acts for. Until API keys land every request is the default
-    tenant's; the services already confine everything to the tenant given here."""
-    return "default"
+def get_keys(request: Request) -> KeyStore:
+    keys: KeyStore = request.state.keys
+    return keys
+
+
+def current_tenant(request: Request) -> str:
+    """The tenant of the request's key (set by impl.api.security.authorize, which runs
+    before every handler of a secured operation)."""
+    principal: Principal = request.state.principal
+    return principal.tenant
 
 
 Tenant = Annotated[str, Depends(current_tenant)]
+Keys = Annotated[KeyStore, Depends(get_keys)]

@@ -22,6 +22,7 @@ from impl.observability.metrics import Metrics
 log = logging.getLogger("ragapi.access")
 
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+RATE_LIMIT_HEADERS = ["RateLimit", "RateLimit-Policy"]
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -54,6 +55,9 @@ class RequestContext:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 headers.extend(SECURITY_HEADERS)
+                decision = scope["state"].get("rate_limit")
+                if decision is not None:
+                    headers.extend((k.encode(), v.encode()) for k, v in decision.headers())
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -79,10 +83,17 @@ class RequestContext:
             operation = getattr(route, "name", None) or "unmatched"
             self.metrics.requests.labels(operation, str(status)).inc()
             self.metrics.latency.labels(operation).observe(elapsed)
+            if status == 401:
+                self.metrics.unauthorized.labels(operation).inc()
+            elif status == 429:
+                self.metrics.rate_limited.labels(operation).inc()
+            principal = scope["state"].get("principal")
             log.info(
                 "request",
                 extra={
                     "request_id": rid,
+                    "key_id": getattr(principal, "key_id", None),
+                    "tenant": getattr(principal, "tenant", None),
                     "method": scope["method"],
                     "path": scope["path"],
                     "operation": operation,

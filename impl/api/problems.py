@@ -88,6 +88,8 @@ def problem_for_error(exc: errors.RagapiError, rid: str) -> Response:
     headers = None
     if isinstance(exc, errors.RateLimited):
         headers = {"Retry-After": str(exc.retry_after_seconds)}
+    elif isinstance(exc, errors.Unauthenticated):
+        headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
     field_errors = exc.errors if isinstance(exc, errors.InvalidInput) else None
     if status == 500:
         log.error("unmapped error", exc_info=exc, extra={"request_id": rid})

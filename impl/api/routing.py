@@ -7,11 +7,12 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.responses import Response
 
 from generated.operations import OPERATIONS, Operation
 from impl.api.inputs import BODY, PARAMS
+from impl.api.security import authorize
 from impl.errors import ConfigurationError
 
 Handler = Callable[..., Any]
@@ -67,4 +68,6 @@ def add_routes(app: FastAPI, handlers: Mapping[str, Handler]) -> None:
             include_in_schema=False,
             response_model=None,
             response_class=Response,
+            # Before the handler's own inputs: a request without a key is 401, not 400.
+            dependencies=[Depends(authorize)],
         )

@@ -30,5 +30,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.unauthorized = Counter(
+            "ragapi_unauthorized_total",
+            "Requests refused for a missing, invalid or revoked API key, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "ragapi_rate_limited_total",
+            "Requests refused by a rate limit, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

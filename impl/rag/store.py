@@ -310,7 +310,10 @@ def build_where(
         elif isinstance(condition, list):
             if not condition:
                 raise InvalidInput(f"metadata filter {key!r}: the list of values is empty")
-            clauses.append({field: {"$in": _one_type(key, condition)}})
+            groups = _by_type(condition)
+            # Chroma's $in takes values of one type, so a mixed list is one $in per type.
+            alternatives = [{field: {"$in": group}} for group in groups]
+            clauses.append(alternatives[0] if len(alternatives) == 1 else {"$or": alternatives})
         else:
             clauses.append({field: {"$eq": condition}})
     if not clauses:
@@ -318,12 +321,14 @@ def build_where(
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
 
-def _one_type(key: str, values: list[MetadataValue]) -> list[MetadataValue]:
-    """Chroma's ``$in`` takes values of one type only. Numbers compare by value whatever their
-    type, so a list mixing ints and floats becomes floats; any other mix is refused."""
-    kinds = {type(value) for value in values}
-    if kinds == {int, float}:
-        return [float(value) for value in values]
-    if len(kinds) > 1:
-        raise InvalidInput(f"metadata filter {key!r}: the values must all be of one type")
-    return values
+def _by_type(values: list[MetadataValue]) -> list[list[MetadataValue]]:
+    """The values grouped by JSON type. Numbers compare by value whatever their Python type,
+    so ints and floats form one group, as floats when they mix."""
+    groups: dict[type, list[MetadataValue]] = {}
+    for value in values:
+        kind = float if type(value) in (int, float) else type(value)
+        groups.setdefault(kind, []).append(value)
+    numbers = groups.get(float, [])
+    if len({type(v) for v in numbers}) > 1:
+        groups[float] = [float(v) for v in numbers]
+    return list(groups.values())

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from impl.rag.store import collection_name
-from tests.conftest import Server, start_server
+from tests.conftest import UNLIMITED, Server, start_server
 from tests.documents import (
     CORPUS,
     make_docx,
@@ -54,7 +54,9 @@ def upload_bytes(key: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, chroma_url: str) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("workflow") / "data", chroma_url=chroma_url)
+    running = start_server(
+        tmp_path_factory.mktemp("workflow") / "data", chroma_url=chroma_url, **UNLIMITED
+    )
     yield running
     running.stop()
 

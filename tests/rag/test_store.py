@@ -159,6 +159,9 @@ def test_metadata_filters(store: VectorStore) -> None:
     assert found(year=2022) == {"b"}
     assert found(team=["blue", "green"]) == {"b"}
     assert found(year=[2020, 2024.0]) == {"a", "c"}  # ints and floats mix in one list
+    # A mixed list is one $in per JSON type; "2022" the string is not 2022 the number.
+    assert found(year=["2022", 2020]) == {"a"}
+    assert found(pub=[True, "yes", 7]) == {"a"}
     assert found(year=MetadataRange(gte=2022)) == {"b", "c"}
     assert found(year=MetadataRange(gt=2020, lt=2024)) == {"b"}
     assert found(year=MetadataRange(lte=2022.5)) == {"a", "b"}
@@ -197,8 +200,6 @@ def test_exclusions_join_the_filters() -> None:
     [
         ({"k": []}, "list of values is empty"),
         ({"k": MetadataRange()}, "at least one bound"),
-        ({"k": [1, "one"]}, "one type"),
-        ({"k": [True, 1]}, "one type"),
         ({"bad key": 1}, "metadata key"),
         ({"$where": 1}, "metadata key"),
     ],

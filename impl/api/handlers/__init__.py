@@ -3,7 +3,7 @@ the app is built."""
 
 from __future__ import annotations
 
-from impl.api.handlers import documents, health, ingestion, operations, retrieval
+from impl.api.handlers import documents, health, ingestion, keys, operations, retrieval
 from impl.api.routing import Handler
 
 HANDLERS: dict[str, Handler] = {
@@ -18,4 +18,7 @@ HANDLERS: dict[str, Handler] = {
     "searchChunks": retrieval.search_chunks,
     "queryDocuments": retrieval.query_documents,
     "getMetrics": operations.get_metrics,
+    "listApiKeys": keys.list_api_keys,
+    "createApiKey": keys.create_api_key,
+    "revokeApiKey": keys.revoke_api_key,
 }

@@ -6,7 +6,6 @@ from pydantic import MISSING, BaseModel
 
 from generated import models
 from impl.api.problems import TYPE_PREFIX
-from impl.errors import FieldError, InvalidInput
 from impl.rag import types
 
 
@@ -52,13 +51,8 @@ def filters(value: models.SearchFilters | MISSING) -> types.SearchFilters | None
         if isinstance(root, models.MetadataIn):
             conditions[key] = [scalar(v) for v in root.in_]
         elif isinstance(root, models.MetadataRange):
-            bounds = root.model_dump()  # MISSING bounds are left out
-            if not bounds:
-                raise InvalidInput(
-                    "A range needs at least one bound.",
-                    [FieldError(f"body/filters/metadata/{key}", "Give gt, gte, lt or lte.")],
-                )
-            conditions[key] = types.MetadataRange(**bounds)
+            # MISSING bounds are left out; the store refuses a range with none.
+            conditions[key] = types.MetadataRange(**root.model_dump())
         else:
             conditions[key] = scalar(root)
     document_ids = None

@@ -1,0 +1,66 @@
+"""Authentication, scopes and rate limits, applied to every route from the operation's
+declared scope and budget (x-ragapi-scope, x-ragapi-rate-limit in the contract)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from impl.api.inputs import operation_of
+from impl.errors import Forbidden, RateLimited, Unauthenticated
+from impl.security.keys import KeyStore
+from impl.security.limits import RateLimiter
+from impl.settings import Settings
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for. key_id is None when auth is switched off."""
+
+    key_id: str | None
+    tenant: str
+    rate_limits: dict[str, str]
+
+
+def authorize(request: Request) -> None:
+    """A plain function, so FastAPI runs its registry lookup off the event loop."""
+    op = operation_of(request)
+    if op.scope is None:
+        return
+    settings: Settings = request.state.settings
+    if settings.auth_enabled:
+        principal = authenticate(request, op.scope)
+    else:
+        principal = Principal(None, DEFAULT_TENANT, {})
+    state = request.scope["state"]
+    state["principal"] = principal  # read by the tenant dependency and the access log
+    if op.rate_limit is not None:
+        limiter: RateLimiter = request.state.limiter
+        client = request.client.host if request.client else "unknown"
+        identity = principal.key_id or f"ip:{client}"
+        decision = limiter.hit(op.rate_limit, identity, principal.rate_limits.get(op.rate_limit))
+        state["rate_limit"] = decision  # the middleware adds its headers to the response
+        if not decision.allowed:
+            raise RateLimited(
+                f"The {op.rate_limit} budget of {decision.limit} requests per "
+                f"{decision.window_seconds} s is spent; retry in {decision.reset_seconds} s.",
+                decision.reset_seconds,
+            )
+
+
+def authenticate(request: Request, scope: str) -> Principal:
+    presented = request.headers.get("x-api-key")
+    if not presented:
+        raise Unauthenticated("Send an API key in the X-API-Key header.")
+    keys: KeyStore = request.state.keys
+    key = keys.verify(presented)
+    if key is None:
+        raise Unauthenticated("The API key is not valid or has been revoked.")
+    if scope not in key.scopes:
+        raise Forbidden(
+            f"This operation needs the {scope} scope; this key has {', '.join(key.scopes)}."
+        )
+    return Principal(key.id, key.tenant, key.rate_limits)

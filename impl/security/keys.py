@@ -1,0 +1,203 @@
+"""API keys: random secrets shown once, stored only as a SHA-256 hash beside a non-secret
+prefix used to find the row, compared in constant time.
+
+A key is ``rk_<prefix>_<secret>``. The secret has 256 bits of entropy, so a fast hash is
+enough: a slow password hash protects guessable secrets, and these are not guessable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, cast
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    MetaData,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from impl.errors import InvalidInput, NotFound
+from impl.settings import Settings
+
+Scope = Literal["read", "write", "admin"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+KEY_PREFIX = "rk_"
+
+
+class Base(DeclarativeBase):
+    # Its own metadata: the key table lives in the registry database but belongs to security.
+    metadata = MetaData()
+
+
+class KeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(100))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    rate_limits: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    prefix: str
+    tenant: str
+    scopes: list[Scope]
+    rate_limits: dict[str, str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str  # the whole X-API-Key value; never stored
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    # SQLite drops the zone on the way back; every time stored here is UTC.
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def to_key(row: KeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        tenant=row.tenant,
+        scopes=[cast(Scope, s) for s in row.scopes],
+        rate_limits=dict(row.rate_limits),
+        created_at=cast(datetime, aware(row.created_at)),
+        revoked_at=aware(row.revoked_at),
+    )
+
+
+class KeyStore:
+    def __init__(self, settings: Settings) -> None:
+        self.engine: Engine = create_engine(settings.resolved_registry_url)
+        if self.engine.dialect.name == "sqlite":
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create(
+        self, tenant: str, name: str, scopes: list[Scope], rate_limits: dict[str, str] | None = None
+    ) -> CreatedKey:
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if not scopes or unknown:
+            raise InvalidInput(f"Scopes must be some of {', '.join(SCOPES)}.")
+        # Hex, so the prefix holds no "_" and the first "_" after it ends it.
+        prefix = f"{KEY_PREFIX}{secrets.token_hex(5)}"
+        secret = f"{prefix}_{secrets.token_urlsafe(32)}"
+        row = KeyRow(
+            id=f"key_{uuid.uuid4().hex}",
+            prefix=prefix,
+            secret_sha256=digest(secret),
+            name=name,
+            tenant=tenant,
+            scopes=sorted(set(scopes), key=SCOPES.index),
+            rate_limits=dict(rate_limits or {}),
+            created_at=datetime.now(UTC),
+            revoked_at=None,
+        )
+        with Session(self.engine) as session, session.begin():
+            session.add(row)
+            session.flush()
+            return CreatedKey(to_key(row), secret)
+
+    def verify(self, presented: str) -> ApiKey | None:
+        """The live key this secret belongs to, or None (unknown, malformed or revoked)."""
+        if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
+            return None
+        prefix = presented[: presented.index("_", len(KEY_PREFIX))]
+        with Session(self.engine) as session:
+            row = session.scalars(select(KeyRow).where(KeyRow.prefix == prefix)).first()
+            if row is None or row.revoked_at is not None:
+                return None
+            if not hmac.compare_digest(row.secret_sha256, digest(presented)):
+                return None
+            return to_key(row)
+
+    def list(
+        self, tenant: str, *, limit: int, cursor: str | None
+    ) -> tuple[list[ApiKey], str | None]:
+        """Newest first; the cursor is the last key's (created_at, id)."""
+        query = select(KeyRow).where(KeyRow.tenant == tenant)
+        if cursor is not None:
+            created, last_id = decode_cursor(cursor)
+            query = query.where(
+                (KeyRow.created_at < created)
+                | ((KeyRow.created_at == created) & (KeyRow.id < last_id))
+            )
+        query = query.order_by(KeyRow.created_at.desc(), KeyRow.id.desc()).limit(limit + 1)
+        with Session(self.engine) as session:
+            rows = list(session.scalars(query))
+        keys = [to_key(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return keys, encode_cursor(rows[limit - 1]) if more else None
+
+    def count(self) -> int:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(KeyRow)) or 0
+
+    def revoke(self, tenant: str, key_id: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            done = session.execute(
+                update(KeyRow)
+                .where(KeyRow.id == key_id, KeyRow.tenant == tenant, KeyRow.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
+            if done.rowcount == 0:  # type: ignore[attr-defined]
+                raise NotFound(f"key {key_id} not found")
+
+
+def encode_cursor(row: KeyRow) -> str:
+    payload = json.dumps([cast(datetime, aware(row.created_at)).isoformat(), row.id])
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, key_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(key_id)
+    except (ValueError, TypeError):
+        raise InvalidInput("the cursor is not valid") from None
+
+
+def _sqlite_pragmas(connection: object, _record: object) -> None:
+    cursor = connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
