@@ -81,6 +81,34 @@ def start_server(data_dir: Path, **settings: str) -> Server:
     raise RuntimeError(f"server did not become ready:\n{log.read_text()}")
 
 
+def create_key(server: Server, tenant: str, scopes: str, name: str = "test") -> str:
+    """A key made with the CLI on the server's own registry, as an operator would."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "impl.cli",
+            "keys",
+            "create",
+            "--name",
+            name,
+            "--scopes",
+            scopes,
+            "--tenant",
+            tenant,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "RAGAPI_DATA_DIR": str(server.data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    printed = ADMIN_KEY_LINE.search(result.stdout)
+    assert printed, result.stdout + result.stderr
+    return printed.group(1)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the session's HTTP tests, with a small body limit so 413 is cheap and
@@ -88,6 +116,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(
         tmp_path_factory.mktemp("server") / "data",
         max_upload_bytes=str(2 * 1024 * 1024),
+        log_level="info",
         **UNLIMITED,
     )
     yield running

@@ -1,0 +1,124 @@
+"""API4:2023 Unrestricted Resource Consumption: the body limit holds while the body streams
+in, every bound of the contract is enforced, and rate limits answer 429 with Retry-After."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Server, start_server
+from tests.documents import make_text
+
+API = "/api/v1"
+MB = 1024 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_declared_oversized_body_is_refused_before_it_is_read(server: Server) -> None:
+    # The session server's limit is 2 MB; 50 MB are announced and only a few bytes sent, so
+    # an answer proves the server did not wait for the body.
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            f"POST {API}/ingest HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {server.api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {50 * MB}\r\n\r\n{{".encode()
+        )
+        answer = ""
+        while "\r\n\r\n{" not in answer or not answer.endswith("}"):
+            received = conn.recv(65536)
+            if not received:
+                break
+            answer += received.decode("latin-1")
+    status_line, _, rest = answer.partition("\r\n")
+    assert status_line == "HTTP/1.1 413 Request Entity Too Large"
+    assert "urn:ragapi:problem:payload-too-large" in rest
+
+
+def test_a_streamed_oversized_body_is_cut_off_without_holding_it(server: Server) -> None:
+    def fifty_megabytes() -> Iterator[bytes]:
+        """A well-formed multipart upload of one 50 MB file, without a Content-Length."""
+        yield (
+            b'--x\r\nContent-Disposition: form-data; name="files"; filename="big.txt"\r\n'
+            b"Content-Type: text/plain\r\n\r\n"
+        )
+        chunk = b"a" * MB
+        for _ in range(50):
+            yield chunk
+        yield b"\r\n--x--\r\n"
+
+    before = rss_bytes(server.process.pid)
+    with server.client() as http:
+        try:
+            response = http.post(
+                f"{API}/ingest",
+                content=fifty_megabytes(),
+                headers={"content-type": "multipart/form-data; boundary=x"},
+            )
+            assert response.status_code == 413
+        except httpx.TransportError:
+            pass  # the server may close the connection once it has answered 413
+    assert rss_bytes(server.process.pid) - before < 20 * MB
+
+
+def test_the_contract_bounds_are_enforced(server: Server) -> None:
+    with server.client() as http:
+        long_question = {"question": "why " * 600}
+        assert http.post(f"{API}/query", json=long_question).status_code == 400
+        assert http.post(f"{API}/search", json={"query": "x", "top_k": 51}).status_code == 400
+        assert http.get(f"{API}/documents", params={"limit": 101}).status_code == 400
+        too_many = [
+            ("files", (f"{i}.txt", make_text([f"file {i}"]), "text/plain")) for i in range(21)
+        ]
+        response = http.post(f"{API}/ingest", files=too_many)
+        assert response.status_code == 400
+        assert "files" in response.json()["detail"].lower()
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(
+        tmp_path_factory.mktemp("limited") / "data",
+        rate_limit_query="5/minute",
+        rate_limit_read="1000/minute",
+    )
+    yield running
+    running.stop()
+
+
+def test_hammering_search_gets_429_with_retry_after_and_is_counted(limited: Server) -> None:
+    with limited.client() as http:
+        statuses = []
+        for _ in range(8):
+            response = http.post(f"{API}/search", json={"query": "lamps"})
+            statuses.append(response.status_code)
+            assert response.headers["ratelimit-policy"] == '"query";q=5;w=60'
+            assert response.headers["ratelimit"].startswith('"query";r=')
+        assert statuses == [200] * 5 + [429] * 3
+        refused = http.post(f"{API}/search", json={"query": "lamps"})
+        assert refused.json()["type"] == "urn:ragapi:problem:rate-limited"
+        assert 0 < int(refused.headers["retry-after"]) <= 60
+        # Reads have a budget of their own.
+        assert http.get(f"{API}/documents").status_code == 200
+        metrics = http.get(f"{API}/metrics").text
+    assert 'ragapi_rate_limited_total{operation="searchChunks"} 4.0' in metrics
+
+
+def test_a_key_can_have_its_own_budget(limited: Server) -> None:
+    with limited.client() as admin:
+        created = admin.post(
+            f"{API}/keys",
+            json={"name": "tight", "scopes": ["read"], "rate_limits": {"query": "2/minute"}},
+        ).json()
+    with limited.client(created["key"]) as http:
+        codes = [http.post(f"{API}/search", json={"query": "x"}).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
