@@ -327,6 +327,28 @@ class QueryRequest(BaseModel):
     min_score: Annotated[float | MISSING, Field(ge=-1.0, le=1.0)] = MISSING
 
 
+class StreamRetrieval(BaseModel):
+    """
+    Data of the `retrieval` event.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    results: list[SearchResult]
+
+
+class StreamToken(BaseModel):
+    """
+    Data of a `token` event.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    text: str
+
+
 class Citation(BaseModel):
     model_config = ConfigDict(
         extra="forbid",

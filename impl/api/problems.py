@@ -47,14 +47,13 @@ def request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", "unknown"))
 
 
-def problem_response(
+def problem_model(
     status: int,
     slug: str,
     detail: str,
     instance: str,
     field_errors: list[errors.FieldError] | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
+) -> models.Problem:
     problem = models.Problem(
         type=f"{TYPE_PREFIX}{slug}",
         title=HTTPStatus(status).phrase,
@@ -66,8 +65,20 @@ def problem_response(
         problem.errors = [
             models.FieldError(location=e.location, message=e.message) for e in field_errors
         ]
+    return problem
+
+
+def problem_response(
+    status: int,
+    slug: str,
+    detail: str,
+    instance: str,
+    field_errors: list[errors.FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    problem = problem_model(status, slug, detail, instance, field_errors)
     return Response(
-        problem.model_dump_json(exclude_unset=False),
+        problem.model_dump_json(),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=headers,

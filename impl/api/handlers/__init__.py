@@ -3,7 +3,15 @@ the app is built."""
 
 from __future__ import annotations
 
-from impl.api.handlers import documents, health, ingestion, keys, operations, retrieval
+from impl.api.handlers import (
+    documents,
+    health,
+    ingestion,
+    keys,
+    operations,
+    retrieval,
+    streaming,
+)
 from impl.api.routing import Handler
 
 HANDLERS: dict[str, Handler] = {
@@ -17,6 +25,7 @@ HANDLERS: dict[str, Handler] = {
     "listDocumentChunks": documents.list_document_chunks,
     "searchChunks": retrieval.search_chunks,
     "queryDocuments": retrieval.query_documents,
+    "streamQuery": streaming.stream_query,
     "getMetrics": operations.get_metrics,
     "listApiKeys": keys.list_api_keys,
     "createApiKey": keys.create_api_key,

@@ -59,3 +59,17 @@ def filters(value: models.SearchFilters | MISSING) -> types.SearchFilters | None
     if value.document_ids is not MISSING:
         document_ids = [d.root for d in value.document_ids]
     return types.SearchFilters(document_ids=document_ids, metadata=conditions)
+
+
+def search_result(hit: types.SearchHit) -> models.SearchResult:
+    return models.SearchResult(
+        document_id=hit.chunk.document_id,
+        document_title=hit.document_title,
+        chunk_id=hit.chunk.id,
+        chunk_index=hit.chunk.index,
+        text=hit.chunk.text,
+        score=hit.score,
+        page=hit.chunk.page,
+        start_char=hit.chunk.start_char,
+        end_char=hit.chunk.end_char,
+    )

@@ -28,20 +28,7 @@ async def search_chunks(
             min_score=given(body.min_score),
         )
     )
-    results = [
-        models.SearchResult(
-            document_id=hit.chunk.document_id,
-            document_title=hit.document_title,
-            chunk_id=hit.chunk.id,
-            chunk_index=hit.chunk.index,
-            text=hit.chunk.text,
-            score=hit.score,
-            page=hit.chunk.page,
-            start_char=hit.chunk.start_char,
-            end_char=hit.chunk.end_char,
-        )
-        for hit in hits
-    ]
+    results = [convert.search_result(hit) for hit in hits]
     return reply(models.SearchResponse(results=results))
 
 
