@@ -1,20 +1,23 @@
 """Answer generation: a question and its ranked search hits in, answer text with citations out.
 
-Every provider is a LangChain chain of the same shape, ``Runnable[AnswerRequest, (text,
-citations)]``:
+Every provider streams: ``stream(question, hits)`` is an ``AnswerStream``, a generator that
+yields the answer text in deltas and returns ``(text, citations)``, where ``text`` is the
+deltas concatenated. Closing it stops the generation. ``generate`` is the same stream, drained.
 
 - ``extractive`` (default): quotes the retrieved sentences that best answer the question. No
   model runs: sentences are scored lexically (BM25 over the question's stemmed terms) together
   with their chunk's retrieval score, so an answer costs about a millisecond. Embedding every
-  sentence instead would cost more than the search itself.
+  sentence instead would cost more than the search itself. It streams one quote at a time.
 - ``openai``: any OpenAI-compatible chat endpoint through ``ChatOpenAI``.
 - ``llamacpp``: a local GGUF model through llama-cpp-python (the optional ``llamacpp`` extra).
 
-The two model providers share the prompt and the citation mapping (``map_citations``): the model
-is asked to cite its sources as ``[n]``; afterwards every marker is checked against the retrieved
-hits, markers that point at nothing retrieved are dropped, the rest are renumbered in order of
-first use, and each citation quotes the exact passage of its chunk that best supports the
-sentence citing it.
+The two model providers are LangChain chains of one shape (fit the hits, fill the prompt, stream
+the chat model) and share the prompt and the citation mapping (``map_citations``): the model is
+asked to cite its sources as ``[n]``; every marker is checked against the retrieved hits, markers
+that point at nothing retrieved are dropped, the rest are renumbered in order of first use, and
+each citation quotes the exact passage of its chunk that best supports the sentence citing it.
+Markers are rewritten while the answer streams (a ``[`` is held back until it is known to be a
+marker or not), so the streamed text is already the final text.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ import importlib.util
 import math
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import openai
-from langchain_core.output_parsers import StrOutputParser
+from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
@@ -43,7 +48,7 @@ from impl.rag.types import Citation, SearchHit
 from impl.settings import Settings
 
 if TYPE_CHECKING:
-    from llama_cpp import ChatCompletionRequestMessage, CreateChatCompletionResponse
+    from llama_cpp import ChatCompletionRequestMessage, CreateChatCompletionStreamResponse
 
     from impl.rag.embeddings import EmbeddingModel
 
@@ -61,21 +66,36 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LLAMACPP_INSTALL_HINT = "install the optional extra: pip install 'ragapi[llamacpp]'"
 
 
-class AnswerProvider(Protocol):
+AnswerStream = Generator[str, None, tuple[str, list[Citation]]]
+"""An answer as it is made: yields non-empty deltas of the text, returns ``(text, citations)``
+where ``text`` is the deltas concatenated. Errors are impl.errors exceptions (UpstreamError when
+the model fails), raised from next(); close() stops the generation."""
+
+
+class AnswerProvider(ABC):
     name: str
 
-    def generate(self, question: str, hits: list[SearchHit]) -> tuple[str, list[Citation]]: ...
+    @abstractmethod
+    def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
+        """The answer to ``question`` from ``hits`` (best first, never empty), as it is made."""
+
+    def generate(self, question: str, hits: list[SearchHit]) -> tuple[str, list[Citation]]:
+        """The whole answer at once."""
+        answer = self.stream(question, hits)
+        while True:
+            try:
+                next(answer)
+            except StopIteration as end:
+                result: tuple[str, list[Citation]] = end.value
+                return result
 
 
 @dataclass(frozen=True)
 class AnswerRequest:
-    """What every provider chain takes: the question and its hits, best first, never empty."""
+    """What the model provider chains take: the question and its hits, best first, never empty."""
 
     question: str
     hits: list[SearchHit]
-
-
-AnswerChain = Runnable[AnswerRequest, tuple[str, list[Citation]]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,12 +388,12 @@ def _candidates(hits: Sequence[SearchHit]) -> list[tuple[int, int, _Span]]:
     return unique
 
 
-def _extract(request: AnswerRequest) -> tuple[str, list[Citation]]:
-    hits = request.hits
-    question = set(_terms(request.question))
+def _extract(question_text: str, hits: Sequence[SearchHit]) -> list[Citation]:
+    """The quotes that answer the question, in reading order, numbered 1, 2, ..."""
+    question = set(_terms(question_text))
     candidates = _candidates(hits)
     if not candidates:  # only whitespace was retrieved
-        return "", []
+        return []
     spans = [span for _, _, span in candidates]
     lexical = _bm25(question, spans, _idf([span.terms for span in spans]))
     top_lexical = max(lexical)
@@ -424,25 +444,25 @@ def _extract(request: AnswerRequest) -> tuple[str, list[Citation]]:
         passages.values(),
         key=lambda p: (document_order[p.hit.chunk.document_id], p.hit.chunk.start_char + p.start),
     )
-    parts: list[str] = []
-    citations: list[Citation] = []
-    for marker, passage in enumerate(ordered, start=1):
-        citation = _citation(marker, passage.hit, passage.start, passage.end)
-        parts.append(f"{_collapse(citation.quote)} [{marker}]")
-        citations.append(citation)
-    return " ".join(parts), citations
+    return [
+        _citation(marker, passage.hit, passage.start, passage.end)
+        for marker, passage in enumerate(ordered, start=1)
+    ]
 
 
-class ExtractiveAnswerProvider:
-    """Answers with the best one to three retrieved sentences, each followed by its [n]."""
+class ExtractiveAnswerProvider(AnswerProvider):
+    """Answers with the best one to three retrieved passages, each followed by its [n]. The
+    passages are all chosen before the first is sent (it takes about a millisecond); the stream
+    sends them one by one."""
 
     name = "extractive"
 
-    def __init__(self) -> None:
-        self.chain: AnswerChain = RunnableLambda(_extract)
-
-    def generate(self, question: str, hits: list[SearchHit]) -> tuple[str, list[Citation]]:
-        return self.chain.invoke(AnswerRequest(question, hits))
+    def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
+        citations = _extract(question, hits)
+        parts = [f"{_collapse(citation.quote)} [{citation.marker}]" for citation in citations]
+        for index, part in enumerate(parts):
+            yield part if index == 0 else f" {part}"
+        return " ".join(parts), citations
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,6 +516,9 @@ _MARKER = re.compile(
     re.IGNORECASE,
 )
 _MARKER_PART = re.compile(r"(\d+)\s*(?:[-\u2013]\s*(\d+))?")
+# Every character _MARKER allows between its brackets (digits, separators, and the letters of
+# "source" and "and"); a superset, so that nothing that could still become a marker is sent.
+_MARKER_SO_FAR = re.compile(r"[\s\d,;\-\u2013acdenorsu]*", re.IGNORECASE)
 _DONT_KNOW = re.compile(
     r"\b(?:i do not know|i don['\u2019]t know|i cannot answer|i can['\u2019]t answer"
     r"|(?:do|does) not (?:contain|mention|say|provide)"
@@ -575,6 +598,45 @@ def _best_quote(text: str, claim: Iterable[str], question: Iterable[str]) -> tup
     return first.start, first.end
 
 
+@dataclass(frozen=True)
+class _Renumbered:
+    text: str  # the answer with its markers rewritten, not yet stripped
+    sources: dict[int, int]  # source id (1-based hit index) -> new marker, by first use
+    uses: dict[int, list[tuple[int, int]]]  # new marker -> spans of the markers citing it
+
+
+def _renumber(answer: str, source_count: int) -> _Renumbered:
+    """Drop the markers that point at no source, renumber the rest 1, 2, ... in order of first
+    use, one bracket per source."""
+    sources: dict[int, int] = {}
+    uses: dict[int, list[tuple[int, int]]] = {}
+
+    def rewrite(marker: re.Match[str]) -> str:
+        markers: list[int] = []
+        for source in _cited_ids(marker.group(1), source_count):
+            new = sources.setdefault(source, len(sources) + 1)
+            if new not in markers:
+                markers.append(new)
+                uses.setdefault(new, []).append(marker.span())
+        if not markers:
+            return ""
+        space = marker.group()[: len(marker.group()) - len(marker.group().lstrip(" \t"))]
+        return space + "".join(f"[{m}]" for m in markers)
+
+    return _Renumbered(_MARKER.sub(rewrite, answer), sources, uses)
+
+
+def _settled(answer: str) -> str:
+    """The start of a model's answer, while it streams in, that no text still to come can join
+    to a marker: all but a last "[" that may yet open one, and the spaces and tabs before it
+    (a marker takes those with it). Rewriting this start gives a prefix of what rewriting the
+    whole answer gives: no marker crosses its end, and markers are numbered in order."""
+    end = answer.rfind("[")
+    if end < 0 or not _MARKER_SO_FAR.fullmatch(answer, end + 1):
+        end = len(answer)
+    return answer[:end].rstrip(" \t")
+
+
 def map_citations(
     answer: str, question: str, hits: Sequence[SearchHit]
 ) -> tuple[str, list[Citation]]:
@@ -588,24 +650,13 @@ def map_citations(
     other answer came from the sources it was shown, so the hit that best matches its words is
     attached as [1], letting a reader check the claim. An answer that is empty once invalid
     markers are gone is an UpstreamError."""
-    renumbered: dict[int, int] = {}  # source id (1-based hit index) -> new marker
-    claims: dict[int, list[str]] = {}  # new marker -> answer sentences citing it
-
-    def rewrite(marker: re.Match[str]) -> str:
-        sources = _cited_ids(marker.group(1), len(hits))
-        if not sources:
-            return ""
-        claim = _claim(answer, marker.start(), marker.end())
-        markers: list[int] = []
-        for source in sources:
-            new = renumbered.setdefault(source, len(renumbered) + 1)
-            if new not in markers:
-                markers.append(new)
-                claims.setdefault(new, []).append(claim)
-        space = marker.group()[: len(marker.group()) - len(marker.group().lstrip(" \t"))]
-        return space + "".join(f"[{m}]" for m in markers)
-
-    text = _MARKER.sub(rewrite, answer).strip()
+    rewritten = _renumber(answer, len(hits))
+    renumbered = rewritten.sources  # source id (1-based hit index) -> new marker
+    claims = {  # new marker -> answer sentences citing it
+        marker: [_claim(answer, start, end) for start, end in spans]
+        for marker, spans in rewritten.uses.items()
+    }
+    text = rewritten.text.strip()
     if not text:
         raise UpstreamError("the language model returned an empty answer")
     if not renumbered:
@@ -640,11 +691,6 @@ def _request_inputs(request: AnswerRequest) -> dict[str, str]:
     return prompt_inputs(request.question, request.hits)
 
 
-def _cite(generated: dict[str, Any]) -> tuple[str, list[Citation]]:
-    request: AnswerRequest = generated["request"]
-    return map_citations(generated["text"], request.question, request.hits)
-
-
 def _failure_reason(exc: openai.APIError) -> str:
     if isinstance(exc, openai.APITimeoutError):
         return "it did not answer in time"
@@ -655,28 +701,52 @@ def _failure_reason(exc: openai.APIError) -> str:
     return "its response could not be read"
 
 
-class ChatAnswerProvider:
-    """A chat model behind the shared prompt and citation mapping:
-    [fit] -> {request, text: prompt | model | str} -> map_citations."""
+class ChatAnswerProvider(AnswerProvider):
+    """A chat model behind the shared prompt and citation mapping: [fit] -> prompt -> model,
+    streamed; markers are rewritten as the text arrives, and map_citations has the last word."""
 
     def __init__(
         self,
         name: str,
-        model: Runnable[PromptValue, Any],
+        model: Runnable[PromptValue, BaseMessage],
         fit: Runnable[AnswerRequest, AnswerRequest] | None = None,
     ) -> None:
         self.name = name
-        generate_text = RunnableLambda(_request_inputs) | ANSWER_PROMPT | model | StrOutputParser()
-        answer = RunnableParallel(request=RunnablePassthrough(), text=generate_text) | _cite
-        self.chain: AnswerChain = answer if fit is None else fit | answer
+        self._fit = fit
+        # Nothing may follow the model in this chain, not even an output parser: closed early,
+        # LangChain's streaming wrapper of a step reads the rest of that step's input before it
+        # returns (Runnable._transform_stream_with_config), so a parser after the model would
+        # pull the whole answer from the model before close() returned.
+        self._chain = RunnableLambda(_request_inputs) | ANSWER_PROMPT | model
 
-    def generate(self, question: str, hits: list[SearchHit]) -> tuple[str, list[Citation]]:
+    def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
+        request = AnswerRequest(question, hits)
+        if self._fit is not None:
+            request = self._fit.invoke(request)
+        raw = ""
+        sent = 0
         try:
-            return self.chain.invoke(AnswerRequest(question, hits))
+            # Runnable.stream is a generator: closing it closes the model's stream in turn.
+            chunks = cast("Generator[BaseMessage, None, None]", self._chain.stream(request))
+            with closing(chunks):
+                for chunk in chunks:
+                    raw += chunk.text
+                    # Rewritten from the start each time, by the rewrite map_citations uses: an
+                    # answer is a few hundred tokens, and one rewrite keeps the two texts equal.
+                    text = _renumber(_settled(raw), len(request.hits)).text.strip()
+                    if len(text) > sent:
+                        yield text[sent:]
+                        sent = len(text)
         except openai.APIError as exc:
             raise UpstreamError(
                 f"the language model endpoint failed: {_failure_reason(exc)}"
             ) from exc
+        # What was sent is the start of this text; the rest is what the end of the answer
+        # settled, and the [1] attached to an answer that cited nothing.
+        text, citations = map_citations(raw, request.question, request.hits)
+        if len(text) > sent:
+            yield text[sent:]
+        return text, citations
 
 
 def openai_answer_provider(settings: Settings) -> ChatAnswerProvider:
@@ -762,7 +832,7 @@ class _LocalLlama:
                 used += cost
         return AnswerRequest(request.question, kept)
 
-    def complete(self, prompt: PromptValue) -> str:
+    def stream(self, prompt: PromptValue) -> Iterator[AIMessageChunk]:
         # ANSWER_PROMPT holds a system and a human message, nothing else.
         messages: list[ChatCompletionRequestMessage] = [
             {"role": "system", "content": message.text}
@@ -771,17 +841,26 @@ class _LocalLlama:
             for message in prompt.to_messages()
         ]
         try:
+            # Held until the stream ends or is closed. A Lock may be released by another thread
+            # than the one that took it, as here when the stream is resumed from another thread.
             with self._lock:
-                # Without stream=True the call returns one response, not a chunk iterator.
-                result = cast(
-                    "CreateChatCompletionResponse",
+                # With stream=True the call returns a lazy chunk iterator: no token is computed
+                # that is not asked for.
+                chunks = cast(
+                    "Iterator[CreateChatCompletionStreamResponse]",
                     self._llama.create_chat_completion(
-                        messages=messages, max_tokens=self._max_answer_tokens, temperature=0.0
+                        messages=messages,
+                        max_tokens=self._max_answer_tokens,
+                        temperature=0.0,
+                        stream=True,
                     ),
                 )
+                for chunk in chunks:
+                    content = chunk["choices"][0]["delta"].get("content")
+                    if content:
+                        yield AIMessageChunk(content=content)
         except (ValueError, RuntimeError) as exc:
             raise UpstreamError("the local language model failed to answer") from exc
-        return result["choices"][0]["message"]["content"] or ""
 
 
 def llamacpp_answer_provider(
@@ -790,7 +869,7 @@ def llamacpp_answer_provider(
     """Loads the model now, once: a bad path or a missing extra fails at startup."""
     path = settings.llamacpp_model_path or default_llamacpp_model_path()
     llama = _LocalLlama(path, context_tokens, settings.max_answer_tokens)
-    return ChatAnswerProvider("llamacpp", RunnableLambda(llama.complete), RunnableLambda(llama.fit))
+    return ChatAnswerProvider("llamacpp", RunnableLambda(llama.stream), RunnableLambda(llama.fit))
 
 
 def build_answer_provider(settings: Settings, embeddings: EmbeddingModel) -> AnswerProvider:

@@ -3,6 +3,8 @@
 Every method is synchronous and safe to call from many threads at once; the web layer calls
 them from worker threads. Parsing happens in the caller's thread (so a bad file is refused at
 once, naming the file); chunking and embedding happen in the ingestion workers (jobs.py).
+``stream_answer`` is a generator: its work happens in next(), so pull it from a worker thread
+too, and close() it when its reader goes away.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
@@ -26,7 +29,7 @@ from impl.errors import (
     RagapiError,
     ServiceUnavailable,
 )
-from impl.rag.answers import AnswerProvider, build_answer_provider
+from impl.rag.answers import AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
@@ -36,16 +39,20 @@ from impl.rag.registry import NewDocument, Registry, StoredObjects
 from impl.rag.store import VectorStore, validate_metadata
 from impl.rag.types import (
     Answer,
+    AnswerEvent,
     Chunk,
     Citation,
     Document,
     DocumentStatus,
+    DoneEvent,
     IngestItem,
     Job,
     Page,
+    RetrievalEvent,
     SearchFilters,
     SearchHit,
     Timings,
+    TokenEvent,
 )
 from impl.settings import Settings
 
@@ -72,6 +79,25 @@ class _Prepared:
     extracted: ExtractedText
     sha256: str
     title: str
+
+
+def _nothing_found() -> AnswerStream:
+    """The answer when no hit is left to answer from, shaped as a provider's stream."""
+    yield NO_ANSWER
+    return NO_ANSWER, []
+
+
+def _token_events(answer: AnswerStream) -> Generator[TokenEvent, None, tuple[str, list[Citation]]]:
+    """A provider's deltas as events, then its (text, citations). Closing this closes the
+    provider's stream, which stops the generation."""
+    with contextlib.closing(answer):
+        while True:
+            try:
+                delta = next(answer)
+            except StopIteration as end:
+                result: tuple[str, list[Citation]] = end.value
+                return result
+            yield TokenEvent(delta)
 
 
 def _naming(name: str, exc: RagapiError) -> RagapiError:
@@ -365,23 +391,46 @@ class RagService:
         filters: SearchFilters | None = None,
         min_score: float | None = None,
     ) -> Answer:
+        """The whole answer at once: stream_answer, run to its end."""
+        *_, done = self.stream_answer(
+            tenant, question, top_k=top_k, filters=filters, min_score=min_score
+        )
+        assert isinstance(done, DoneEvent)  # stream_answer always ends with one
+        return done.answer
+
+    def stream_answer(
+        self,
+        tenant: str,
+        question: str,
+        *,
+        top_k: int,
+        filters: SearchFilters | None = None,
+        min_score: float | None = None,
+    ) -> Generator[AnswerEvent, None, None]:
+        """The answer as it is made: a RetrievalEvent, TokenEvents whose texts concatenate to
+        the answer, then a DoneEvent with the answer, its citations and timings.
+
+        Errors of the request (InvalidInput, ...) come from the first next(), before any event;
+        a model that fails midway raises UpstreamError from a later next(). close() stops the
+        generation. The timings are wall-clock, so they include the time the reader spends
+        between events."""
         started = time.perf_counter()
         hits = self.search(tenant, question, top_k=top_k, filters=filters, min_score=min_score)
         retrieved = time.perf_counter()
-        citations: list[Citation] = []
-        if hits:
-            text, citations = self._answers.generate(question, hits)
-        else:
-            text = NO_ANSWER
+        yield RetrievalEvent(hits)
+        answer = self._answers.stream(question, hits) if hits else _nothing_found()
+        text, citations = yield from _token_events(answer)
         finished = time.perf_counter()
-        return Answer(
-            answer=text,
-            citations=citations,
-            provider=self._answers.name,
-            found=bool(hits),
-            timings=Timings(
-                retrieval_ms=(retrieved - started) * 1000,
-                generation_ms=(finished - retrieved) * 1000,
-                total_ms=(finished - started) * 1000,
-            ),
+        yield DoneEvent(
+            Answer(
+                answer=text,
+                citations=citations,
+                provider=self._answers.name,
+                found=bool(hits),
+                timings=Timings(
+                    retrieval_ms=(retrieved - started) * 1000,
+                    generation_ms=(finished - retrieved) * 1000,
+                    total_ms=(finished - started) * 1000,
+                ),
+            )
         )

@@ -130,3 +130,31 @@ class Answer:
     provider: str
     found: bool  # False when nothing relevant was retrieved
     timings: Timings
+
+
+# The events of a streamed answer, in order: one RetrievalEvent, TokenEvents, one DoneEvent.
+
+
+@dataclass(frozen=True)
+class RetrievalEvent:
+    """The hits the answer draws on; sent before any token."""
+
+    hits: list[SearchHit]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A delta of the answer text: the deltas of a stream, concatenated, are its
+    ``Answer.answer`` exactly."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The full answer, with its checked citations and timings; always the last event."""
+
+    answer: Answer
+
+
+AnswerEvent = RetrievalEvent | TokenEvent | DoneEvent
