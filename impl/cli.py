@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from impl.errors import RagapiError
+from impl.errors import ConfigurationError, RagapiError
 from impl.settings import Settings
 
 TENANT = "default"
@@ -29,6 +30,11 @@ def serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[f"RAGAPI_{flag.upper()}"] = str(value)
     settings = Settings()
+    if settings.workers > 1 and settings.chroma_url is None:
+        raise ConfigurationError(
+            "several workers need a Chroma server: embedded Chroma is not process-safe; "
+            "set RAGAPI_CHROMA_URL (see the README's deployment section)"
+        )
     app = create_app(settings)  # checks the spec against the handler map before serving
     if settings.auth_enabled:
         bootstrap_admin_key(settings)
@@ -37,6 +43,11 @@ def serve(args: argparse.Namespace) -> int:
     if settings.workers == 1:
         uvicorn.run(app, server_header=False, **common)  # type: ignore[arg-type]
     else:
+        # Before any worker starts: each one's metrics then go to files all of them read.
+        metrics_dir = settings.data_dir.resolve() / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         uvicorn.run(
             "impl.api.app:app_from_environment",
             factory=True,

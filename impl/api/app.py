@@ -53,7 +53,8 @@ def create_app(
                 "server can read, change and delete every document of the default tenant"
             )
         keys = await run_in_threadpool(KeyStore, settings)
-        service = await run_in_threadpool(RagService, settings)
+        service = await run_in_threadpool(RagService, settings, None, metrics)
+        metrics.store_counts = service.store_counts
         await run_in_threadpool(service.start)
         try:
             yield {

@@ -32,7 +32,7 @@ from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
 from impl.rag.registry import ClaimedJob, DocumentWork, LeaseLost, Registry
 from impl.rag.store import VectorStore
-from impl.rag.types import Chunk, JobError
+from impl.rag.types import Chunk, JobError, StageObserver
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,9 @@ class IngestWorkers:
         chunker: Chunker,
         threads: int,
         queue_size: int,
+        observer: StageObserver,
     ) -> None:
+        self._observer = observer
         self._registry = registry
         self._store = store
         self._originals = originals
@@ -257,7 +259,10 @@ class IngestWorkers:
                 )
                 for span in spans[start : start + EMBED_BATCH]
             ]
+            started = time.perf_counter()
             vectors = self._embeddings.embed_documents([chunk.text for chunk in chunks])
+            self._observer.observe("embedding", time.perf_counter() - started)
+            self._observer.chunks_embedded(len(chunks))
             if len(vectors) != len(chunks):
                 raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
             self._store.add(document.tenant, chunks, vectors, document.metadata)

@@ -60,6 +60,7 @@ from impl.rag.types import (
     JobStatus,
     Metadata,
     Page,
+    StoreCounts,
 )
 
 SCHEMA_VERSION = "1"
@@ -697,6 +698,25 @@ class Registry:
                     .order_by(JobRow.created_at, JobRow.id)
                     .limit(limit)
                 )
+            )
+
+    def counts(self) -> StoreCounts:
+        """What every tenant holds, for the metrics: documents and jobs by status, and the
+        chunks of ready documents."""
+        with self._read() as session:
+            documents = session.execute(
+                select(DocumentRow.status, func.count()).group_by(DocumentRow.status)
+            )
+            jobs = session.execute(select(JobRow.status, func.count()).group_by(JobRow.status))
+            chunks = session.scalar(
+                select(func.coalesce(func.sum(DocumentRow.chunk_count), 0)).where(
+                    DocumentRow.status == "ready"
+                )
+            )
+            return StoreCounts(
+                documents={status: n for status, n in documents},
+                jobs={status: n for status, n in jobs},
+                chunks=int(chunks or 0),
             )
 
     def get_job(self, tenant: str, job_id: str) -> Job | None:

@@ -38,6 +38,7 @@ from impl.rag.originals import LocalOriginalStore
 from impl.rag.registry import NewDocument, Registry, StoredObjects
 from impl.rag.store import VectorStore, validate_metadata
 from impl.rag.types import (
+    NO_OBSERVER,
     Answer,
     AnswerEvent,
     Chunk,
@@ -51,6 +52,8 @@ from impl.rag.types import (
     RetrievalEvent,
     SearchFilters,
     SearchHit,
+    StageObserver,
+    StoreCounts,
     Timings,
     TokenEvent,
 )
@@ -128,8 +131,14 @@ def derive_title(item: IngestItem, extracted: ExtractedText) -> str:
 
 
 class RagService:
-    def __init__(self, settings: Settings, embeddings: EmbeddingModel | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        embeddings: EmbeddingModel | None = None,
+        observer: StageObserver = NO_OBSERVER,
+    ) -> None:
         self._settings = settings
+        self._observer = observer
         self._embeddings = embeddings or build_embeddings(settings)
         model_id, dimension = self._embeddings.model_id, self._embeddings.dimension
         with contextlib.ExitStack() as cleanup:
@@ -154,6 +163,7 @@ class RagService:
                 ),
                 threads=settings.ingest_workers,
                 queue_size=settings.ingest_queue_size,
+                observer=observer,
             )
             cleanup.pop_all()
         # Held while originals are stored and registered, and while a deletion frees them, so
@@ -189,6 +199,10 @@ class RagService:
         self._workers.stop(_STOP_TIMEOUT_SECONDS)
         self._store.close()
         self._registry.close()
+
+    def store_counts(self) -> StoreCounts:
+        """Documents and jobs by status and chunks held, over every tenant (for metrics)."""
+        return self._registry.counts()
 
     def readiness(self) -> dict[str, bool]:
         checks = {
@@ -367,7 +381,10 @@ class RagService:
             raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}")
         if min_score is not None and not (math.isfinite(min_score) and -1 <= min_score <= 1):
             raise InvalidInput("min_score must be between -1 and 1")
+        started = time.perf_counter()
         vector = self._embeddings.embed_query(query)
+        embedded = time.perf_counter()
+        self._observer.observe("embedding", embedded - started)
         excluded: set[str] = set()
         for _ in range(_SEARCH_ROUNDS):
             found = self._store.query(tenant, vector, top_k, filters, excluded)
@@ -376,6 +393,7 @@ class RagService:
             if not not_ready:
                 break
             excluded |= not_ready
+        self._observer.observe("retrieval", time.perf_counter() - embedded)
         return [
             SearchHit(chunk=f.chunk, document_title=titles[f.chunk.document_id], score=f.score)
             for f in found
@@ -421,6 +439,7 @@ class RagService:
         answer = self._answers.stream(question, hits) if hits else _nothing_found()
         text, citations = yield from _token_events(answer)
         finished = time.perf_counter()
+        self._observer.observe("generation", finished - retrieved)
         yield DoneEvent(
             Answer(
                 answer=text,

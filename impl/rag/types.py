@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -158,3 +158,34 @@ class DoneEvent:
 
 
 AnswerEvent = RetrievalEvent | TokenEvent | DoneEvent
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    documents: dict[str, int]  # by status
+    jobs: dict[str, int]  # by status
+    chunks: int  # of ready documents
+
+
+class StageObserver(Protocol):
+    """Told how long each stage of the RAG stack took, and how many chunks were embedded;
+    the web layer turns it into metrics (impl/rag knows nothing of Prometheus)."""
+
+    def observe(
+        self, stage: Literal["embedding", "retrieval", "generation"], seconds: float
+    ) -> None: ...
+
+    def chunks_embedded(self, count: int) -> None: ...
+
+
+class _NoObserver:
+    def observe(
+        self, stage: Literal["embedding", "retrieval", "generation"], seconds: float
+    ) -> None:
+        pass
+
+    def chunks_embedded(self, count: int) -> None:
+        pass
+
+
+NO_OBSERVER: StageObserver = _NoObserver()
