@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
@@ -237,38 +233,8 @@ def test_an_unreachable_chroma_server_is_unavailable(tmp_path: Path) -> None:
         VectorStore(settings, "model-a", DIM)
 
 
-@pytest.fixture
-def chroma_server(tmp_path: Path) -> Iterator[str]:
-    """A real Chroma server (the chromadb package's own ``chroma run``) on a free port."""
-    # chromadb installs its ``chroma`` command beside the interpreter running the tests.
-    executable = str(Path(sys.executable).parent / "chroma")
-    port = free_port()
-    log = (tmp_path / "chroma.log").open("wb")
-    process = subprocess.Popen(
-        [executable, "run", "--path", str(tmp_path / "server"), "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/api/v2/heartbeat", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("chroma run did not start") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
-def test_a_chroma_server_by_url(tmp_path: Path, chroma_server: str) -> None:
-    settings = make_settings(tmp_path / "data", chroma_url=chroma_server)
+def test_a_chroma_server_by_url(tmp_path: Path, chroma_url: str) -> None:
+    settings = make_settings(tmp_path / "data", chroma_url=chroma_url)
     store = VectorStore(settings, "model-a", DIM)
     try:
         store.heartbeat()
