@@ -3,6 +3,7 @@
     python3 scripts/dev.py serve [ragapi serve flags]   start the server (embedded default)
     python3 scripts/dev.py test [pytest args]           run the test suite
     python3 scripts/dev.py lint                         ruff (lint, format check) and mypy
+    python3 scripts/dev.py ui [streamlit run flags]     the Streamlit UI on http://localhost:8501
     python3 scripts/dev.py setup                        only create or update .venv
 
 The virtualenv is .venv in the repository; it is (re)installed from constraints.txt whenever
@@ -23,12 +24,13 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".ragapi-installed"
 # Tests run the llamacpp extra too: the OpenAI-compatible provider is tested against a real
-# llama.cpp server on loopback.
+# llama.cpp server on loopback. The ui extra is in the test set-up for the UI's tests.
 EXTRAS = {
     "serve": "",
-    "test": "[dev,llamacpp]",
-    "lint": "[dev,llamacpp]",
-    "setup": "[dev,llamacpp]",
+    "test": "[dev,llamacpp,ui]",
+    "lint": "[dev,llamacpp,ui]",
+    "setup": "[dev,llamacpp,ui]",
+    "ui": "[ui]",
 }
 
 
@@ -67,6 +69,10 @@ def main() -> int:
         return subprocess.call([str(BIN / "ragapi"), "serve", *rest])
     if command == "test":
         return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest])
+    if command == "ui":
+        # The UI is a client of the HTTP API: start the server too (`dev.py serve`), or set
+        # RAGAPI_UI_API_URL to another one.
+        return subprocess.call([str(BIN / "streamlit"), "run", "ui/app.py", *rest])
     if command == "lint":
         checks = [
             [str(BIN / "ruff"), "check", "."],

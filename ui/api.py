@@ -1,0 +1,120 @@
+"""The UI's side of the HTTP API: a client made by the generated package (generated/client),
+one exception for every way a call can fail, and the answer stream read event by event."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+from httpx_sse import SSEError, connect_sse
+
+from generated.client import Client
+from generated.client.api.retrieval import stream_query
+from generated.client.models import (
+    Problem,
+    QueryRequest,
+    QueryResponse,
+    StreamRetrieval,
+    StreamToken,
+)
+from generated.client.types import Response
+
+T = TypeVar("T")
+
+# Reads wait as long as a slow language model may take to answer; connecting does not.
+TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+
+class ApiError(Exception):
+    """A call that failed, told the way the API tells it: a problem's title and detail."""
+
+    def __init__(self, title: str, detail: str) -> None:
+        super().__init__(f"{title}: {detail}")
+        self.title = title
+        self.detail = detail
+
+    @classmethod
+    def from_problem(cls, problem: Problem) -> ApiError:
+        detail = problem.detail if isinstance(problem.detail, str) else ""
+        if isinstance(problem.errors, list):
+            fields = "; ".join(f"{e.location}: {e.message}" for e in problem.errors)
+            detail = f"{detail} {fields}".strip()
+        return cls(problem.title, detail)
+
+    @classmethod
+    def from_body(cls, status: int, content: bytes) -> ApiError:
+        """From a body that the generated client did not parse (a status the spec does not
+        list for that operation): a problem document when it is one, else the raw text."""
+        try:
+            return cls.from_problem(Problem.from_dict(json.loads(content)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            text = content.decode(errors="replace").strip()[:300]
+            return cls(f"HTTP {status}", text or "The API gave no reason.")
+
+    @classmethod
+    def unreachable(cls, url: str, error: httpx.HTTPError) -> ApiError:
+        return cls("Cannot reach the API", f"{url}: {str(error) or type(error).__name__}")
+
+
+def connect(url: str, key: str) -> Client:
+    """A client of the API at `url`, sending `key` as X-API-Key when there is one."""
+    base = url.strip().rstrip("/")
+    try:
+        scheme = httpx.URL(base).scheme
+    except httpx.InvalidURL as error:
+        raise ApiError("Not a URL", f"{base}: {error}") from None
+    if scheme not in ("http", "https"):
+        raise ApiError("Not an API URL", f"{base or 'Nothing'} is not like http://host:port.")
+    headers = {"X-API-Key": key} if key else {}
+    return Client(base_url=base, headers=headers, timeout=TIMEOUT)
+
+
+def result(response: Response[T | Problem]) -> T:
+    """The parsed body of a successful call; ApiError for anything else."""
+    parsed = response.parsed
+    if isinstance(parsed, Problem):
+        raise ApiError.from_problem(parsed)
+    if parsed is None or response.status_code >= 400:
+        raise ApiError.from_body(response.status_code, response.content)
+    return parsed
+
+
+def succeeded(response: Response[Any]) -> None:
+    """For calls with no body to read (delete): ApiError unless the status says success."""
+    if isinstance(response.parsed, Problem):
+        raise ApiError.from_problem(response.parsed)
+    if response.status_code >= 400:
+        raise ApiError.from_body(response.status_code, response.content)
+
+
+def stream_answer(
+    client: Client, question: str, show: Callable[[StreamRetrieval | StreamToken], None]
+) -> QueryResponse:
+    """Asks through POST /api/v1/query/stream, handing each `retrieval` and `token` event to
+    `show` as it arrives; returns the `done` event's answer. A refusal before the stream
+    starts, an `error` event, or a stream that ends early raises ApiError."""
+    # The request as the generated client builds it (method, path and body from the spec),
+    # read as it arrives: the generated stream_query itself waits for the whole body.
+    request = stream_query._get_kwargs(body=QueryRequest(question=question))
+    method, url = request.pop("method"), request.pop("url")
+    with connect_sse(client.get_httpx_client(), method, url, **request) as source:
+        response = source.response
+        if response.status_code != 200:
+            raise ApiError.from_body(response.status_code, response.read())
+        try:
+            for event in source.iter_sse():
+                data = json.loads(event.data)
+                if event.event == "retrieval":
+                    show(StreamRetrieval.from_dict(data))
+                elif event.event == "token":
+                    show(StreamToken.from_dict(data))
+                elif event.event == "done":
+                    return QueryResponse.from_dict(data)
+                elif event.event == "error":
+                    raise ApiError.from_problem(Problem.from_dict(data))
+                # Any other event is a later addition to the contract: skipped, not fatal.
+        except SSEError as error:
+            raise ApiError("Not an event stream", str(error)) from None
+    raise ApiError("Answer cut short", "The stream ended before the answer was complete.")
