@@ -139,7 +139,12 @@ class Settings(BaseSettings):
     )
     llm_model: str = Field("gpt-4o-mini", description="Chat model name for the openai provider.")
     llm_api_key: SecretStr | None = Field(None, description="Key for the chat endpoint.")
-    llm_timeout_seconds: float = Field(60.0, gt=0, description="Timeout of one LLM call.")
+    llm_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait for the LLM endpoint: to connect, for the first token, and "
+        "between tokens (answers stream, so a long answer may take longer in all).",
+    )
     llamacpp_model_path: Path | None = Field(
         None,
         description="GGUF file for the llamacpp provider; default: the SmolLM2-135M-Instruct "

@@ -36,14 +36,15 @@ def make_pdf(pages: list[str]) -> bytes:
 def make_encrypted_pdf(
     text: str = "Quarterly results.",
     user_password: str = "secret",  # noqa: S107 - a test file's password
+    method: EncryptionMethod = EncryptionMethod.RC4,
 ) -> bytes:
-    """A PDF encrypted with RC4 (pypdf opens it without extra packages). With an empty user
-    password it opens without asking, like a PDF that only forbids printing."""
+    """An encrypted PDF. With an empty user password it opens without asking, like a PDF that
+    only forbids printing."""
     pdf = _new_pdf()
     pdf.set_encryption(
         owner_password="owner-secret",
         user_password=user_password,
-        encryption_method=EncryptionMethod.RC4,
+        encryption_method=method,
     )
     pdf.add_page()
     pdf.multi_cell(0, 6, text)
