@@ -1,0 +1,314 @@
+"""Benchmark ragapi against the raw limit of its model and store (issue 5).
+
+    python -m scripts.bench                # 1k, 10k and 100k chunks; see docs/benchmarks.md
+    python -m scripts.bench --quick        # 300 chunks, about a minute: the CI smoke test
+    python -m scripts.bench --prepare      # only fill the embedding cache
+
+A real ``ragapi serve`` on loopback (authentication, logging and metrics on; rate limits set
+out of reach) is measured next to the raw work in this process, in the same run. The table goes
+to stdout, every figure to a JSON file (--out; by default under ~/.cache/ragapi-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from impl.rag.embeddings import OnnxMiniLM
+from impl.settings import Settings
+from scripts.bench import corpus, measure, report, seed
+from scripts.bench.cache import DEFAULT_DIR, CachedEmbeddings, EmbeddingCache
+from scripts.bench.corpus import SourceDocument
+from scripts.bench.server import ROOT, Server, start_bare, start_ragapi
+
+_CACHE_CHECKS = 20  # cached vectors embedded again to prove the cache holds the model's output
+
+
+@dataclass(frozen=True)
+class Profile:
+    sizes: list[int]  # chunks in the store at each stage
+    queries: int  # distinct queries; latency blocks send each once, recall asks each once
+    latency_rounds: int
+    load_seconds: float  # each concurrency block
+    load_rounds: int
+    health_seconds: float  # each health block
+    health_rounds: int
+    ingest_round_bytes: list[int]  # one ingest request per entry
+    interference_bytes: int
+    idle_seconds: float  # idle searching around the interference ingestion, in all
+
+
+FULL = Profile(
+    sizes=[1_000, 10_000, 100_000],
+    queries=200,
+    latency_rounds=3,
+    load_seconds=10.0,
+    load_rounds=2,
+    health_seconds=5.0,
+    health_rounds=3,
+    ingest_round_bytes=[100_000] * 3,
+    interference_bytes=250_000,
+    idle_seconds=30.0,
+)
+QUICK = Profile(
+    sizes=[300],
+    queries=20,
+    latency_rounds=2,
+    load_seconds=1.5,
+    load_rounds=1,
+    health_seconds=1.5,
+    health_rounds=2,
+    ingest_round_bytes=[8_000],
+    interference_bytes=16_000,
+    idle_seconds=3.0,
+)
+CONCURRENCY = [1, 8, 32]
+HEALTH_CLIENTS = 8
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny sizes, for CI; no cache kept")
+    mode.add_argument("--prepare", action="store_true", help="fill the embedding cache, then stop")
+    parser.add_argument("--out", type=Path, help="the JSON file to write")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_DIR, help="the embedding cache")
+    parser.add_argument(
+        "--work-dir", type=Path, help="data dirs and server logs (kept); default: a temp dir"
+    )
+    return parser.parse_args(argv)
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _split_by_bytes(
+    documents: list[SourceDocument], budgets: list[int]
+) -> list[list[SourceDocument]]:
+    """Consecutive groups of documents, each of at least its budget's bytes (or as many files
+    as one request carries)."""
+    remaining = iter(documents)
+    groups = []
+    for budget in budgets:
+        group: list[SourceDocument] = []
+        while (
+            sum(len(d.content) for d in group) < budget and len(group) < measure.FILES_PER_REQUEST
+        ):
+            group.append(next(remaining))
+        groups.append(group)
+    return groups
+
+
+def _machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in lscpu.splitlines()
+            if line.startswith("Model name")
+        ),
+        "",
+    )
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+def _check_cache(model: OnnxMiniLM, cache: EmbeddingCache, texts: list[str]) -> float:
+    """The lowest cosine between cached vectors and the model's answer now."""
+    sample = texts[:: max(1, len(texts) // _CACHE_CHECKS)][:_CACHE_CHECKS]
+    cached = np.asarray(cache.get(sample), dtype=np.float32)
+    fresh = np.asarray(model.embed_documents(sample), dtype=np.float32)
+    return float(np.min(np.sum(cached * fresh, axis=1)))
+
+
+class Run:
+    """One benchmark run: the corpus plan, the model, the cache, and the figures so far."""
+
+    def __init__(self, profile: Profile, args: argparse.Namespace, work: Path) -> None:
+        self.profile = profile
+        self.data_dir = work / "data"
+        self.work = work
+        self.results: dict[str, Any] = {
+            "command": " ".join(["python -m scripts.bench", *sys.argv[1:]]),
+            "mode": "quick" if args.quick else "full",
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": _machine(),
+            "load_before": os.getloadavg(),
+            "sizes": profile.sizes,
+            "concurrency_levels": CONCURRENCY,
+            "profile": asdict(profile),
+            "stages": {},
+        }
+        self.footprint: dict[str, float] = {}
+        budgets = [*profile.ingest_round_bytes, profile.interference_bytes]
+        _say("reading the corpus")
+        self.plan = corpus.plan(
+            profile.sizes, profile.queries, sum(budgets) + len(budgets) * corpus.MAX_INGEST_BYTES
+        )
+        *self.ingest_rounds, self.bulk = _split_by_bytes(self.plan.ingest, budgets)
+        # The model the server runs, with the server's thread setting.
+        self.model = OnnxMiniLM(threads=Settings().embedding_threads)
+        self.cache = EmbeddingCache(
+            work / "cache" if args.quick else args.cache_dir, self.model.model_id
+        )
+        self.key = ""
+
+    def prepare(self) -> None:
+        """Embed what the cache lacks, and prove that it holds what the model answers."""
+        texts = self.plan.chunk_texts
+        _say(f"cache {self.cache.path}: embedding the chunks it lacks")
+        self.results["corpus"] = {
+            "seed_chunk_tokens": corpus.SEED_CHUNK_TOKENS,
+            "seed_overlap_tokens": corpus.SEED_OVERLAP_TOKENS,
+            "seed_documents": len(self.plan.seed),
+            "seed_chunk_chars_mean": float(np.mean([len(t) for t in texts])),
+            "distinct_chunk_share": len(set(texts)) / len(texts),
+            "cache_fill_seconds": self.cache.fill(self.model, texts),
+            "cache_check_min_cosine": _check_cache(self.model, self.cache, texts),
+            "model_id": self.model.model_id,
+        }
+
+    def empty_server(self) -> None:
+        """Start-up and memory of a server with nothing stored, and the middleware's cost."""
+        _say("empty server: start, idle memory, health against the bare app")
+        server = start_ragapi(self.data_dir, self.work / "server.log")
+        try:
+            key = server.admin_key()
+            if key is None:
+                raise SystemExit(f"the server printed no admin key; see {server.log}")
+            self.key = key
+            self.footprint["ready_empty_seconds"] = server.ready_seconds
+            self.footprint["rss_idle_mb"] = server.memory_mb()["rss_mb"]
+            bare = start_bare(self.work / "bare-data", self.work / "bare.log")
+            try:
+                self.results["health"] = measure.health(
+                    server,
+                    bare,
+                    HEALTH_CLIENTS,
+                    self.profile.health_seconds,
+                    self.profile.health_rounds,
+                )
+            finally:
+                bare.stop()
+        finally:
+            server.stop()
+
+    def stages(self) -> None:
+        seeded = 0
+        for size in self.profile.sizes:
+            _say(f"seeding up to {size} chunks")
+            embeddings = CachedEmbeddings(self.model, self.cache)
+            upto = self.plan.stage_documents[size]
+            seed_seconds = seed.seed(self.data_dir, self.plan.seed[seeded:upto], embeddings)
+            seeded = upto
+            server = start_ragapi(self.data_dir, self.work / "server.log")
+            try:
+                stage = self.stage(server, size)
+            finally:
+                server.stop()
+            stage.update(seed_seconds=seed_seconds, cache_misses=embeddings.misses)
+            self.results["stages"][str(size)] = stage
+        self.results["footprint"] = self.footprint
+
+    def stage(self, server: Server, size: int) -> dict[str, Any]:
+        api = measure.Api(server, self.key)
+        queries = self.plan.queries
+        stage: dict[str, Any] = {
+            "ready_seconds": server.ready_seconds,
+            "rss_ready_mb": server.memory_mb()["rss_mb"],
+            "first_search_ms": measure.first_search_ms(api, queries[0]),
+        }
+        largest = size == max(self.profile.sizes)
+        raw = measure.Raw(self.model, self.data_dir)
+        try:
+            stage["chunks"] = raw.collection.count()
+            stage["hnsw"] = raw.collection.configuration.get("hnsw")
+            _say(f"{size} chunks: latency")
+            stage["latency"] = measure.latency(api, raw, queries, self.profile.latency_rounds)
+            if largest:
+                _say(f"{size} chunks: recall")
+                self.results["recall"] = measure.recall(api, raw, queries)
+                _say(f"{size} chunks: concurrency")
+                self.results["concurrency"] = measure.concurrency(
+                    api,
+                    raw,
+                    queries,
+                    CONCURRENCY,
+                    self.profile.load_seconds,
+                    self.profile.load_rounds,
+                )
+        finally:
+            # The server writes from here on: this process stops reading its files first.
+            raw.close()
+        if largest:
+            self.footprint["ready_seconds"] = server.ready_seconds
+            self.footprint["rss_loaded_mb"] = server.memory_mb()["rss_mb"]
+            _say(f"{size} chunks: ingestion")
+            self.results["ingestion"] = measure.ingestion(api, self.model, self.ingest_rounds)
+            _say(f"{size} chunks: search during ingestion")
+            self.results["interference"] = measure.interference(
+                api, queries, self.bulk, self.profile.idle_seconds
+            )
+            self.footprint["peak_rss_mb"] = server.memory_mb()["peak_rss_mb"]
+        return stage
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments(argv)
+    profile = QUICK if args.quick else FULL
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ragapi-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        run = Run(profile, args, work)
+        run.prepare()
+        if args.prepare:
+            _say(f"cache ready: {json.dumps(run.results['corpus'])}")
+            return 0
+        run.empty_server()
+        run.stages()
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    results = run.results
+    results["load_after"] = os.getloadavg()
+    results["seconds"] = time.perf_counter() - started
+    checked = report.targets(results)
+    results["targets"] = [target.as_json() for target in checked]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or DEFAULT_DIR / "results" / f"bench-{results['mode']}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report.table(results, checked))
+    _say(f"figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

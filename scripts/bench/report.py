@@ -1,0 +1,151 @@
+"""The targets of issue 5, checked against one run's figures, and the table printed for it."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float
+    op: str
+    limit: float
+
+    @property
+    def met(self) -> bool:
+        return math.isfinite(self.value) and bool(_OPS[self.op](self.value, self.limit))
+
+    def as_json(self) -> dict[str, Any]:
+        return {**vars(self), "met": self.met}
+
+
+def targets(results: dict[str, Any]) -> list[Target]:
+    """Each target on the figures of the largest stage (100k chunks in a full run)."""
+    largest = results["stages"][str(max(results["sizes"]))]
+    at = f"at {largest['chunks']} chunks"
+    level = results["concurrency"][str(max(results["concurrency_levels"]))]
+    return [
+        Target(f"search p95 / raw p95 {at}", largest["latency"]["search_p95_ratio"], "<=", 1.5),
+        Target(
+            f"query p95 / raw search p95 {at}", largest["latency"]["query_p95_ratio"], "<=", 2.5
+        ),
+        Target(
+            "ingest chunks/s / raw embedding chunks/s",
+            results["ingestion"]["chunks_per_s_ratio"],
+            ">=",
+            0.85,
+        ),
+        Target("32 clients search req/s / raw req/s", level["rps_ratio"], ">=", 0.7),
+        Target("32 clients search errors", level["http_errors"], "<=", 0),
+        Target("health req/s full stack / bare", results["health"]["rps_ratio"], ">=", 0.6),
+        Target(
+            "search p95 during ingestion / idle", results["interference"]["p95_ratio"], "<=", 3.0
+        ),
+        Target(f"server RSS {at} (MB)", results["footprint"]["rss_loaded_mb"], "<=", 1200.0),
+        Target(f"top-5 recall {at}", results["recall"]["server_recall"], ">=", 0.95),
+    ]
+
+
+def _f(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def table(results: dict[str, Any], checked: list[Target]) -> str:
+    rows = [("figure", "ragapi", "baseline", "ratio")]
+    for size, stage in results["stages"].items():
+        lat = stage["latency"]
+        raw = lat["raw_search"]
+        for name in ("search", "query"):
+            fig = lat[name]
+            rows.append(
+                (
+                    f"{name} p50/p95/p99 ms @{size} (raw search)",
+                    "/".join(_f(fig[p]) for p in ("p50_ms", "p95_ms", "p99_ms")),
+                    "/".join(_f(raw[p]) for p in ("p50_ms", "p95_ms", "p99_ms")),
+                    _f(lat[f"{name}_p95_ratio"], 2),
+                )
+            )
+    ing = results["ingestion"]
+    rows.append(
+        (
+            "ingest chunks/s (raw embedding)",
+            f"{_f(ing['http_chunks_per_s'])} ({_f(ing['http_mb_per_s'], 3)} MB/s)",
+            _f(ing["raw_chunks_per_s"]),
+            _f(ing["chunks_per_s_ratio"], 2),
+        )
+    )
+    for clients, level in results["concurrency"].items():
+        rows.append(
+            (
+                f"{clients} clients search req/s, p95 ms, errors (raw)",
+                f"{_f(level['http_rps'])}, {_f(level['http_p95_ms'])}, {level['http_errors']}",
+                f"{_f(level['raw_rps'])}, {_f(level['raw_p95_ms'])}, {level['raw_errors']}",
+                _f(level["rps_ratio"], 2),
+            )
+        )
+    hp = results["health"]
+    rows.append(
+        (
+            "health req/s (bare app)",
+            _f(hp["full_rps"], 0),
+            _f(hp["bare_rps"], 0),
+            _f(hp["rps_ratio"], 2),
+        )
+    )
+    it = results["interference"]
+    rows.append(
+        (
+            "search p95 ms during ingestion (idle)",
+            _f(it["during_p95_ms"]),
+            _f(it["idle_p95_ms"]),
+            _f(it["p95_ratio"], 2),
+        )
+    )
+    fp = results["footprint"]
+    rows.append(
+        (
+            "server RSS MB: loaded (idle, empty)",
+            _f(fp["rss_loaded_mb"], 0),
+            _f(fp["rss_idle_mb"], 0),
+            "",
+        )
+    )
+    rows.append(
+        (
+            "start to ready s (empty data dir)",
+            _f(fp["ready_seconds"], 2),
+            _f(fp["ready_empty_seconds"], 2),
+            "",
+        )
+    )
+    rc = results["recall"]
+    rows.append(
+        ("top-5 recall (raw Chroma query)", _f(rc["server_recall"], 3), _f(rc["raw_recall"], 3), "")
+    )
+    lines = _columns(rows)
+    lines.append("")
+    lines += _columns(
+        [("target", "measured", "limit", "")]
+        + [
+            (t.name, _f(t.value, 3), f"{t.op} {t.limit:g}", "met" if t.met else "MISSED")
+            for t in checked
+        ]
+    )
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines

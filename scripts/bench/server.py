@@ -1,0 +1,106 @@
+"""Servers under test, each its own process on a free loopback port: ``ragapi serve`` exactly as
+a user starts it, and the same app without its middleware (bare_app.py)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+TENANT = "default"  # the tenant of the bootstrap admin key, and the one the seeding fills
+# Budgets no benchmark reaches, so the limiter counts every request but refuses none.
+UNLIMITED = {f"RAGAPI_RATE_LIMIT_{b}": "1000000/minute" for b in ("READ", "QUERY", "INGEST")}
+_ADMIN_KEY_LINE = re.compile(r"^X-API-Key: (rk_\S+)$", re.MULTILINE)
+_READY_POLL_SECONDS = 0.02
+_START_TIMEOUT_SECONDS = 300  # a 100k store on a busy machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+    ready_seconds: float  # from the process's start to /api/v1/health/ready answering 200
+
+    def memory_mb(self) -> dict[str, float]:
+        """Resident set now (VmRSS) and at its peak (VmHWM), in MB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {
+            "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+            "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024,
+        }
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time the server has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def admin_key(self) -> str | None:
+        printed = _ADMIN_KEY_LINE.search(self.log.read_text(errors="replace"))
+        return printed.group(1) if printed else None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=120)
+
+
+def _ready(port: int, path: str) -> bool:
+    connection = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+def _start(command: list[str], env: dict[str, str], log: Path, port: int, path: str) -> Server:
+    with log.open("ab") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = started + _START_TIMEOUT_SECONDS
+    while not _ready(port, path):
+        if process.poll() is not None or time.perf_counter() > deadline:
+            process.kill()
+            raise SystemExit(f"{' '.join(command)} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(_READY_POLL_SECONDS)
+    return Server(port, process, log, time.perf_counter() - started)
+
+
+def _environment(data_dir: Path, port: int) -> dict[str, str]:
+    # Logs at info (one access line per request) and metrics are on, as in production.
+    env = {**os.environ, **UNLIMITED, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_LOG_LEVEL": "info"}
+    env["RAGAPI_PORT"] = str(port)
+    env["RAGAPI_HOST"] = HOST
+    return env
+
+
+def start_ragapi(data_dir: Path, log: Path) -> Server:
+    """``ragapi serve`` with authentication on (the default), timed until it is ready."""
+    port = free_port()
+    command = [sys.executable, "-m", "impl.cli", "serve"]
+    return _start(command, _environment(data_dir, port), log, port, "/api/v1/health/ready")
+
+
+def start_bare(data_dir: Path, log: Path) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "scripts.bench.bare_app"]
+    return _start(command, _environment(data_dir, port), log, port, "/api/v1/health")
