@@ -327,6 +327,81 @@ class QueryRequest(BaseModel):
     min_score: Annotated[float | MISSING, Field(ge=-1.0, le=1.0)] = MISSING
 
 
+class StreamEvent1(BaseModel):
+    """
+    One server-sent event of an answer stream: its name, and its data, one line of JSON.
+    """
+
+    event: Literal["retrieval"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/StreamRetrieval"},
+            }
+        ),
+    ]
+
+
+class StreamEvent2(BaseModel):
+    """
+    One server-sent event of an answer stream: its name, and its data, one line of JSON.
+    """
+
+    event: Literal["token"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/StreamToken"},
+            }
+        ),
+    ]
+
+
+class StreamEvent3(BaseModel):
+    """
+    One server-sent event of an answer stream: its name, and its data, one line of JSON.
+    """
+
+    event: Literal["done"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/QueryResponse"},
+            }
+        ),
+    ]
+
+
+class StreamEvent4(BaseModel):
+    """
+    One server-sent event of an answer stream: its name, and its data, one line of JSON.
+    """
+
+    event: Literal["error"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/Problem"},
+            }
+        ),
+    ]
+
+
+class StreamEvent(RootModel[StreamEvent1 | StreamEvent2 | StreamEvent3 | StreamEvent4]):
+    root: StreamEvent1 | StreamEvent2 | StreamEvent3 | StreamEvent4
+    """
+    One server-sent event of an answer stream: its name, and its data, one line of JSON.
+    """
+
+
 class StreamRetrieval(BaseModel):
     """
     Data of the `retrieval` event.

@@ -263,7 +263,7 @@ OPERATIONS: dict[str, Operation] = {
         body_required=True,
         body={"application/json": models.QueryRequest},
         responses={
-            "200": ("text/event-stream", None),
+            "200": ("text/event-stream", models.StreamEvent),
             "400": ("application/problem+json", models.Problem),
             "401": ("application/problem+json", models.Problem),
             "403": ("application/problem+json", models.Problem),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +130,11 @@ def client(server: Server) -> Iterator[httpx.Client]:
         yield http
 
 
-@pytest.fixture(scope="session")
-def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def chroma_server(folder: Path) -> Iterator[str]:
     """A real Chroma server (the chromadb package's own `chroma run`) on a free port."""
     # chromadb installs its `chroma` command beside the interpreter running the tests.
     executable = str(Path(sys.executable).parent / "chroma")
-    folder = tmp_path_factory.mktemp("chroma")
     port = free_port()
     with (folder / "chroma.log").open("wb") as log:
         process = subprocess.Popen(
@@ -157,3 +157,10 @@ def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Chroma server for the session's ragapi servers (all with the packaged model)."""
+    with chroma_server(tmp_path_factory.mktemp("chroma")) as url:
+        yield url

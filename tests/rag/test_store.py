@@ -15,7 +15,7 @@ from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
 from impl.rag.originals import LocalOriginalStore
 from impl.rag.store import VectorStore, build_where, collection_name
 from impl.rag.types import Chunk, Metadata, MetadataRange, SearchFilters
-from tests.conftest import free_port
+from tests.conftest import chroma_server, free_port
 from tests.rag.conftest import make_settings
 
 DIM = 4
@@ -233,19 +233,21 @@ def test_an_unreachable_chroma_server_is_unavailable(tmp_path: Path) -> None:
         VectorStore(settings, "model-a", DIM)
 
 
-def test_a_chroma_server_by_url(tmp_path: Path, chroma_url: str) -> None:
-    settings = make_settings(tmp_path / "data", chroma_url=chroma_url)
-    store = VectorStore(settings, "model-a", DIM)
-    try:
-        store.heartbeat()
-        store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {"team": "red"})
-        assert found_documents(store, "t", SearchFilters(metadata={"team": "red"})) == {"a"}
-        store.delete_document("t", "a")
-        assert store.count("t", "a") == 0
-    finally:
-        store.close()
-    with pytest.raises(ConfigurationError):
-        VectorStore(settings, "model-b", DIM)
+def test_a_chroma_server_by_url(tmp_path: Path) -> None:
+    # A server of its own: the model check is per server, and this test's model is a toy.
+    with chroma_server(tmp_path) as url:
+        settings = make_settings(tmp_path / "data", chroma_url=url)
+        store = VectorStore(settings, "model-a", DIM)
+        try:
+            store.heartbeat()
+            store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {"team": "red"})
+            assert found_documents(store, "t", SearchFilters(metadata={"team": "red"})) == {"a"}
+            store.delete_document("t", "a")
+            assert store.count("t", "a") == 0
+        finally:
+            store.close()
+        with pytest.raises(ConfigurationError):
+            VectorStore(settings, "model-b", DIM)
 
 
 # -- the originals store -------------------------------------------------------------------------

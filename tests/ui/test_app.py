@@ -11,19 +11,26 @@ from collections.abc import Iterator
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, Server, create_key
 from tests.documents import CORPUS, make_pdf
 
 
+@pytest.fixture(scope="module")
+def ui_key(server: Server) -> str:
+    """A tenant of its own, so documents other tests leave on the shared server never answer
+    this module's questions."""
+    return create_key(server, "ui-apptest", "read,write,admin")
+
+
 @pytest.fixture
-def app(server: Server, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+def app(server: Server, ui_key: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     """The UI with the live API's URL and key typed into its sidebar."""
     # As `streamlit run ui/app.py` does, so that app.py finds its sibling module.
     monkeypatch.syspath_prepend(str(ROOT / "ui"))
     at = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60)
     at.run()
     at.text_input(key="api_url").set_value(server.url)
-    at.text_input(key="api_key").set_value(server.api_key)
+    at.text_input(key="api_key").set_value(ui_key)
     return run(at)
 
 
@@ -94,10 +101,10 @@ def test_upload_watch_the_job_then_open_and_delete_the_document(app: AppTest) ->
 
 
 @pytest.fixture
-def indexed(server: Server) -> Iterator[dict[str, str]]:
+def indexed(server: Server, ui_key: str) -> Iterator[dict[str, str]]:
     """A PDF put in through the API, deleted afterwards."""
     name = f"ownership-{uuid.uuid4().hex[:8]}.pdf"
-    with server.client() as http:
+    with server.client(ui_key) as http:
         response = http.post(
             "/api/v1/ingest",
             params={"wait": "true"},

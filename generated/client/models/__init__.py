@@ -39,6 +39,10 @@ from .search_filters_metadata import SearchFiltersMetadata
 from .search_request import SearchRequest
 from .search_response import SearchResponse
 from .search_result import SearchResult
+from .stream_event_type_0 import StreamEventType0
+from .stream_event_type_1 import StreamEventType1
+from .stream_event_type_2 import StreamEventType2
+from .stream_event_type_3 import StreamEventType3
 from .stream_retrieval import StreamRetrieval
 from .stream_token import StreamToken
 from .timings import Timings
@@ -81,6 +85,10 @@ __all__ = (
     "SearchRequest",
     "SearchResponse",
     "SearchResult",
+    "StreamEventType0",
+    "StreamEventType1",
+    "StreamEventType2",
+    "StreamEventType3",
     "StreamRetrieval",
     "StreamToken",
     "Timings",

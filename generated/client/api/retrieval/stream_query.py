@@ -9,6 +9,10 @@ from ... import errors
 from ...client import AuthenticatedClient, Client
 from ...models.problem import Problem
 from ...models.query_request import QueryRequest
+from ...models.stream_event_type_0 import StreamEventType0
+from ...models.stream_event_type_1 import StreamEventType1
+from ...models.stream_event_type_2 import StreamEventType2
+from ...models.stream_event_type_3 import StreamEventType3
 from ...types import Response
 
 
@@ -33,9 +37,44 @@ def _get_kwargs(
 
 def _parse_response(
     *, client: AuthenticatedClient | Client, response: httpx.Response
-) -> Problem | str | None:
+) -> Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3 | None:
     if response.status_code == 200:
-        response_200 = response.text
+
+        def _parse_response_200(
+            data: object,
+        ) -> StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3:
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                componentsschemas_stream_event_type_0 = StreamEventType0.from_dict(data)
+
+                return componentsschemas_stream_event_type_0
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                componentsschemas_stream_event_type_1 = StreamEventType1.from_dict(data)
+
+                return componentsschemas_stream_event_type_1
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError()
+                componentsschemas_stream_event_type_2 = StreamEventType2.from_dict(data)
+
+                return componentsschemas_stream_event_type_2
+            except (TypeError, ValueError, AttributeError, KeyError):
+                pass
+            if not isinstance(data, dict):
+                raise TypeError()
+            componentsschemas_stream_event_type_3 = StreamEventType3.from_dict(data)
+
+            return componentsschemas_stream_event_type_3
+
+        response_200 = _parse_response_200(response.text)
+
         return response_200
 
     if response.status_code == 400:
@@ -81,7 +120,7 @@ def _parse_response(
 
 def _build_response(
     *, client: AuthenticatedClient | Client, response: httpx.Response
-) -> Response[Problem | str]:
+) -> Response[Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3]:
     return Response(
         status_code=HTTPStatus(response.status_code),
         content=response.content,
@@ -94,7 +133,7 @@ def sync_detailed(
     *,
     client: AuthenticatedClient | Client,
     body: QueryRequest,
-) -> Response[Problem | str]:
+) -> Response[Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3]:
     """Ask a question, streaming the answer
 
      The same answer as `POST /api/v1/query`, as server-sent events, so a client shows the
@@ -118,7 +157,7 @@ def sync_detailed(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Response[Problem | str]
+        Response[Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3]
     """
 
     kwargs = _get_kwargs(
@@ -136,7 +175,7 @@ def sync(
     *,
     client: AuthenticatedClient | Client,
     body: QueryRequest,
-) -> Problem | str | None:
+) -> Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3 | None:
     """Ask a question, streaming the answer
 
      The same answer as `POST /api/v1/query`, as server-sent events, so a client shows the
@@ -160,7 +199,7 @@ def sync(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Problem | str
+        Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3
     """
 
     return sync_detailed(
@@ -173,7 +212,7 @@ async def asyncio_detailed(
     *,
     client: AuthenticatedClient | Client,
     body: QueryRequest,
-) -> Response[Problem | str]:
+) -> Response[Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3]:
     """Ask a question, streaming the answer
 
      The same answer as `POST /api/v1/query`, as server-sent events, so a client shows the
@@ -197,7 +236,7 @@ async def asyncio_detailed(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Response[Problem | str]
+        Response[Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3]
     """
 
     kwargs = _get_kwargs(
@@ -213,7 +252,7 @@ async def asyncio(
     *,
     client: AuthenticatedClient | Client,
     body: QueryRequest,
-) -> Problem | str | None:
+) -> Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3 | None:
     """Ask a question, streaming the answer
 
      The same answer as `POST /api/v1/query`, as server-sent events, so a client shows the
@@ -237,7 +276,7 @@ async def asyncio(
         httpx.TimeoutException: If the request takes longer than Client.timeout.
 
     Returns:
-        Problem | str
+        Problem | StreamEventType0 | StreamEventType1 | StreamEventType2 | StreamEventType3
     """
 
     return (
