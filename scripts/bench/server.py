@@ -88,8 +88,8 @@ def _start(command: list[str], env: dict[str, str], log: Path, port: int, path: 
 def _environment(data_dir: Path, port: int) -> dict[str, str]:
     # Logs at info (one access line per request) and metrics are on, as in production.
     env = {**os.environ, **UNLIMITED, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_LOG_LEVEL": "info"}
-    env["RAGAPI_PORT"] = str(port)
-    env["RAGAPI_HOST"] = HOST
+    # One process: the figures are per process, and the bare app is patched into this one.
+    env.update(RAGAPI_PORT=str(port), RAGAPI_HOST=HOST, RAGAPI_WORKERS="1")
     return env
 
 
