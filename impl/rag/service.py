@@ -433,6 +433,10 @@ class RagService:
         generation. The timings are wall-clock, so they include the time the reader spends
         between events."""
         started = time.perf_counter()
+        # Answers use only passages close enough to the question, so that a question the
+        # documents do not answer gets "not found" rather than the nearest unrelated passage.
+        if min_score is None:
+            min_score = self._settings.answer_min_score
         hits = self.search(tenant, question, top_k=top_k, filters=filters, min_score=min_score)
         retrieved = time.perf_counter()
         yield RetrievalEvent(hits)
