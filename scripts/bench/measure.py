@@ -320,15 +320,17 @@ def ingestion(
         http["bytes"] += sum(len(d.content) for d in documents)
 
     def raw_block(documents: Sequence[SourceDocument]) -> None:
-        texts = []
+        chunked = []
         for d in documents:
             media_type = detect_media_type(d.content, d.filename, "application/octet-stream")
-            texts += [s.text for s in chunker.split(extract_text(d.content, media_type, limits))]
+            spans = chunker.split(extract_text(d.content, media_type, limits))
+            chunked.append([span.text for span in spans])
         started = time.perf_counter()
-        for start in range(0, len(texts), EMBED_BATCH):
-            model.embed_documents(texts[start : start + EMBED_BATCH])
+        for texts in chunked:  # per document, as a worker embeds them
+            for start in range(0, len(texts), EMBED_BATCH):
+                model.embed_documents(texts[start : start + EMBED_BATCH])
         raw["seconds"] += time.perf_counter() - started
-        raw["chunks"] += len(texts)
+        raw["chunks"] += sum(len(texts) for texts in chunked)
 
     for number, documents in enumerate(rounds):
         blocks = [functools.partial(http_block, documents), functools.partial(raw_block, documents)]

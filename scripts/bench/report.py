@@ -72,6 +72,14 @@ def table(results: dict[str, Any], checked: list[Target]) -> str:
                     _f(lat[f"{name}_p95_ratio"], 2),
                 )
             )
+        rows.append(
+            (
+                f"CPU ms per search/query @{size} (raw search)",
+                f"{_f(lat['search']['cpu_ms'])}/{_f(lat['query']['cpu_ms'])}",
+                _f(raw["cpu_ms"]),
+                _f(lat["search"]["cpu_ms"] / raw["cpu_ms"], 2),
+            )
+        )
     ing = results["ingestion"]
     rows.append(
         (
