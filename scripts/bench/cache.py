@@ -100,13 +100,13 @@ class CachedEmbeddings(EmbeddingModel):
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         found = self._cache.get(texts)
         missing = [text for text, vector in zip(texts, found, strict=True) if vector is None]
+        computed: list[list[float]] = []
         if missing:
             self.misses += len(missing)
             computed = self._model.embed_documents(missing)
             self._cache.put(missing, computed)
-            fresh = iter(computed)
-            found = [next(fresh) if vector is None else vector for vector in found]
-        return [vector for vector in found if vector is not None]
+        fresh = iter(computed)
+        return [next(fresh) if vector is None else vector for vector in found]
 
     def embed_query(self, text: str) -> list[float]:
         return self._model.embed_query(text)
