@@ -60,13 +60,17 @@ def decode_extracted(data: bytes) -> ExtractedText:
     return ExtractedText(text=payload["text"], page_starts=payload["page_starts"])
 
 
+def chunk_id(document_id: str, index: int) -> str:
+    """The same chunk of the same document always gets the same id, so a rewrite replaces it."""
+    return f"{document_id}-{index}"
+
+
 def recover_interrupted(registry: Registry, store: VectorStore, *, every_running: bool) -> None:
     """Queue again the running jobs no worker runs, or fail those out of attempts (their
     unfinished documents' vectors removed first, so a crash here is repaired next time)."""
     for job in registry.find_interrupted(every_running=every_running, max_attempts=MAX_ATTEMPTS):
         if job.gives_up:
-            for document_id in job.document_ids:
-                store.delete_document(job.tenant, document_id)
+            store.delete_documents(job.tenant, job.document_ids)
             registry.give_up(
                 job.job_id, job.document_ids, JobError("Ingestion interrupted", INTERRUPTED_DETAIL)
             )
@@ -200,9 +204,10 @@ class IngestWorkers:
     def _index_job(self, job: ClaimedJob, owner: str) -> list[str]:
         """Index the job's pending documents; the reasons of those that failed."""
         work = self._registry.job_work(job.id)
-        for document in work:
-            # What an interrupted run wrote goes first, so the vectors end up exactly these.
-            self._store.delete_document(document.tenant, document.id)
+        if job.attempt > 1 and work:
+            # What a crashed run wrote goes first, so the vectors end up exactly these. A first
+            # attempt has nothing to clean: a run stopped at shutdown cleans up after itself.
+            self._store.delete_documents(work[0].tenant, [document.id for document in work])
         failures: list[str] = []
         planned: list[tuple[DocumentWork, list[ChunkSpan]]] = []
         for document in work:
@@ -225,7 +230,11 @@ class IngestWorkers:
         for document, spans in planned:
             try:
                 self._index_document(job, owner, document, spans)
-            except (_Stopping, LeaseLost):
+            except _Stopping:
+                # The job goes back without counting an attempt: leave it no vectors to clean.
+                self._store.delete_documents(document.tenant, [document.id])
+                raise
+            except LeaseLost:
                 raise
             except Exception as exc:
                 self._fail(document, exc, failures)
@@ -249,7 +258,7 @@ class IngestWorkers:
                 raise _Stopping
             chunks = [
                 Chunk(
-                    id=f"{document.id}-{span.index}",
+                    id=chunk_id(document.id, span.index),
                     document_id=document.id,
                     index=span.index,
                     text=span.text,
@@ -269,10 +278,10 @@ class IngestWorkers:
             if not self._registry.add_chunks(job.id, owner, LEASE, document.id, chunks):
                 # Its deletion began after our vectors were written, perhaps after the deleter
                 # removed the document's vectors: remove ours, and count the rest as not due.
-                self._store.delete_document(document.tenant, document.id)
+                self._store.delete_documents(document.tenant, [document.id])
                 self._registry.skip_chunks(job.id, owner, LEASE, len(spans) - start)
                 return
-        stored = self._store.count(document.tenant, document.id)
+        stored = self._store.count(document.tenant, [chunk_id(document.id, s.index) for s in spans])
         if stored != len(spans):
             raise RuntimeError(f"the vector store holds {stored} of {len(spans)} vectors")
         # False means deletion began after the last batch was recorded; the deleter removes
@@ -287,6 +296,6 @@ class IngestWorkers:
             # Internals stay in the log; the user gets a reason without them.
             reason = "an internal error stopped indexing"
             logger.exception("document %s failed", document.id)
-        self._store.delete_document(document.tenant, document.id)
+        self._store.delete_documents(document.tenant, [document.id])
         if self._registry.mark_failed(document.id, reason):
             failures.append(reason)

@@ -848,15 +848,19 @@ class Registry:
         """Titles of those of the given documents that are the tenant's and ready."""
         if not document_ids:
             return {}
+        # By primary key only: given the status too, SQLite prefers the status index and reads
+        # every ready document (3.4 ms at 4.5k documents, against 0.03 ms by key).
         with self._read() as session:
             rows = session.execute(
-                select(DocumentRow.id, DocumentRow.title).where(
-                    DocumentRow.tenant == tenant,
-                    DocumentRow.id.in_(set(document_ids)),
-                    DocumentRow.status == "ready",
-                )
+                select(
+                    DocumentRow.id, DocumentRow.title, DocumentRow.tenant, DocumentRow.status
+                ).where(DocumentRow.id.in_(set(document_ids)))
             )
-            return {doc_id: title for doc_id, title in rows}
+            return {
+                doc_id: title
+                for doc_id, title, owner, status in rows
+                if owner == tenant and status == "ready"
+            }
 
     # -- deleting -----------------------------------------------------------------------------
 

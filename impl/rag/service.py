@@ -357,7 +357,7 @@ class RagService:
         self._finish_delete(target)
 
     def _finish_delete(self, target: StoredObjects) -> None:
-        self._store.delete_document(target.tenant, target.document_id)
+        self._store.delete_documents(target.tenant, [target.document_id])
         with self._ingest_lock:
             in_use = self._registry.keys_in_use(target.keys, excluding=target.document_id)
             for key in set(target.keys) - in_use:

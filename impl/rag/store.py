@@ -228,18 +228,19 @@ class VectorStore:
                 metadatas=cast(Any, metadatas),
             )
 
-    def count(self, tenant: str, document_id: str) -> int:
-        """Vectors stored for one document."""
+    def count(self, tenant: str, chunk_ids: Sequence[str]) -> int:
+        """How many of these chunks have a vector; looked up by id, so no scan."""
         collection = self._collection(tenant, create=False)
         if collection is None:
             return 0
-        return len(collection.get(where={DOCUMENT_ID: document_id}, include=[])["ids"])
+        return len(collection.get(ids=list(chunk_ids), include=[])["ids"])
 
-    def delete_document(self, tenant: str, document_id: str) -> None:
-        """Remove every vector of the document, whatever run of which job wrote it."""
+    def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> None:
+        """Remove every vector of these documents, whatever run of which job wrote it. Each
+        call scans the collection's metadata, so callers pass all their documents at once."""
         collection = self._collection(tenant, create=False)
-        if collection is not None:
-            collection.delete(where={DOCUMENT_ID: document_id})
+        if collection is not None and document_ids:
+            collection.delete(where={DOCUMENT_ID: {"$in": list(document_ids)}})
 
     def query(
         self,
