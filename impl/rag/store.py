@@ -240,7 +240,7 @@ class VectorStore:
         call scans the collection's metadata, so callers pass all their documents at once."""
         collection = self._collection(tenant, create=False)
         if collection is not None and document_ids:
-            collection.delete(where={DOCUMENT_ID: {"$in": list(document_ids)}})
+            collection.delete(where=cast(Any, {DOCUMENT_ID: {"$in": list(document_ids)}}))
 
     def query(
         self,
