@@ -38,10 +38,15 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)  # checks the spec against the handler map before serving
     if settings.auth_enabled:
         bootstrap_admin_key(settings)
-    # No Server header: a version is an attacker's head start.
-    common = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "server_header": False,  # a version is an attacker's head start
+        "access_log": False,  # the JSON access line (impl/api/middleware.py) logs each request
+    }
     if settings.workers == 1:
-        uvicorn.run(app, server_header=False, **common)  # type: ignore[arg-type]
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
     else:
         # Before any worker starts: each one's metrics then go to files all of them read.
         metrics_dir = settings.data_dir.resolve() / "prometheus"
@@ -52,7 +57,6 @@ def serve(args: argparse.Namespace) -> int:
             "impl.api.app:app_from_environment",
             factory=True,
             workers=settings.workers,
-            server_header=False,
             **common,  # type: ignore[arg-type]
         )
     return 0

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
         description="Origins allowed to call the API from a browser, as a JSON list such as "
         '["https://app.example.com"]; empty: CORS closed.',
     )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="How long a server process trusts an API key it has verified before it "
+        "asks the registry again. A key revoked through another process (another worker, "
+        "the CLI) keeps working there this long at most; 0: ask on every request.",
+    )
     rate_limit_storage_url: str = Field(
         "memory://",
         description="Where rate-limit counters live: memory:// for one process, "

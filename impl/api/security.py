@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from impl.api.inputs import operation_of
@@ -25,14 +26,15 @@ class Principal:
     rate_limits: dict[str, str]
 
 
-def authorize(request: Request) -> None:
-    """A plain function, so FastAPI runs its registry lookup off the event loop."""
+async def authorize(request: Request) -> None:
+    """On the event loop: only a key not verified in the last seconds costs a registry lookup,
+    and that runs in a worker thread."""
     op = operation_of(request)
     if op.scope is None:
         return
     settings: Settings = request.state.settings
     if settings.auth_enabled:
-        principal = authenticate(request, op.scope)
+        principal = await authenticate(request, op.scope)
     else:
         principal = Principal(None, DEFAULT_TENANT, {})
     state = request.scope["state"]
@@ -41,7 +43,9 @@ def authorize(request: Request) -> None:
         limiter: RateLimiter = request.state.limiter
         client = request.client.host if request.client else "unknown"
         identity = principal.key_id or f"ip:{client}"
-        decision = limiter.hit(op.rate_limit, identity, principal.rate_limits.get(op.rate_limit))
+        decision = await limiter.hit(
+            op.rate_limit, identity, principal.rate_limits.get(op.rate_limit)
+        )
         state["rate_limit"] = decision  # the middleware adds its headers to the response
         if not decision.allowed:
             raise RateLimited(
@@ -51,12 +55,12 @@ def authorize(request: Request) -> None:
             )
 
 
-def authenticate(request: Request, scope: str) -> Principal:
+async def authenticate(request: Request, scope: str) -> Principal:
     presented = request.headers.get("x-api-key")
     if not presented:
         raise Unauthenticated("Send an API key in the X-API-Key header.")
     keys: KeyStore = request.state.keys
-    key = keys.verify(presented)
+    key = keys.recall(presented) or await run_in_threadpool(keys.verify, presented)
     if key is None:
         raise Unauthenticated("The API key is not valid or has been revoked.")
     if scope not in key.scopes:

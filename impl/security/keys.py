@@ -12,7 +12,10 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, cast
@@ -100,6 +103,44 @@ def to_key(row: KeyRow) -> ApiKey:
     )
 
 
+class VerifiedKeys:
+    """Keys verified in the last `seconds`, by the SHA-256 of their secret (never the secret),
+    at most `size` of them, least recently used out first. Only successes are kept: random
+    secrets cannot fill it."""
+
+    def __init__(self, seconds: float, size: int = 1024) -> None:
+        self._seconds = seconds
+        self._size = size
+        self._keys: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, secret_sha256: str) -> ApiKey | None:
+        with self._lock:
+            found = self._keys.get(secret_sha256)
+            if found is None:
+                return None
+            key, until = found
+            if time.monotonic() >= until:
+                del self._keys[secret_sha256]
+                return None
+            self._keys.move_to_end(secret_sha256)
+            return key
+
+    def put(self, secret_sha256: str, key: ApiKey) -> None:
+        if self._seconds <= 0:
+            return
+        with self._lock:
+            self._keys[secret_sha256] = (key, time.monotonic() + self._seconds)
+            self._keys.move_to_end(secret_sha256)
+            while len(self._keys) > self._size:
+                self._keys.popitem(last=False)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            for secret_sha256 in [h for h, (key, _) in self._keys.items() if key.id == key_id]:
+                del self._keys[secret_sha256]
+
+
 class KeyStore:
     def __init__(self, settings: Settings) -> None:
         self.engine: Engine = create_engine(settings.resolved_registry_url)
@@ -107,6 +148,7 @@ class KeyStore:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        self._verified = VerifiedKeys(settings.key_cache_seconds)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -136,18 +178,26 @@ class KeyStore:
             session.flush()
             return CreatedKey(to_key(row), secret)
 
+    def recall(self, presented: str) -> ApiKey | None:
+        """The key this secret verified as within the last key_cache_seconds, without a query;
+        None when it has not (verify then answers)."""
+        return self._verified.get(digest(presented))
+
     def verify(self, presented: str) -> ApiKey | None:
         """The live key this secret belongs to, or None (unknown, malformed or revoked)."""
         if not presented.startswith(KEY_PREFIX) or presented.count("_") < 2:
             return None
         prefix = presented[: presented.index("_", len(KEY_PREFIX))]
+        presented_sha256 = digest(presented)
         with Session(self.engine) as session:
             row = session.scalars(select(KeyRow).where(KeyRow.prefix == prefix)).first()
             if row is None or row.revoked_at is not None:
                 return None
-            if not hmac.compare_digest(row.secret_sha256, digest(presented)):
+            if not hmac.compare_digest(row.secret_sha256, presented_sha256):
                 return None
-            return to_key(row)
+            key = to_key(row)
+        self._verified.put(presented_sha256, key)
+        return key
 
     def list(
         self, tenant: str, *, limit: int, cursor: str | None
@@ -180,6 +230,8 @@ class KeyStore:
             )
             if done.rowcount == 0:  # type: ignore[attr-defined]
                 raise NotFound(f"key {key_id} not found")
+        # Other processes (workers, the CLI's) learn of it when their cache entry expires.
+        self._verified.forget(key_id)
 
 
 def encode_cursor(row: KeyRow) -> str:

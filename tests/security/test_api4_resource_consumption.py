@@ -4,12 +4,15 @@ in, every bound of the contract is enforced, and rate limits answer 429 with Ret
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from limits import parse
 
+from impl.security.limits import LocalWindows
 from tests.conftest import Server, start_server
 from tests.documents import make_text
 
@@ -122,3 +125,25 @@ def test_a_key_can_have_its_own_budget(limited: Server) -> None:
     with limited.client(created["key"]) as http:
         codes = [http.post(f"{API}/search", json={"query": "x"}).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
+
+
+def test_the_window_moves_and_idle_identities_are_forgotten() -> None:
+    windows = LocalWindows()
+    three_a_second = parse("3/second")
+    answers = [windows.hit(three_a_second, "query", "k") for _ in range(4)]
+    assert [(allowed, remaining) for allowed, remaining, _ in answers] == [
+        (True, 2),
+        (True, 1),
+        (True, 0),
+        (False, 0),
+    ]
+    assert 0 < answers[-1][2] <= 1  # seconds until the first hit leaves the window
+    assert windows.hit(three_a_second, "query", "other")[0]  # identities count apart
+    assert windows.hit(three_a_second, "read", "k")[0]  # and budgets too
+    time.sleep(1.05)
+    assert windows.hit(three_a_second, "query", "k")[:2] == (True, 2)
+    # After every hit of an identity has left its window, a sweep forgets it.
+    time.sleep(1.05)
+    windows._next_sweep = 0
+    assert windows.hit(three_a_second, "query", "new")[0]
+    assert list(windows._hits) == [("query", "new")]
