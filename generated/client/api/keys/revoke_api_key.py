@@ -87,7 +87,9 @@ def sync_detailed(
 ) -> Response[Any | Problem]:
     """Revoke an API key
 
-     The key stops working at the next request.
+     The key stops working at its next request to the server process that revoked it. Other server
+    processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
+    by default) before they see the revocation.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -118,7 +120,9 @@ def sync(
 ) -> Any | Problem | None:
     """Revoke an API key
 
-     The key stops working at the next request.
+     The key stops working at its next request to the server process that revoked it. Other server
+    processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
+    by default) before they see the revocation.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -144,7 +148,9 @@ async def asyncio_detailed(
 ) -> Response[Any | Problem]:
     """Revoke an API key
 
-     The key stops working at the next request.
+     The key stops working at its next request to the server process that revoked it. Other server
+    processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
+    by default) before they see the revocation.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -173,7 +179,9 @@ async def asyncio(
 ) -> Any | Problem | None:
     """Revoke an API key
 
-     The key stops working at the next request.
+     The key stops working at its next request to the server process that revoked it. Other server
+    processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
+    by default) before they see the revocation.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
