@@ -8,9 +8,9 @@ one log line and the metrics.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -81,12 +81,7 @@ class RequestContext:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             operation = getattr(route, "name", None) or "unmatched"
-            self.metrics.requests.labels(operation, str(status)).inc()
-            self.metrics.latency.labels(operation).observe(elapsed)
-            if status == 401:
-                self.metrics.unauthorized.labels(operation).inc()
-            elif status == 429:
-                self.metrics.rate_limited.labels(operation).inc()
+            self.metrics.answered(operation, status, elapsed)
             principal = scope["state"].get("principal")
             log.info(
                 "request",
@@ -109,7 +104,7 @@ class RequestContext:
                 given: str = value.decode("latin-1")
                 if VALID_REQUEST_ID.fullmatch(given):
                     return given
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()  # what uuid4().hex holds, at a fifth of the cost
 
     @staticmethod
     def content_length(scope: Scope) -> int | None:

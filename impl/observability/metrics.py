@@ -106,6 +106,25 @@ class Metrics:
         self.embedded = Counter(
             "ragapi_chunks_embedded_total", "Chunks embedded by ingestion.", registry=registry
         )
+        self._answered: dict[tuple[str, int], tuple[Counter, Histogram, Counter | None]] = {}
+
+    def answered(self, operation: str, status: int, seconds: float) -> None:
+        """One HTTP request answered. Every request calls this, so each labelled child is
+        looked up once (operations and statuses are few) rather than on every call."""
+        children = self._answered.get((operation, status))
+        if children is None:
+            refused = {401: self.unauthorized, 429: self.rate_limited}.get(status)
+            children = (
+                self.requests.labels(operation, str(status)),
+                self.latency.labels(operation),
+                refused.labels(operation) if refused is not None else None,
+            )
+            self._answered[operation, status] = children
+        count, latency, refusals = children
+        count.inc()
+        latency.observe(seconds)
+        if refusals is not None:
+            refusals.inc()
 
     # impl.rag.types.StageObserver
     def observe(
