@@ -35,6 +35,11 @@ def serve(args: argparse.Namespace) -> int:
             "several workers need a Chroma server: embedded Chroma is not process-safe; "
             "set RAGAPI_CHROMA_URL (see the README's deployment section)"
         )
+    if settings.workers > 1 and settings.rate_limit_storage_url == "memory://":
+        raise ConfigurationError(
+            "several workers need a shared rate-limit storage: counted in memory, each worker "
+            "would grant the whole budget; set RAGAPI_RATE_LIMIT_STORAGE_URL=redis://host:6379"
+        )
     app = create_app(settings)  # checks the spec against the handler map before serving
     if settings.auth_enabled:
         bootstrap_admin_key(settings)

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=1,
-        description="Server processes. More than one needs a Chroma server (chroma_url).",
+        description="Server processes. More than one needs a Chroma server (chroma_url) and "
+        "a shared rate-limit storage (rate_limit_storage_url).",
     )
     log_level: LogLevel = Field("info", description="Lowest level of log lines written.")
 

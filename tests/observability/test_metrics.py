@@ -61,10 +61,14 @@ def test_metrics_need_the_admin_scope(fresh: Server) -> None:
 
 
 def test_several_workers_report_one_total(
-    tmp_path_factory: pytest.TempPathFactory, chroma_url: str
+    tmp_path_factory: pytest.TempPathFactory, chroma_url: str, redis_url: str
 ) -> None:
     running = start_server(
-        tmp_path_factory.mktemp("workers") / "data", workers="2", chroma_url=chroma_url, **UNLIMITED
+        tmp_path_factory.mktemp("workers") / "data",
+        workers="2",
+        chroma_url=chroma_url,
+        rate_limit_storage_url=redis_url,
+        **UNLIMITED,
     )
     try:
         sent = 40

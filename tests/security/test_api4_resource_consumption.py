@@ -3,7 +3,11 @@ in, every bound of the contract is enforced, and rate limits answer 429 with Ret
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +17,7 @@ import pytest
 from limits import parse
 
 from impl.security.limits import LocalWindows
-from tests.conftest import Server, start_server
+from tests.conftest import ROOT, Server, start_server
 from tests.documents import make_text
 
 API = "/api/v1"
@@ -125,6 +129,45 @@ def test_a_key_can_have_its_own_budget(limited: Server) -> None:
     with limited.client(created["key"]) as http:
         codes = [http.post(f"{API}/search", json={"query": "x"}).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
+
+
+def test_several_workers_count_one_budget_in_redis(
+    tmp_path_factory: pytest.TempPathFactory, chroma_url: str, redis_url: str
+) -> None:
+    running = start_server(
+        tmp_path_factory.mktemp("shared-limits") / "data",
+        workers="2",
+        chroma_url=chroma_url,
+        rate_limit_storage_url=redis_url,
+        rate_limit_query="5/minute",
+        log_level="info",
+    )
+    try:
+        codes = []
+        for _ in range(12):
+            # A new connection each time, so the kernel spreads them over both workers.
+            with running.client() as http:
+                codes.append(http.post(f"{API}/search", json={"query": "lamps"}).status_code)
+        log = [json.loads(line) for line in running.log.read_text().splitlines() if line[:1] == "{"]
+    finally:
+        running.stop()
+    # Counted in each worker's memory, every worker would grant five.
+    assert codes == [200] * 5 + [429] * 7
+    served_by = {line["pid"] for line in log if line.get("operation") == "searchChunks"}
+    assert len(served_by) == 2, "one worker answered every request: nothing was shared"
+
+
+def test_several_workers_refuse_to_count_in_memory(tmp_path: Path, chroma_url: str) -> None:
+    serve = subprocess.run(
+        [sys.executable, "-m", "impl.cli", "serve", "--workers", "2"],
+        cwd=ROOT,
+        env={**os.environ, "RAGAPI_DATA_DIR": str(tmp_path), "RAGAPI_CHROMA_URL": chroma_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert serve.returncode != 0
+    assert "RAGAPI_RATE_LIMIT_STORAGE_URL" in serve.stderr
 
 
 def test_the_window_moves_and_idle_identities_are_forgotten() -> None:
