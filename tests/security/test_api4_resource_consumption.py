@@ -131,6 +131,26 @@ def test_a_key_can_have_its_own_budget(limited: Server) -> None:
     assert codes == [200, 200, 429]
 
 
+def test_without_keys_the_budget_is_counted_per_client_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    running = start_server(
+        tmp_path_factory.mktemp("open") / "data", auth_enabled="false", rate_limit_query="3/minute"
+    )
+    try:
+        with httpx.Client(base_url=running.url) as anonymous:
+            codes = [
+                anonymous.post(f"{API}/search", json={"query": "lamps"}).status_code
+                for _ in range(5)
+            ]
+            refused = anonymous.post(f"{API}/search", json={"query": "lamps"})
+    finally:
+        running.stop()
+    assert codes == [200, 200, 200, 429, 429]
+    assert refused.headers["ratelimit-policy"] == '"query";q=3;w=60'
+    assert int(refused.headers["retry-after"]) > 0
+
+
 def test_several_workers_count_one_budget_in_redis(
     tmp_path_factory: pytest.TempPathFactory, chroma_url: str, redis_url: str
 ) -> None:
