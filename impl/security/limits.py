@@ -54,7 +54,8 @@ class LocalWindows:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)
-            _, hits = self._hits.get((budget, identity), (window, deque()))
+            entry = self._hits.get((budget, identity))
+            hits = entry[1] if entry is not None else deque()
             self._hits[budget, identity] = (window, hits)  # a key's override may change it
             while hits and hits[0] <= now - window:
                 hits.popleft()
@@ -77,11 +78,24 @@ class LocalWindows:
         self._next_sweep = now + SWEEP_SECONDS
 
 
+class SharedWindows:
+    """Moving windows in a `limits` storage that several workers share (redis://...)."""
+
+    def __init__(self, url: str) -> None:
+        self._strategy = MovingWindowRateLimiter(storage_from_string(url))
+
+    def hit(self, item: RateLimitItem, budget: str, identity: str) -> tuple[bool, int, float]:
+        """As LocalWindows.hit, with a network round trip."""
+        allowed = self._strategy.hit(item, budget, identity)
+        stats = self._strategy.get_window_stats(item, budget, identity)
+        return allowed, stats.remaining, stats.reset_time - time.time()
+
+
 class RateLimiter:
     def __init__(self, settings: Settings) -> None:
         url = settings.rate_limit_storage_url
-        self.local = LocalWindows() if url == "memory://" else None
-        self.shared = None if self.local else MovingWindowRateLimiter(storage_from_string(url))
+        self.in_process = url == "memory://"
+        self.windows = LocalWindows() if self.in_process else SharedWindows(url)
         self.defaults: dict[str, RateLimitItem] = {
             "read": parse(settings.rate_limit_read),
             "query": parse(settings.rate_limit_query),
@@ -90,12 +104,11 @@ class RateLimiter:
 
     async def hit(self, budget: str, identity: str, override: str | None = None) -> Decision:
         item = parse(override) if override else self.defaults[budget]
-        if self.local is not None:
-            allowed, remaining, reset = self.local.hit(item, budget, identity)
-        else:
-            # A network round trip: off the event loop.
+        if self.in_process:
+            allowed, remaining, reset = self.windows.hit(item, budget, identity)
+        else:  # off the event loop while the storage answers
             allowed, remaining, reset = await run_in_threadpool(
-                self._shared_hit, item, budget, identity
+                self.windows.hit, item, budget, identity
             )
         return Decision(
             allowed=allowed,
@@ -105,11 +118,3 @@ class RateLimiter:
             remaining=remaining,
             reset_seconds=max(0, math.ceil(reset)),
         )
-
-    def _shared_hit(
-        self, item: RateLimitItem, budget: str, identity: str
-    ) -> tuple[bool, int, float]:
-        assert self.shared is not None
-        allowed = self.shared.hit(item, budget, identity)
-        stats = self.shared.get_window_stats(item, budget, identity)
-        return allowed, stats.remaining, stats.reset_time - time.time()
