@@ -97,11 +97,43 @@ class SearchFilters:
     )
 
 
+RetrievalMode = Literal["dense", "lexical", "hybrid"]
+Signal = Literal["dense", "lexical", "rerank"]
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """How candidates are found and ordered. dense: cosine similarity of embeddings; lexical:
+    BM25 over the chunks' words; hybrid: both, fused by weighted reciprocal rank (each list
+    contributes weight / (rrf_k + rank)). rerank: a cross-encoder reorders the fused
+    candidates. candidates: how many each index contributes before fusion."""
+
+    mode: RetrievalMode = "hybrid"
+    dense_weight: float = 1.0
+    lexical_weight: float = 1.0
+    rrf_k: int = 60
+    candidates: int = 50
+    rerank: bool = False
+
+
+@dataclass(frozen=True)
+class SignalScore:
+    """One signal's view of a hit: its own score and its 1-based rank among that signal's
+    candidates."""
+
+    score: float
+    rank: int
+
+
 @dataclass(frozen=True)
 class SearchHit:
     chunk: Chunk
     document_title: str
-    score: float  # cosine similarity in [-1, 1], higher is closer
+    # The ordering score of the mode: cosine in [-1, 1] for dense, BM25 for lexical, the fused
+    # reciprocal-rank score for hybrid (or the reranker's score with rerank); higher is better.
+    score: float
+    # Each signal that found the hit, with its score and rank (the "explain" of the contract).
+    explain: dict[Signal, SignalScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,7 +160,7 @@ class Answer:
     answer: str
     citations: list[Citation]
     provider: str
-    found: bool  # False when nothing relevant was retrieved
+    found: bool  # False when no passage answers the question (the answer cites nothing)
     timings: Timings
 
 
