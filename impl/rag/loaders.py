@@ -372,7 +372,7 @@ def _unlock(reader: pypdf.PdfReader) -> None:
 
 def _extract_docx(content: bytes, budget: _Budget) -> ExtractedText:
     _check_zip_size(content, budget.limits.max_unzipped_bytes)
-    unpacked = _unpack_bounded(content, budget.limits.max_unzipped_bytes)
+    unpacked = _unpack_bounded(content)
     try:
         document = docx.Document(io.BytesIO(unpacked))
         blocks: list[str] = []
@@ -390,12 +390,13 @@ def _extract_docx(content: bytes, budget: _Budget) -> ExtractedText:
     return ExtractedText(_normalise_newlines("\n\n".join(blocks)), None)
 
 
-def _unpack_bounded(content: bytes, max_unzipped_bytes: int) -> bytes:
-    """The .docx again with every part stored uncompressed, each part read from the upload
-    in bounded pieces and the bytes really unpacked counted against the limit. The directory's
-    sizes are a claim, and python-docx reads a part with ZipFile.read(), which inflates all of
-    it in one call before any size is checked: given this copy, it only copies counted bytes."""
-    unpacked = 0
+def _unpack_bounded(content: bytes) -> bytes:
+    """The .docx again with every part stored uncompressed, each part read from the upload in
+    bounded pieces. python-docx reads a part with ZipFile.read(), which inflates all of the
+    compressed data in one call before it cuts the result to the declared size, so a part that
+    declares 5,000 bytes and inflates to a gigabyte costs a gigabyte; read in pieces, zipfile
+    stops at the declared size (_check_zip_size has bounded their sum) after inflating at most
+    one piece more. Given this copy, python-docx only copies bytes already read."""
     copy = io.BytesIO()
     try:
         with (
@@ -404,30 +405,25 @@ def _unpack_bounded(content: bytes, max_unzipped_bytes: int) -> bytes:
         ):
             for entry in archive.infolist():
                 if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                    # Word writes deflate only; other methods inflate without a bound per read.
+                    # Word writes deflate only; zipfile inflates the others without a bound.
                     raise UnreadableDocument(
                         "the Word document is packed with a compression Word does not use"
                     )
                 pieces: list[bytes] = []
                 with archive.open(entry) as part:
                     while piece := part.read(_UNZIP_PIECE_BYTES):
-                        unpacked += len(piece)
-                        if unpacked > max_unzipped_bytes:
-                            raise DocumentTooLarge(
-                                "the Word document unpacks to more than "
-                                f"{max_unzipped_bytes:,} bytes"
-                            )
                         pieces.append(piece)
                 stored.writestr(entry.filename, b"".join(pieces))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
-        # A part that unpacks to other bytes than declared fails its CRC here.
+        # A part whose bytes are not what its directory entry says fails its CRC here.
         raise UnreadableDocument("the Word document is damaged and cannot be read") from exc
     return copy.getvalue()
 
 
 def _check_zip_size(content: bytes, max_unzipped_bytes: int) -> None:
     """Refuse a zip bomb from the sizes its directory declares, before anything is unpacked.
-    The sizes are the archive's claim: _unpack_bounded counts what really comes out."""
+    Python's zipfile never unpacks past a declared size (it fails the CRC instead), so the
+    declared sizes bound the real work."""
     try:
         with zipfile.ZipFile(io.BytesIO(content)) as archive:
             entries = archive.infolist()

@@ -63,32 +63,33 @@ class ParserProcesses:
 
     def _run_child(self, content: bytes, filename: str | None, declared: str | None) -> _Outcome:
         deadline = time.monotonic() + self.limits.max_parse_seconds
-        receiver, sender = self._context.Pipe(duplex=False)
+        connection, child_end = self._context.Pipe()
         child = self._context.Process(
             target=_parse_in_child,
-            args=(sender, content, filename, declared, self.limits, self.memory_bytes),
+            args=(child_end, filename, declared, self.limits, self.memory_bytes),
             name="ragapi-parser",
             daemon=True,
         )
         try:
             child.start()
         finally:
-            sender.close()  # the child holds the only sending end: its death reads as EOF
+            child_end.close()  # the child holds the only other end: its death reads as EOF
         try:
-            if not receiver.poll(max(0.0, deadline - time.monotonic())):
+            # Through the pipe, not the arguments: the forkserver would pickle a copy first.
+            connection.send_bytes(content)
+            if not connection.poll(max(0.0, deadline - time.monotonic())):
                 return DocumentTooLarge(
                     f"reading the document took longer than {self.limits.max_parse_seconds:g} "
                     "seconds"
                 )
-            try:
-                outcome: _Outcome = receiver.recv()
-            except EOFError:
-                child.join()
-                logger.warning("a parser died without an answer (exit code %s)", child.exitcode)
-                return UnreadableDocument("the document could not be read (its parser failed)")
+            outcome: _Outcome = connection.recv()
             return outcome
+        except (EOFError, BrokenPipeError):
+            child.join()
+            logger.warning("a parser died without an answer (exit code %s)", child.exitcode)
+            return UnreadableDocument("the document could not be read (its parser failed)")
         finally:
-            receiver.close()
+            connection.close()
             if child.is_alive():
                 child.kill()
             child.join()
@@ -96,8 +97,7 @@ class ParserProcesses:
 
 
 def _parse_in_child(
-    sender: Connection,
-    content: bytes,
+    connection: Connection,
     filename: str | None,
     declared: str | None,
     limits: ParseLimits,
@@ -108,6 +108,7 @@ def _parse_in_child(
     cpu_seconds = math.ceil(limits.max_parse_seconds) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     os.nice(_CHILD_NICENESS)
+    content = connection.recv_bytes()
     outcome: _Outcome
     try:
         media_type = detect_media_type(content, filename, declared)
@@ -118,5 +119,5 @@ def _parse_in_child(
         outcome = DocumentTooLarge(
             f"reading the document needs more than {memory_bytes // MB:,} MB of memory"
         )
-    sender.send(outcome)
-    sender.close()
+    connection.send(outcome)
+    connection.close()
