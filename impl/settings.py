@@ -141,13 +141,15 @@ class Settings(BaseSettings):
         2,
         ge=1,
         le=64,
-        description="Documents parsed at the same time, each in a process of its own; "
-        "independent of the HTTP server's threads.",
+        description="Documents parsed at the same time by one server process (each in a "
+        "process of its own); independent of the HTTP server's threads.",
     )
     parse_wait_seconds: float = Field(
-        60.0,
+        75.0,
         gt=0,
-        description="Longest time an upload waits for a free parser before ingest answers 503.",
+        description="Longest time an upload waits for a free parser before ingest answers "
+        "503; a little more than max_parse_seconds, so that an upload queued behind a parse "
+        "that runs to its limit still gets its turn.",
     )
 
     # Embeddings
