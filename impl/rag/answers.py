@@ -483,6 +483,7 @@ class _Unit:
     end: int
     terms: frozenset[str]  # including the question's identifiers it holds
     about: frozenset[str]  # the terms of the heading of its section (in its chunk)
+    nearness: float  # how close under that heading it starts
     quantity: bool  # states a number or a frequency
     words: int
     prior: float
@@ -541,16 +542,18 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
             frozenset(t for span in spans for t in span.terms)
             | {identifier for identifier, at in named.items() if at}
         )
-        # The terms of the latest heading at or above each span: what its section is about.
-        sections: list[frozenset[str]] = []
-        section: frozenset[str] = frozenset()
-        for span in spans:
+        # The latest heading at or above each span: its terms and its index. Its section is
+        # about them, the sentences right under it most (they introduce or define it).
+        sections: list[tuple[frozenset[str], int]] = []
+        section: tuple[frozenset[str], int] = (frozenset(), 0)
+        for index, span in enumerate(spans):
             if span.heading:
-                section = span.terms | {
+                heading_terms = span.terms | {
                     identifier
                     for identifier, at in named.items()
                     if any(span.start <= i < span.end for i in at)
                 }
+                section = (heading_terms, index)
             sections.append(section)
         offset = hit.chunk.start_char
         for first, last in _unit_bounds(spans):
@@ -572,7 +575,9 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
                     start=start,
                     end=end,
                     terms=terms,
-                    about=sections[body],
+                    about=sections[body][0],
+                    # 1 for the sentence right under the heading, 1/2 for the next, ...
+                    nearness=1 / max(1, body - sections[body][1]),
                     quantity=_QUANTITY.search(text, spans[body].start, end) is not None,
                     # A heading names the body; only the body's length dilutes its match.
                     words=len(_WORD.findall(text, spans[body].start, end)),
@@ -604,15 +609,16 @@ def _bm25(
 ) -> list[float]:
     """BM25 of each unit for the weighted distinct query terms. Sentences rarely repeat a term,
     so term frequency is taken as 1; a term of the heading of the unit's section counts again,
-    by _HEADING_SHARE, so the text under "sqlite3_open()" is about it. The length
+    by _HEADING_SHARE and the unit's nearness to it, so the text under "sqlite3_open()" is
+    about it, its first sentence most. The length
     normalisation is milder than BM25's usual b = 0.75: among sentences, the one that answers
     is often the longer one. A unit that states a number matches ``quantity_weight`` more."""
     mean = sum(unit.words for unit in units) / len(units)
     scores = []
     for unit in units:
         norm = k1 * (1 - b + b * unit.words / mean) if mean else k1
-        matched = sum(weights.get(t, 0.0) for t in unit.terms) + _HEADING_SHARE * sum(
-            weights.get(t, 0.0) for t in unit.about
+        matched = sum(weights.get(t, 0.0) for t in unit.terms) + (
+            _HEADING_SHARE * unit.nearness * sum(weights.get(t, 0.0) for t in unit.about)
         )
         if unit.quantity:
             matched += quantity_weight
@@ -639,8 +645,8 @@ _POSITION_WEIGHT = 0.02
 # of the best one: the best-scored unit is often a close paraphrase of the question, the answer
 # in the next one.
 _FOLLOWER_SHARE = 0.5
-# The share of the question's idf-weighted terms that the quoted passages (with their
-# documents' titles) must hold for an answer to be given on words alone.
+# The share of the question's idf-weighted terms that a quoted passage (with its document's
+# title) must hold to answer on words alone, whatever its cosine.
 _MIN_COVERAGE = 0.6
 
 
@@ -653,6 +659,7 @@ class _Passage:
     last: int
     start: int
     end: int
+    terms: set[str]  # the question's terms it holds
 
 
 def _continues(spans: Sequence[_Span], passage: _Passage, unit: _Unit) -> bool:
@@ -668,22 +675,17 @@ def _continues(spans: Sequence[_Span], passage: _Passage, unit: _Unit) -> bool:
 
 
 def _coverage(
-    question: _Question,
-    passages: Iterable[_Passage],
-    chunk_terms: Sequence[frozenset[str]],
-    covered: set[str],
+    question: _Question, passage: _Passage, chunk_terms: Sequence[frozenset[str]]
 ) -> float:
-    """The idf-weighted share of the question's terms that the quoted passages hold, their
-    documents' titles included. Rarity is counted over the retrieved chunks, so a term they all
+    """The idf-weighted share of the question's terms that one quoted passage holds, its
+    document's title included. Rarity is counted over the retrieved chunks, so a term they all
     share weighs little, and a term none holds (the name of what the documents do not cover)
     weighs most."""
     if not question.terms:
         return 0.0
     idf = _idf(chunk_terms)
     absent = _absent_idf(len(chunk_terms))
-    held = set(covered)
-    for passage in passages:
-        held |= set(_terms(passage.hit.document_title))
+    held = passage.terms | set(_terms(passage.hit.document_title))
     total = matched = 0.0
     for term in question.terms:
         weight = idf.get(term, absent) * (
@@ -696,23 +698,21 @@ def _coverage(
 
 
 def _answers(
-    question: _Question,
-    passages: Sequence[_Passage],
-    candidates: _Candidates,
-    covered: set[str],
-    min_cosine: float,
+    question: _Question, passages: Sequence[_Passage], candidates: _Candidates, min_cosine: float
 ) -> bool:
     """Whether the chosen passages answer the question. Not when a name the question asks
     about (an identifier) is in no retrieved chunk: the documents do not cover it, whatever
-    their other words share. Else when the passages hold the question's key terms, or come
-    from a chunk at least ``min_cosine`` similar to the question."""
-    retrieved = set().union(*candidates.chunk_terms)
-    if not question.identifiers <= retrieved:
+    their other words share. Else when a passage holds the question's key terms, or comes from
+    a chunk at least ``min_cosine`` similar to the question."""
+    if not question.identifiers <= set().union(*candidates.chunk_terms):
         return False
-    if _coverage(question, passages, candidates.chunk_terms, covered) >= _MIN_COVERAGE:
-        return True
-    cosines = [dense_score(passage.hit) for passage in passages]
-    return max((c for c in cosines if c is not None), default=-1.0) >= min_cosine
+    for passage in passages:
+        cosine = dense_score(passage.hit)
+        if (cosine is not None and cosine >= min_cosine) or (
+            _coverage(question, passage, candidates.chunk_terms) >= _MIN_COVERAGE
+        ):
+            return True
+    return False
 
 
 def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -> list[Citation]:
@@ -752,7 +752,6 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
     order = sorted(range(len(units)), key=lambda i: (-scores[i], i))
 
     passages: dict[int, _Passage] = {}  # by hit rank: one passage, so one marker, per chunk
-    covered: set[str] = set()
     sentences = 0
     for i in order:
         unit = units[i]
@@ -761,7 +760,7 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         passage = passages.get(unit.rank)
         if passage is None:
             passages[unit.rank] = _Passage(
-                hits[unit.rank], unit.first, unit.last, unit.start, unit.end
+                hits[unit.rank], unit.first, unit.last, unit.start, unit.end, set()
             )
         elif _continues(candidates.spans[unit.rank], passage, unit):
             passage.first, passage.last = (
@@ -771,7 +770,7 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
             passage.start, passage.end = min(passage.start, unit.start), max(passage.end, unit.end)
         else:
             continue  # a distant unit of the same chunk could not share its quote
-        covered |= unit.terms & question.terms
+        passages[unit.rank].terms |= unit.terms & question.terms
         sentences += 1
         if sentences == MAX_EXTRACTIVE_SENTENCES:
             break
@@ -783,13 +782,16 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
     after = best.last + 1
     if (
         after < len(spans)
-        and spans[after].block == spans[best.last].block
+        and (
+            spans[after].block == spans[best.last].block
+            or not _ends_sentence(spans[best.last].text)  # a signature, a label: say more
+        )
         and spans[after].end - best.start <= MAX_QUOTE_CHARS
     ):
         best.last, best.end = after, spans[after].end
-        covered |= spans[after].terms & question.terms
+        best.terms |= spans[after].terms & question.terms
 
-    if not _answers(question, list(passages.values()), candidates, covered, min_cosine):
+    if not _answers(question, list(passages.values()), candidates, min_cosine):
         return []
 
     # Reading order: documents in the order their best passage was chosen, passages within a
