@@ -5,9 +5,16 @@ yields the answer text in deltas and returns ``(text, citations)``, where ``text
 deltas concatenated. Closing it stops the generation. ``generate`` is the same stream, drained.
 
 - ``extractive`` (default): quotes the retrieved sentences that best answer the question. No
-  model runs: sentences are scored lexically (BM25 over the question's stemmed terms) together
-  with their chunk's retrieval score, so an answer costs about a millisecond. Embedding every
-  sentence instead would cost more than the search itself. It streams one quote at a time.
+  model runs: sentences are scored lexically (BM25 over the question's stemmed terms, its
+  identifiers such as ``sqlite3_open()``, ``--flag`` or ``E1234`` weighing double, the heading
+  above a sentence counting for the sentences right under it) together with their chunk's rank
+  in the search, so an answer costs about a millisecond. Embedding every sentence instead would
+  cost more than the search itself. A heading is quoted only with the text under it, a lead-in
+  ending in ":" with the line it introduces, the best sentence with the one after it. When no
+  quoted passage holds the question's key terms (weighted by rarity among the hits) and none
+  comes from a chunk at least ``answer_min_score`` similar to the question, or when a name the
+  question asks about is in no retrieved chunk, the answer is NO_ANSWER, citing nothing. It
+  streams one quote at a time.
 - ``openai``: any OpenAI-compatible chat endpoint through ``ChatOpenAI``.
 - ``llamacpp``: a local GGUF model through llama-cpp-python (the optional ``llamacpp`` extra).
 
@@ -484,7 +491,7 @@ class _Unit:
     terms: frozenset[str]  # including the question's identifiers it holds
     about: frozenset[str]  # the terms of the heading of its section (in its chunk)
     nearness: float  # how close under that heading it starts
-    quantity: bool  # states a number or a frequency
+    quantity: bool  # states a number or a frequency (looked for in quantity questions only)
     words: int
     prior: float
 
@@ -539,7 +546,7 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
             for identifier, pattern in question.patterns
         }
         chunk_terms.append(
-            frozenset(t for span in spans for t in span.terms)
+            frozenset().union(*(span.terms for span in spans))
             | {identifier for identifier, at in named.items() if at}
         )
         # The latest heading at or above each span: its terms and its index. Its section is
@@ -558,7 +565,7 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
         offset = hit.chunk.start_char
         for first, last in _unit_bounds(spans):
             start, end = spans[first].start, spans[last].end
-            terms = frozenset(t for span in spans[first : last + 1] for t in span.terms) | {
+            terms = frozenset().union(*(span.terms for span in spans[first : last + 1])) | {
                 identifier
                 for identifier, at in named.items()
                 if any(start <= i and i + len(identifier) <= end for i in at)
@@ -578,7 +585,8 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
                     about=sections[body][0],
                     # 1 for the sentence right under the heading, 1/2 for the next, ...
                     nearness=1 / max(1, body - sections[body][1]),
-                    quantity=_QUANTITY.search(text, spans[body].start, end) is not None,
+                    quantity=question.quantity
+                    and _QUANTITY.search(text, spans[body].start, end) is not None,
                     # A heading names the body; only the body's length dilutes its match.
                     words=len(_WORD.findall(text, spans[body].start, end)),
                     prior=spans[body].prior,
@@ -617,8 +625,8 @@ def _bm25(
     scores = []
     for unit in units:
         norm = k1 * (1 - b + b * unit.words / mean) if mean else k1
-        matched = sum(weights.get(t, 0.0) for t in unit.terms) + (
-            _HEADING_SHARE * unit.nearness * sum(weights.get(t, 0.0) for t in unit.about)
+        matched = sum(w for t, w in weights.items() if t in unit.terms) + (
+            _HEADING_SHARE * unit.nearness * sum(w for t, w in weights.items() if t in unit.about)
         )
         if unit.quantity:
             matched += quantity_weight
@@ -674,27 +682,12 @@ def _continues(spans: Sequence[_Span], passage: _Passage, unit: _Unit) -> bool:
     return joined and max(passage.end, unit.end) - min(passage.start, unit.start) <= MAX_QUOTE_CHARS
 
 
-def _coverage(
-    question: _Question, passage: _Passage, chunk_terms: Sequence[frozenset[str]]
-) -> float:
-    """The idf-weighted share of the question's terms that one quoted passage holds, its
-    document's title included. Rarity is counted over the retrieved chunks, so a term they all
-    share weighs little, and a term none holds (the name of what the documents do not cover)
-    weighs most."""
-    if not question.terms:
-        return 0.0
-    idf = _idf(chunk_terms)
-    absent = _absent_idf(len(chunk_terms))
+def _coverage(question: _Question, passage: _Passage, weights: dict[str, float]) -> float:
+    """The share of the question's term ``weights`` that one quoted passage holds, its
+    document's title included."""
     held = passage.terms | set(_terms(passage.hit.document_title))
-    total = matched = 0.0
-    for term in question.terms:
-        weight = idf.get(term, absent) * (
-            _IDENTIFIER_BOOST if term in question.identifiers else 1.0
-        )
-        total += weight
-        if term in held:
-            matched += weight
-    return matched / total
+    total = sum(weights.values())
+    return sum(weights[t] for t in question.terms & held) / total if total else 0.0
 
 
 def _answers(
@@ -706,10 +699,18 @@ def _answers(
     a chunk at least ``min_cosine`` similar to the question."""
     if not question.identifiers <= set().union(*candidates.chunk_terms):
         return False
+    # Rarity is counted over the retrieved chunks, so a term they all share weighs little, and a
+    # term none holds (the name of what the documents do not cover) weighs most.
+    idf = _idf(candidates.chunk_terms)
+    absent = _absent_idf(len(candidates.chunk_terms))
+    weights = {
+        t: idf.get(t, absent) * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
+        for t in question.terms
+    }
     for passage in passages:
         cosine = dense_score(passage.hit)
         if (cosine is not None and cosine >= min_cosine) or (
-            _coverage(question, passage, candidates.chunk_terms) >= _MIN_COVERAGE
+            _coverage(question, passage, weights) >= _MIN_COVERAGE
         ):
             return True
     return False
