@@ -28,7 +28,7 @@ from impl.rag.answers import (
     says_it_does_not_know,
 )
 from impl.rag.embeddings import EmbeddingModel, build_embeddings
-from impl.rag.types import Chunk, Citation, IngestItem, SearchFilters, SearchHit
+from impl.rag.types import Chunk, Citation, IngestItem, SearchFilters, SearchHit, SignalScore
 from impl.settings import Settings
 from tests.conftest import free_port
 from tests.documents import CORPUS, make_docx, make_markdown
@@ -110,6 +110,11 @@ def ranked(first: list[Chunk], score: float = 0.62) -> list[SearchHit]:
     """Hits as the retriever gives them: `first` on top, then every other chunk."""
     rest = [c for c in ALL_CHUNKS if c not in first]
     return [hit(c, score - 0.02 * i) for i, c in enumerate([*first, *rest])]
+
+
+def extractive() -> ExtractiveAnswerProvider:
+    """The provider the default settings build."""
+    return ExtractiveAnswerProvider(settings().answer_min_score)
 
 
 def assert_valid_citations(
@@ -203,13 +208,39 @@ def test_extractive_does_not_split_at_abbreviations_or_quote_overlap_twice() -> 
     assert len(quotes) == len(set(quotes))
 
 
-def test_extractive_without_matching_words_quotes_the_top_hit() -> None:
-    hits = ranked([CHUNKS["photosynthesis"][0]])
-    answer, citations = extractive().generate("Qu'est-ce que c'est ?", hits)
+def test_extractive_without_matching_words_answers_from_a_close_enough_chunk() -> None:
+    # No word of the question is in any passage: only the cosine can say a passage answers.
+    question = "Qu'est-ce que c'est ?"
+    threshold = settings().answer_min_score
+    hits = ranked([CHUNKS["photosynthesis"][0]], score=threshold + 0.1)
+    answer, citations = extractive().generate(question, hits)
     assert len(citations) == 1
     assert citations[0].chunk_id == "photosynthesis-0"
     assert citations[0].quote.startswith("Photosynthesis is the process")
     assert_valid_citations(answer, citations, hits)
+    # Below the threshold, nothing answers.
+    far = ranked([CHUNKS["photosynthesis"][0]], score=threshold - 0.01)
+    assert extractive().generate(question, far) == (NO_ANSWER, [])
+
+
+def test_extractive_reads_the_cosine_of_a_fused_hit_from_its_dense_signal() -> None:
+    """With hybrid retrieval a hit's score is its fused rank score, far below any cosine; the
+    cosine is its dense signal's score. A hit only the lexical index found has none."""
+    question = "Qu'est-ce que c'est ?"
+    threshold = settings().answer_min_score
+    dense = ranked([CHUNKS["photosynthesis"][0]], score=threshold + 0.1)
+    fused = [
+        replace(h, score=1 / (61 + rank), explain={"dense": SignalScore(h.score, rank + 1)})
+        for rank, h in enumerate(dense)
+    ]
+    assert extractive().generate(question, fused) == extractive().generate(question, dense)
+    lexical_only = [
+        replace(h, explain={"lexical": SignalScore(7.5, rank + 1)}) for rank, h in enumerate(fused)
+    ]
+    assert extractive().generate(question, lexical_only) == (NO_ANSWER, [])
+    # Words still answer without a cosine.
+    answer, citations = extractive().generate("How tall is the Eiffel Tower?", lexical_only)
+    assert "330 metres tall" in answer and citations
 
 
 def test_extractive_cuts_overlong_sentences_into_exact_quotes() -> None:
@@ -310,11 +341,6 @@ SEARCH_TOOL_IGNORE = [
     "Rules of an .ignore file take precedence over the rules of a .gitignore file in the same "
     "directory.",
 ]
-
-
-def extractive() -> ExtractiveAnswerProvider:
-    """The provider the default settings build."""
-    return ExtractiveAnswerProvider(settings().answer_min_score)
 
 
 def ask(service: Any, question: str, document_ids: list[str] | None = None) -> Any:
