@@ -268,6 +268,7 @@ _HEADING_PRIOR = 0.5
 _HEADING_MAX_WORDS = 8
 _STOPS = f".!?:;\u2026{_CJK_STOPS}"
 _SECTION_NUMBER = re.compile(r"\s*(?:\d+\.)+")
+_MARKDOWN_HEADING = re.compile(r"#{1,6}\s")  # not "#define"
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def _is_heading(text: str, whole_block: bool) -> bool:
     """A Markdown heading, or a short line of its own without closing punctuation: a title
     ("7. Converting A Database To Text"), a term about to be defined ("SQLITE_OPEN_NOMUTEX"),
     a signature ("ifnull(X,Y)")."""
-    return text.startswith("#") or (
+    return _MARKDOWN_HEADING.match(text) is not None or (
         whole_block
         and not _ends_sentence(text)
         and text[-1] != ","
@@ -460,6 +461,8 @@ class _Question:
 
 
 def _question(text: str) -> _Question:
+    """What a question asks about: its content terms without the words that frame the request,
+    its identifiers, whether it asks for a quantity."""
     words = _WORD.findall(text.lower())
     kept = [
         word
@@ -618,9 +621,9 @@ def _bm25(
     """BM25 of each unit for the weighted distinct query terms. Sentences rarely repeat a term,
     so term frequency is taken as 1; a term of the heading of the unit's section counts again,
     by _HEADING_SHARE and the unit's nearness to it, so the text under "sqlite3_open()" is
-    about it, its first sentence most. The length
-    normalisation is milder than BM25's usual b = 0.75: among sentences, the one that answers
-    is often the longer one. A unit that states a number matches ``quantity_weight`` more."""
+    about it, its first sentence most. The length normalisation is milder than BM25's usual
+    b = 0.75: among sentences, the one that answers is often the longer one. A unit that states
+    a number matches ``quantity_weight`` more."""
     mean = sum(unit.words for unit in units) / len(units)
     scores = []
     for unit in units:
