@@ -5,9 +5,16 @@ yields the answer text in deltas and returns ``(text, citations)``, where ``text
 deltas concatenated. Closing it stops the generation. ``generate`` is the same stream, drained.
 
 - ``extractive`` (default): quotes the retrieved sentences that best answer the question. No
-  model runs: sentences are scored lexically (BM25 over the question's stemmed terms) together
-  with their chunk's retrieval score, so an answer costs about a millisecond. Embedding every
-  sentence instead would cost more than the search itself. It streams one quote at a time.
+  model runs: sentences are scored lexically (BM25 over the question's stemmed terms, its
+  identifiers such as ``sqlite3_open()``, ``--flag`` or ``E1234`` weighing double, the heading
+  above a sentence counting for the sentences right under it) together with their chunk's rank
+  in the search, so an answer costs about a millisecond. Embedding every sentence instead would
+  cost more than the search itself. A heading is quoted only with the text under it, a lead-in
+  ending in ":" with the line it introduces, the best sentence with the one after it. When no
+  quoted passage holds the question's key terms (weighted by rarity among the hits) and none
+  comes from a chunk at least ``answer_min_score`` similar to the question, or when a name the
+  question asks about is in no retrieved chunk, the answer is NO_ANSWER, citing nothing. It
+  streams one quote at a time.
 - ``openai``: any OpenAI-compatible chat endpoint through ``ChatOpenAI``.
 - ``llamacpp``: a local GGUF model through llama-cpp-python (the optional ``llamacpp`` extra).
 
@@ -111,7 +118,8 @@ _STOP_WORDS = frozenset(
     ourselves out over own same she should so some such than that the their theirs them
     themselves then there these they this those through to too under until up very was we were
     what when where which while who whom whose why will with would you your yours yourself
-    yourselves""".split()  # noqa: SIM905
+    yourselves aren can cannot couldn didn doesn don hasn haven isn ll shouldn ve wasn weren
+    won wouldn""".split()  # noqa: SIM905
 )
 _WORD = re.compile(r"\w+")
 
@@ -147,11 +155,30 @@ def _stem(word: str) -> str:
     return word
 
 
+# Irregular past forms and their verbs, which no suffix stripping meets ("fed" and "feed"),
+# as pairs "form:verb". Forms that are also common nouns or adjectives in documentation
+# ("bit", "bound", "left", "found") are left out.
+_IRREGULAR_FORMS = dict(
+    pair.split(":")
+    for pair in """bred:breed brought:bring built:build bought:buy caught:catch chose:choose
+    chosen:choose dealt:deal drew:draw drawn:draw drove:drive driven:drive ate:eat eaten:eat
+    fed:feed fled:flee flew:fly flown:fly forbade:forbid forbidden:forbid forgot:forget
+    forgotten:forget froze:freeze frozen:freeze gave:give given:give gone:go went:go got:get
+    gotten:get grew:grow grown:grow held:hold hid:hide hidden:hide kept:keep knew:know
+    known:know led:lead lost:lose made:make meant:mean paid:pay ran:run rebuilt:rebuild
+    rewrote:rewrite rewritten:rewrite overwrote:overwrite overwritten:overwrite said:say
+    sent:send shook:shake shaken:shake shown:show sold:sell sought:seek spent:spend
+    spoke:speak spoken:speak stole:steal stolen:steal stood:stand taught:teach took:take
+    taken:take thought:think threw:throw thrown:throw told:tell understood:understand
+    undid:undo undone:undo woke:wake woken:wake won:win wrote:write written:write""".split()  # noqa: SIM905
+)
+
+
 def _terms(text: str) -> list[str]:
     """Content terms of a text: lowercased words, stemmed, without stop words and stray
     letters (the "s" of "Python's")."""
     return [
-        _stem(w)
+        _stem(_IRREGULAR_FORMS.get(w, w))
         for w in _WORD.findall(text.lower())
         if w not in _STOP_WORDS and (len(w) > 1 or w.isdigit())
     ]
@@ -238,6 +265,10 @@ def _strip(text: str, start: int, end: int) -> tuple[int, int]:
 
 _PIECE_PRIOR = 0.85
 _HEADING_PRIOR = 0.5
+_HEADING_MAX_WORDS = 8
+_STOPS = f".!?:;\u2026{_CJK_STOPS}"
+_SECTION_NUMBER = re.compile(r"\s*(?:\d+\.)+")
+_MARKDOWN_HEADING = re.compile(r"#{1,6}\s")  # not "#define"
 
 
 @dataclass(frozen=True)
@@ -249,30 +280,61 @@ class _Span:
     text: str
     terms: frozenset[str]
     prior: float = 1.0  # below 1 for a piece cut off by the chunk's edge, lower for a heading
+    heading: bool = False  # names what follows it and answers nothing by itself
+    block: int = 0  # the paragraph it belongs to, counted from the chunk's start
+
+
+def _ends_sentence(text: str) -> bool:
+    """Whether the text ends as a sentence does: "end.", "(end.)", but not "f(x)"."""
+    return text.rstrip(_CLOSERS)[-1:] in tuple(_STOPS)
+
+
+def _is_heading(text: str, whole_block: bool) -> bool:
+    """A Markdown heading, or a short line of its own without closing punctuation: a title
+    ("7. Converting A Database To Text"), a term about to be defined ("SQLITE_OPEN_NOMUTEX"),
+    a signature ("ifnull(X,Y)")."""
+    return _MARKDOWN_HEADING.match(text) is not None or (
+        whole_block
+        and not _ends_sentence(text)
+        and text[-1] != ","
+        and len(text.split()) <= _HEADING_MAX_WORDS
+    )
 
 
 def _spans(text: str) -> list[_Span]:
     """The sentences of a chunk, with offsets into it."""
-    bounds: list[tuple[int, int]] = []
-    for block_start, block_end in _blocks(text):
+    # start, end, block, whether the span is the whole block
+    bounds: list[tuple[int, int, int, bool]] = []
+    for block, (block_start, block_end) in enumerate(_blocks(text)):
         start = block_start
         for stop in _SENTENCE_STOP.finditer(text, block_start, block_end):
-            if _is_sentence_end(text, stop, block_end):
-                bounds.append((start, stop.end()))
+            # "3.1. Heading": a section number does not end a sentence.
+            numbered = start == block_start and _SECTION_NUMBER.fullmatch(text, start, stop.end())
+            if _is_sentence_end(text, stop, block_end) and not numbered:
+                bounds.append((start, stop.end(), block, False))
                 start = stop.end()
-        bounds.append((start, block_end))
+        bounds.append((start, block_end, block, start == block_start))
     spans: list[_Span] = []
-    for raw_start, raw_end in bounds:
+    for raw_start, raw_end, block, whole_block in bounds:
         for start, end in _cut_long(text, *_strip(text, raw_start, raw_end)):
             if end > start:
                 sentence = text[start:end]
-                spans.append(_Span(start, end, sentence, frozenset(_terms(sentence))))
+                spans.append(
+                    _Span(
+                        start,
+                        end,
+                        sentence,
+                        frozenset(_terms(sentence)),
+                        heading=_is_heading(sentence, whole_block),
+                        block=block,
+                    )
+                )
     for index, span in enumerate(spans):
         # Chunks are cut by token count, so the first span may start mid-sentence and the last
         # may stop mid-sentence: such a piece can still hold the answer, but reads worse. A
-        # heading (no full stop, few words) repeats the question's words and answers nothing.
-        unfinished = span.text[-1] not in f".!?:\u2026{_CJK_STOPS}{_CLOSERS}"
-        if unfinished and len(span.text.split()) < 5:
+        # heading or a fragment (no full stop, few words) answers nothing by itself.
+        unfinished = not _ends_sentence(span.text)
+        if span.heading or (unfinished and len(span.text.split()) < 5):
             spans[index] = replace(span, prior=_HEADING_PRIOR)
         elif (index == 0 and not (span.text[0].isupper() or span.text[0] in _OPENERS)) or (
             index == len(spans) - 1 and unfinished
@@ -291,25 +353,9 @@ def _idf(documents: Sequence[frozenset[str]]) -> dict[str, float]:
     return {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t, df in counts.items()}
 
 
-def _bm25(
-    query: Iterable[str],
-    spans: Sequence[_Span],
-    idf: dict[str, float],
-    k1: float = 1.2,
-    b: float = 0.5,
-) -> list[float]:
-    """BM25 of each span for the distinct query terms. Sentences rarely repeat a term, so term
-    frequency is taken as 1. The length normalisation is milder than BM25's usual b = 0.75:
-    among sentences, the one that answers is often the longer one."""
-    lengths = [len(_WORD.findall(span.text)) for span in spans]
-    mean = sum(lengths) / len(lengths) if lengths else 1.0
-    distinct = set(query)
-    scores = []
-    for span, length in zip(spans, lengths, strict=True):
-        norm = k1 * (1 - b + b * length / mean)
-        matched = distinct & span.terms
-        scores.append(sum(idf[t] for t in matched) * (k1 + 1) / (1 + norm))
-    return scores
+def _absent_idf(documents: int) -> float:
+    """The idf a term would have in none of ``documents`` documents: the highest."""
+    return math.log(1 + (documents + 0.5) / 0.5)
 
 
 def _collapse(text: str) -> str:
@@ -334,44 +380,221 @@ def _citation(marker: int, hit: SearchHit, start: int, end: int) -> Citation:
 # Extractive provider
 # --------------------------------------------------------------------------------------------
 
-# How a sentence's score is made: mostly how well it matches the question, then how close its
-# chunk was in the vector search, a little for coming early in its chunk.
-_LEXICAL_WEIGHT = 0.73
-_RETRIEVAL_WEIGHT = 0.25
-_POSITION_WEIGHT = 0.02
-# A further sentence joins the answer only when it scores at least this share of the best one
-# and matches a question term that the answer does not cover yet.
-_FOLLOWER_SHARE = 0.6
+NO_ANSWER = "No passage in the documents answers this question."
+"""The whole answer when no retrieved passage answers the question; it cites nothing."""
+
+# After "how", these words ask for a quantity ("how often", "how many") that the answer states
+# ("twice a day") without repeating them.
+_QUANTITY_WORDS = frozenset("often many much long far old big large fast".split())  # noqa: SIM905
+# Words that frame a request rather than name its subject ("what does X mean", "how do I get
+# X", "is there a way to"): the passage that answers need not repeat them.
+_REQUEST_WORDS = frozenset(
+    """able already anything get gets getting got happen happened happens instead know lot lots
+    make makes making mean meaning means meant need needs possible see something still tell
+    thing things use used uses using want wants way ways""".split()  # noqa: SIM905
+)
+# What surrounds a word of a question without being part of it.
+_EDGE_PUNCTUATION = "\"',;:!?()[]{}<>\u201c\u201d\u2018\u2019"
+_CALL = re.compile(r"[\"'(\[]*([A-Za-z_]\w+)\(")  # ifnull(), iif(X,Y,Z), wal_checkpoint(FULL)
+_FLAG = re.compile(r"--?[a-z][\w-]*")  # --no-ignore, -v
+_DOT_COMMAND = re.compile(r"\.[a-z]\w*")  # .schema, .gitignore
+_SETTING = re.compile(r"(\w+)=\w+")  # mode=ro, synchronous=OFF: the name is the identifier
+_CAMEL_CASE = re.compile(r"[a-z][A-Z]")
+_CODE_WORD = re.compile(r"[A-Za-z]+\d+\w*")  # E1234, utf8, sha256, x86_64
+_DOTTED = re.compile(r"[A-Za-z_]\w*(?:(?:\.|::)\w+)+")  # os.path.join, setup.py, std::fs
+_PATH = re.compile(r"(?:~|\.{1,2})?/[\w.-]+(?:/[\w.-]*)*")  # /etc/passwd, ./configure
+_BACKTICKED = re.compile(r"`([^`\n]+)`")
+_QUANTITY = re.compile(
+    r"\d|\b(?:once|twice|daily|weekly|monthly|hourly|every|one|two|three|four|five|six|seven"
+    r"|eight|nine|ten|twelve|twenty|hundred|thousand|million|billion)\b",
+    re.IGNORECASE,
+)
+# An identifier weighs this many times its idf: it names exactly what the question is about.
+_IDENTIFIER_BOOST = 2.0
+# How much a term of the heading above a unit counts towards the unit's match.
+_HEADING_SHARE = 1.0
 
 
-@dataclass
-class _Passage:
-    """Adjacent sentences quoted from one chunk, cited with one marker."""
+def _is_identifier(word: str) -> bool:
+    lowered = word.lower()
+    if any(p.fullmatch(lowered) for p in (_FLAG, _DOT_COMMAND, _PATH)):
+        return True
+    if not any(c.isalpha() for c in word):
+        return False
+    return bool(
+        ("_" in word.strip("_") and word.replace("_", "").isalnum())
+        or (_CAMEL_CASE.search(word) and word.isalnum())
+        or _CODE_WORD.fullmatch(word)
+        or (_DOTTED.fullmatch(word) and max(len(part) for part in re.split(r"\.|::", word)) > 1)
+    )
 
-    hit: SearchHit
+
+def _identifiers(question: str) -> frozenset[str]:
+    """The names a question asks about, lowercased: function names, flags, dot-commands,
+    settings, snake_case, CamelCase, dotted.names, paths, error codes, anything in backticks."""
+    found = {quoted.strip().lower() for quoted in _BACKTICKED.findall(question)}
+    for raw in question.replace("`", " ").split():
+        call = _CALL.match(raw)
+        if call:
+            found.add(call.group(1).lower())
+            continue
+        word = raw.strip(_EDGE_PUNCTUATION).rstrip(".")
+        setting = _SETTING.fullmatch(word)
+        if setting:
+            found.add(setting.group(1).lower())
+        elif len(word) > 1 and _is_identifier(word):
+            found.add(word.lower())
+    return frozenset(found - {""})
+
+
+def _identifier_pattern(identifier: str) -> re.Pattern[str]:
+    # Whole: "--color" is not in "--colors", "os.path" is in "os.path.join(a)".
+    return re.compile(rf"(?<![\w-]){re.escape(identifier)}(?![\w-])")
+
+
+@dataclass(frozen=True)
+class _Question:
+    terms: frozenset[str]  # stemmed content terms, and the identifiers whole
+    identifiers: frozenset[str]
+    quantity: bool  # asks "how often", "how many", ...: the answer states a number
+    patterns: tuple[tuple[str, re.Pattern[str]], ...]  # how each identifier is found in text
+
+
+def _question(text: str) -> _Question:
+    """What a question asks about: its content terms without the words that frame the request,
+    its identifiers, whether it asks for a quantity."""
+    words = _WORD.findall(text.lower())
+    kept = [
+        word
+        for index, word in enumerate(words)
+        if word not in _REQUEST_WORDS
+        and not (index > 0 and words[index - 1] == "how" and word in _QUANTITY_WORDS)
+    ]
+    identifiers = _identifiers(text)
+    return _Question(
+        terms=frozenset(_terms(" ".join(kept))) | identifiers,
+        identifiers=identifiers,
+        quantity=any(
+            words[i - 1] == "how" and words[i] in _QUANTITY_WORDS for i in range(1, len(words))
+        ),
+        patterns=tuple((i, _identifier_pattern(i)) for i in sorted(identifiers)),
+    )
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What may be quoted: a sentence, or a heading or a lead-in ending in ":" joined to what
+    follows it. ``first`` to ``last`` index the chunk's spans, ``start`` and ``end`` its text."""
+
+    rank: int  # of the hit it comes from
     first: int
     last: int
     start: int
     end: int
+    terms: frozenset[str]  # including the question's identifiers it holds
+    about: frozenset[str]  # the terms of the heading of its section (in its chunk)
+    nearness: float  # how close under that heading it starts
+    quantity: bool  # states a number or a frequency (looked for in quantity questions only)
+    words: int
+    prior: float
 
 
-def _candidates(hits: Sequence[SearchHit]) -> list[tuple[int, int, _Span]]:
-    """Every sentence of the hits as (hit rank, index in its chunk, sentence), without repeats.
+def _unit_bounds(spans: Sequence[_Span]) -> list[tuple[int, int]]:
+    """Spans grouped into units: a heading takes the text under it (through any further
+    headings), and a lead-in ending in ":" the one line it introduces (a command, a value, a
+    list item), as far as a quote can hold. A heading with nothing under it in the chunk is
+    left out."""
+    bounds = []
+    first = 0
+    while first < len(spans):
+        last = first
+        while (spans[last].heading or spans[last].text.endswith(":")) and (
+            last + 1 < len(spans) and spans[last + 1].end - spans[first].start <= MAX_QUOTE_CHARS
+        ):
+            last += 1
+            if spans[last - 1].text.endswith(":"):
+                break
+        if not all(span.heading for span in spans[first : last + 1]):
+            bounds.append((first, last))
+        first = last + 1
+    return bounds
 
-    Chunks of one document overlap, so a sentence may come twice, or whole in one chunk and cut
-    in the next: a sentence whose document range lies within another's is left out (of equal
+
+@dataclass(frozen=True)
+class _Candidates:
+    units: list[_Unit]  # without repeats, in hit order
+    spans: list[list[_Span]]  # per hit: the sentences of its chunk
+    chunk_terms: list[frozenset[str]]  # per hit: the terms of its whole chunk
+
+
+def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
+    """Every unit of the hits, without repeats.
+
+    Chunks of one document overlap, so a unit may come twice, or whole in one chunk and cut
+    in the next: a unit whose document range lies within another's is left out (of equal
     ones, the better-ranked copy stays). Text repeated across documents is also left out."""
-    found: list[tuple[int, int, _Span]] = []
+    found: list[_Unit] = []
+    chunk_spans: list[list[_Span]] = []
+    chunk_terms: list[frozenset[str]] = []
     # Per document: (start, -end, position), so that sorting puts every range after the
     # ranges that could contain it.
     by_document: dict[str, list[tuple[int, int, int]]] = {}
     for rank, hit in enumerate(hits):
+        text = hit.chunk.text
+        spans = _spans(text)
+        chunk_spans.append(spans)
+        lowered = text.lower()
+        named = {
+            identifier: [match.start() for match in pattern.finditer(lowered)]
+            for identifier, pattern in question.patterns
+        }
+        chunk_terms.append(
+            frozenset().union(*(span.terms for span in spans))
+            | {identifier for identifier, at in named.items() if at}
+        )
+        # The latest heading at or above each span: its terms and its index. Its section is
+        # about them, the sentences right under it most (they introduce or define it).
+        sections: list[tuple[frozenset[str], int]] = []
+        section: tuple[frozenset[str], int] = (frozenset(), 0)
+        for index, span in enumerate(spans):
+            if span.heading:
+                heading_terms = span.terms | {
+                    identifier
+                    for identifier, at in named.items()
+                    if any(span.start <= i < span.end for i in at)
+                }
+                section = (heading_terms, index)
+            sections.append(section)
         offset = hit.chunk.start_char
-        for index, span in enumerate(_spans(hit.chunk.text)):
+        for first, last in _unit_bounds(spans):
+            start, end = spans[first].start, spans[last].end
+            terms = frozenset().union(*(span.terms for span in spans[first : last + 1])) | {
+                identifier
+                for identifier, at in named.items()
+                if any(start <= i and i + len(identifier) <= end for i in at)
+            }
+            body = next((i for i in range(first, last + 1) if not spans[i].heading), last)
             by_document.setdefault(hit.chunk.document_id, []).append(
-                (offset + span.start, -(offset + span.end), len(found))
+                (offset + start, -(offset + end), len(found))
             )
-            found.append((rank, index, span))
+            found.append(
+                _Unit(
+                    rank=rank,
+                    first=first,
+                    last=last,
+                    start=start,
+                    end=end,
+                    terms=terms,
+                    about=sections[body][0],
+                    # 1 for the sentence right under the heading, 1/2 for the next, ...
+                    nearness=1 / max(1, body - sections[body][1]),
+                    quantity=question.quantity
+                    and _QUANTITY.search(text, spans[body].start, end) is not None,
+                    # A heading names the body; only the body's length dilutes its match.
+                    words=len(_WORD.findall(text, spans[body].start, end)),
+                    prior=spans[body].prior,
+                )
+            )
     keep = [True] * len(found)
     for ranges in by_document.values():
         furthest = -1
@@ -380,60 +603,202 @@ def _candidates(hits: Sequence[SearchHit]) -> list[tuple[int, int, _Span]]:
             furthest = max(furthest, -negative_end)
     seen: set[str] = set()
     unique = []
-    for position, candidate in enumerate(found):
-        key = _collapse(candidate[2].text).lower()
+    for position, unit in enumerate(found):
+        key = _collapse(hits[unit.rank].chunk.text[unit.start : unit.end]).lower()
         if keep[position] and key not in seen:
             seen.add(key)
-            unique.append(candidate)
-    return unique
+            unique.append(unit)
+    return _Candidates(unique, chunk_spans, chunk_terms)
 
 
-def _extract(question_text: str, hits: Sequence[SearchHit]) -> list[Citation]:
-    """The quotes that answer the question, in reading order, numbered 1, 2, ..."""
-    question = set(_terms(question_text))
-    candidates = _candidates(hits)
-    if not candidates:  # only whitespace was retrieved
+def _bm25(
+    weights: dict[str, float],
+    quantity_weight: float,
+    units: Sequence[_Unit],
+    k1: float = 1.2,
+    b: float = 0.5,
+) -> list[float]:
+    """BM25 of each unit for the weighted distinct query terms. Sentences rarely repeat a term,
+    so term frequency is taken as 1; a term of the heading of the unit's section counts again,
+    by _HEADING_SHARE and the unit's nearness to it, so the text under "sqlite3_open()" is
+    about it, its first sentence most. The length normalisation is milder than BM25's usual
+    b = 0.75: among sentences, the one that answers is often the longer one. A unit that states
+    a number matches ``quantity_weight`` more."""
+    mean = sum(unit.words for unit in units) / len(units)
+    scores = []
+    for unit in units:
+        norm = k1 * (1 - b + b * unit.words / mean) if mean else k1
+        matched = sum(w for t, w in weights.items() if t in unit.terms) + (
+            _HEADING_SHARE * unit.nearness * sum(w for t, w in weights.items() if t in unit.about)
+        )
+        if unit.quantity:
+            matched += quantity_weight
+        scores.append(matched * (k1 + 1) / (1 + norm))
+    return scores
+
+
+def dense_score(hit: SearchHit) -> float | None:
+    """The hit's cosine similarity to the question: its dense signal's score, or its score when
+    it carries no per-signal explanation (a dense-only search); None when only other signals
+    found it."""
+    dense = hit.explain.get("dense")
+    if dense is not None:
+        return dense.score
+    return hit.score if not hit.explain else None
+
+
+# How a unit's score is made: how well it matches the question and how high its chunk ranked in
+# the search, about equally (measured on the labelled set: the search's order is the better
+# judge of which chunk answers, the words of which sentence in it), a little for coming early in
+# its chunk.
+_LEXICAL_WEIGHT = 0.5
+_RETRIEVAL_WEIGHT = 0.48
+_POSITION_WEIGHT = 0.02
+# A further unit joins the answer when it matches the question and scores at least this share
+# of the best one: the best-scored unit is often a close paraphrase of the question, the answer
+# in the next one.
+_FOLLOWER_SHARE = 0.5
+# The share of the question's idf-weighted terms that a quoted passage (with its document's
+# title) must hold to answer on words alone, whatever its cosine.
+_MIN_COVERAGE = 0.6
+
+
+@dataclass
+class _Passage:
+    """Adjacent units quoted from one chunk, cited with one marker."""
+
+    hit: SearchHit
+    first: int
+    last: int
+    start: int
+    end: int
+    terms: set[str]  # the question's terms it holds
+
+
+def _continues(spans: Sequence[_Span], passage: _Passage, unit: _Unit) -> bool:
+    """Whether the unit goes on from the passage, or leads to it, in the same paragraph, so
+    one quote can hold both."""
+    if unit.first == passage.last + 1:
+        joined = spans[passage.last].block == spans[unit.first].block
+    elif unit.last + 1 == passage.first:
+        joined = spans[unit.last].block == spans[passage.first].block
+    else:
+        return False
+    return joined and max(passage.end, unit.end) - min(passage.start, unit.start) <= MAX_QUOTE_CHARS
+
+
+def _coverage(question: _Question, passage: _Passage, weights: dict[str, float]) -> float:
+    """The share of the question's term ``weights`` that one quoted passage holds, its
+    document's title included."""
+    held = passage.terms | set(_terms(passage.hit.document_title))
+    total = sum(weights.values())
+    return sum(weights[t] for t in question.terms & held) / total if total else 0.0
+
+
+def _answers(
+    question: _Question, passages: Sequence[_Passage], candidates: _Candidates, min_cosine: float
+) -> bool:
+    """Whether the chosen passages answer the question. Not when a name the question asks
+    about (an identifier) is in no retrieved chunk: the documents do not cover it, whatever
+    their other words share. Else when a passage holds the question's key terms, or comes from
+    a chunk at least ``min_cosine`` similar to the question."""
+    if not question.identifiers <= set().union(*candidates.chunk_terms):
+        return False
+    # Rarity is counted over the retrieved chunks, so a term they all share weighs little, and a
+    # term none holds (the name of what the documents do not cover) weighs most.
+    idf = _idf(candidates.chunk_terms)
+    absent = _absent_idf(len(candidates.chunk_terms))
+    weights = {
+        t: idf.get(t, absent) * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
+        for t in question.terms
+    }
+    for passage in passages:
+        cosine = dense_score(passage.hit)
+        if (cosine is not None and cosine >= min_cosine) or (
+            _coverage(question, passage, weights) >= _MIN_COVERAGE
+        ):
+            return True
+    return False
+
+
+def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -> list[Citation]:
+    """The quotes that answer the question, in reading order, numbered 1, 2, ...; none when no
+    passage answers it: when the best passages neither hold the question's key terms nor come
+    from a chunk at least ``min_cosine`` similar to the question."""
+    question = _question(question_text)
+    candidates = _candidates(hits, question)
+    units = candidates.units
+    if not units:  # only whitespace or bare headings were retrieved
         return []
-    spans = [span for _, _, span in candidates]
-    lexical = _bm25(question, spans, _idf([span.terms for span in spans]))
+    unit_idf = _idf([unit.terms for unit in units])
+    weights = {
+        t: unit_idf[t] * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
+        for t in question.terms
+        if t in unit_idf
+    }
+    # A question that asks how often or how many is answered by a number: it weighs as much as
+    # the question's weightiest term.
+    quantity_weight = max(weights.values(), default=1.0) if question.quantity else 0.0
+    lexical = _bm25(weights, quantity_weight, units)
     top_lexical = max(lexical)
     top_retrieval = max(hit.score for hit in hits)
     scores = []
-    for (rank, index, span), lex in zip(candidates, lexical, strict=True):
+    for unit, lex in zip(units, lexical, strict=True):
         retrieval = (
-            max(0.0, hits[rank].score) / top_retrieval if top_retrieval > 0 else float(rank == 0)
+            max(0.0, hits[unit.rank].score) / top_retrieval
+            if top_retrieval > 0
+            else float(unit.rank == 0)
         )
         score = (
             _LEXICAL_WEIGHT * (lex / top_lexical if top_lexical > 0 else 0.0)
             + _RETRIEVAL_WEIGHT * retrieval
-            + _POSITION_WEIGHT / (1 + index)
+            + _POSITION_WEIGHT / (1 + unit.first)
         )
-        scores.append(score * span.prior)
-    order = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))
+        scores.append(score * unit.prior)
+    order = sorted(range(len(units)), key=lambda i: (-scores[i], i))
 
     passages: dict[int, _Passage] = {}  # by hit rank: one passage, so one marker, per chunk
-    covered: set[str] = set()
     sentences = 0
     for i in order:
-        rank, index, span = candidates[i]
-        if sentences:
-            new_terms = (span.terms & question) - covered
-            if scores[i] < _FOLLOWER_SHARE * scores[order[0]] or not new_terms:
-                continue
-        passage = passages.get(rank)
+        unit = units[i]
+        if sentences and (scores[i] < _FOLLOWER_SHARE * scores[order[0]] or not lexical[i]):
+            continue
+        passage = passages.get(unit.rank)
         if passage is None:
-            passages[rank] = _Passage(hits[rank], index, index, span.start, span.end)
-        elif index in (passage.first - 1, passage.last + 1) and (
-            max(passage.end, span.end) - min(passage.start, span.start) <= MAX_QUOTE_CHARS
-        ):
-            passage.first, passage.last = min(passage.first, index), max(passage.last, index)
-            passage.start, passage.end = min(passage.start, span.start), max(passage.end, span.end)
+            passages[unit.rank] = _Passage(
+                hits[unit.rank], unit.first, unit.last, unit.start, unit.end, set()
+            )
+        elif _continues(candidates.spans[unit.rank], passage, unit):
+            passage.first, passage.last = (
+                min(passage.first, unit.first),
+                max(passage.last, unit.last),
+            )
+            passage.start, passage.end = min(passage.start, unit.start), max(passage.end, unit.end)
         else:
-            continue  # a distant sentence of the same chunk could not share its quote
-        covered |= span.terms & question
+            continue  # a distant unit of the same chunk could not share its quote
+        passages[unit.rank].terms |= unit.terms & question.terms
         sentences += 1
         if sentences == MAX_EXTRACTIVE_SENTENCES:
             break
+
+    # Enough context: the sentence after the best passage, when it goes on in the same
+    # paragraph, often holds the value or the consequence the best one leads to.
+    best = passages[units[order[0]].rank]
+    spans = candidates.spans[units[order[0]].rank]
+    after = best.last + 1
+    if (
+        after < len(spans)
+        and (
+            spans[after].block == spans[best.last].block
+            or not _ends_sentence(spans[best.last].text)  # a signature, a label: say more
+        )
+        and spans[after].end - best.start <= MAX_QUOTE_CHARS
+    ):
+        best.last, best.end = after, spans[after].end
+        best.terms |= spans[after].terms & question.terms
+
+    if not _answers(question, list(passages.values()), candidates, min_cosine):
+        return []
 
     # Reading order: documents in the order their best passage was chosen, passages within a
     # document in the order they appear in it.
@@ -451,14 +816,23 @@ def _extract(question_text: str, hits: Sequence[SearchHit]) -> list[Citation]:
 
 
 class ExtractiveAnswerProvider(AnswerProvider):
-    """Answers with the best one to three retrieved passages, each followed by its [n]. The
-    passages are all chosen before the first is sent (it takes about a millisecond); the stream
-    sends them one by one."""
+    """Answers with the best one to three retrieved passages, each followed by its [n], or
+    with NO_ANSWER and no citation when no passage answers. The passages are all chosen before
+    the first is sent (it takes about a millisecond); the stream sends them one by one.
+
+    ``min_cosine``: a passage whose chunk is at least this similar to the question (its dense
+    cosine) answers even when it words the question's terms differently."""
 
     name = "extractive"
 
+    def __init__(self, min_cosine: float) -> None:
+        self._min_cosine = min_cosine
+
     def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
-        citations = _extract(question, hits)
+        citations = _extract(question, hits, self._min_cosine)
+        if not citations:
+            yield NO_ANSWER
+            return NO_ANSWER, []
         parts = [f"{_collapse(citation.quote)} [{citation.marker}]" for citation in citations]
         for index, part in enumerate(parts):
             yield part if index == 0 else f" {part}"
@@ -881,4 +1255,4 @@ def build_answer_provider(settings: Settings, embeddings: EmbeddingModel) -> Ans
         return openai_answer_provider(settings)
     if settings.answer_provider == "llamacpp":
         return llamacpp_answer_provider(settings)
-    return ExtractiveAnswerProvider()
+    return ExtractiveAnswerProvider(settings.answer_min_score)

@@ -30,7 +30,7 @@ from impl.errors import (
     RagapiError,
     ServiceUnavailable,
 )
-from impl.rag.answers import AnswerProvider, AnswerStream, build_answer_provider
+from impl.rag.answers import NO_ANSWER, AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
@@ -70,7 +70,6 @@ logger = logging.getLogger(__name__)
 MAX_TOP_K = 50
 MAX_PAGE_SIZE = 100
 MAX_TITLE_CHARS = 300  # the contract's bound on a given title
-NO_ANSWER = "No passage in the documents answers this question."
 # Hits of documents that are not ready (still indexing, being deleted) are excluded and the
 # search repeated; each round excludes at least one more such document.
 _SEARCH_ROUNDS = 4

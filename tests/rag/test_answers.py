@@ -18,6 +18,7 @@ from impl.rag.answers import (
     ANSWER_PROMPT,
     DONT_KNOW,
     MAX_QUOTE_CHARS,
+    NO_ANSWER,
     ExtractiveAnswerProvider,
     build_answer_provider,
     default_llamacpp_model_path,
@@ -27,10 +28,12 @@ from impl.rag.answers import (
     says_it_does_not_know,
 )
 from impl.rag.embeddings import EmbeddingModel, build_embeddings
-from impl.rag.types import Chunk, Citation, SearchHit
+from impl.rag.types import Chunk, Citation, IngestItem, SearchFilters, SearchHit, SignalScore
 from impl.settings import Settings
 from tests.conftest import free_port
+from tests.documents import CORPUS, make_docx, make_markdown
 from tests.llm_server import llm_server
+from tests.rag.conftest import ingest, text_item
 
 __all__ = ["llm_server"]  # the fixture, imported so pytest finds it here
 
@@ -109,6 +112,11 @@ def ranked(first: list[Chunk], score: float = 0.62) -> list[SearchHit]:
     return [hit(c, score - 0.02 * i) for i, c in enumerate([*first, *rest])]
 
 
+def extractive() -> ExtractiveAnswerProvider:
+    """The provider the default settings build."""
+    return ExtractiveAnswerProvider(settings().answer_min_score)
+
+
 def assert_valid_citations(
     answer: str,
     citations: list[Citation],
@@ -156,7 +164,7 @@ def test_extractive_quotes_the_sentence_that_answers(
 ) -> None:
     # The answering document is not the top hit: the sentence must win on its words.
     hits = ranked(CHUNKS["python" if document != "python" else "water"])
-    answer, citations = ExtractiveAnswerProvider().generate(question, hits)
+    answer, citations = extractive().generate(question, hits)
     assert expected in answer
     assert len(re.findall(r"\[\d+\]", answer)) <= 3
     assert_valid_citations(answer, citations, hits)
@@ -166,7 +174,7 @@ def test_extractive_quotes_the_sentence_that_answers(
 
 def test_extractive_answer_is_quotes_each_followed_by_its_marker() -> None:
     hits = ranked(CHUNKS["eiffel"])
-    answer, citations = ExtractiveAnswerProvider().generate(
+    answer, citations = extractive().generate(
         "Who designed the Eiffel Tower, and how tall is it?", hits
     )
     expected = " ".join(f"{' '.join(c.quote.split())} [{c.marker}]" for c in citations)
@@ -177,7 +185,7 @@ def test_extractive_answer_is_quotes_each_followed_by_its_marker() -> None:
 
 def test_extractive_cites_distinct_chunks_across_documents() -> None:
     hits = ranked([CHUNKS["water"][1], CHUNKS["photosynthesis"][0]])
-    answer, citations = ExtractiveAnswerProvider().generate(
+    answer, citations = extractive().generate(
         "At what temperature does water boil, and what do plants release in photosynthesis?",
         hits,
     )
@@ -188,7 +196,7 @@ def test_extractive_cites_distinct_chunks_across_documents() -> None:
 
 def test_extractive_does_not_split_at_abbreviations_or_quote_overlap_twice() -> None:
     hits = ranked(CHUNKS["eiffel"])
-    answer, citations = ExtractiveAnswerProvider().generate(
+    answer, citations = extractive().generate(
         "How many visitors does the tower draw according to Dr. Smith?", hits
     )
     assert "Dr. Smith noted that it draws millions of visitors, e.g. about seven million" in (
@@ -200,13 +208,39 @@ def test_extractive_does_not_split_at_abbreviations_or_quote_overlap_twice() -> 
     assert len(quotes) == len(set(quotes))
 
 
-def test_extractive_without_matching_words_quotes_the_top_hit() -> None:
-    hits = ranked([CHUNKS["photosynthesis"][0]])
-    answer, citations = ExtractiveAnswerProvider().generate("Qu'est-ce que c'est ?", hits)
+def test_extractive_without_matching_words_answers_from_a_close_enough_chunk() -> None:
+    # No word of the question is in any passage: only the cosine can say a passage answers.
+    question = "Qu'est-ce que c'est ?"
+    threshold = settings().answer_min_score
+    hits = ranked([CHUNKS["photosynthesis"][0]], score=threshold + 0.1)
+    answer, citations = extractive().generate(question, hits)
     assert len(citations) == 1
     assert citations[0].chunk_id == "photosynthesis-0"
     assert citations[0].quote.startswith("Photosynthesis is the process")
     assert_valid_citations(answer, citations, hits)
+    # Below the threshold, nothing answers.
+    far = ranked([CHUNKS["photosynthesis"][0]], score=threshold - 0.01)
+    assert extractive().generate(question, far) == (NO_ANSWER, [])
+
+
+def test_extractive_reads_the_cosine_of_a_fused_hit_from_its_dense_signal() -> None:
+    """With hybrid retrieval a hit's score is its fused rank score, far below any cosine; the
+    cosine is its dense signal's score. A hit only the lexical index found has none."""
+    question = "Qu'est-ce que c'est ?"
+    threshold = settings().answer_min_score
+    dense = ranked([CHUNKS["photosynthesis"][0]], score=threshold + 0.1)
+    fused = [
+        replace(h, score=1 / (61 + rank), explain={"dense": SignalScore(h.score, rank + 1)})
+        for rank, h in enumerate(dense)
+    ]
+    assert extractive().generate(question, fused) == extractive().generate(question, dense)
+    lexical_only = [
+        replace(h, explain={"lexical": SignalScore(7.5, rank + 1)}) for rank, h in enumerate(fused)
+    ]
+    assert extractive().generate(question, lexical_only) == (NO_ANSWER, [])
+    # Words still answer without a cosine.
+    answer, citations = extractive().generate("How tall is the Eiffel Tower?", lexical_only)
+    assert "330 metres tall" in answer and citations
 
 
 def test_extractive_cuts_overlong_sentences_into_exact_quotes() -> None:
@@ -215,7 +249,7 @@ def test_extractive_cuts_overlong_sentences_into_exact_quotes() -> None:
     # A chunk from the middle of its document, on page 3.
     chunk = Chunk("long-0", "long", 0, text, 3, 1000, 1000 + len(text))
     hits = [SearchHit(chunk, "Long", 0.5)]
-    answer, citations = ExtractiveAnswerProvider().generate("sediment number 42?", hits)
+    answer, citations = extractive().generate("sediment number 42?", hits)
     assert_valid_citations(answer, citations, hits, {"long": " " * 1000 + text})
     assert "number 42 downstream" in citations[0].quote
     assert citations[0].page == 3
@@ -224,15 +258,15 @@ def test_extractive_cuts_overlong_sentences_into_exact_quotes() -> None:
 def test_extractive_is_deterministic() -> None:
     hits = ranked(CHUNKS["water"])
     question = "Why is the boiling point of water lower at altitude?"
-    first = ExtractiveAnswerProvider().generate(question, hits)
-    assert all(ExtractiveAnswerProvider().generate(question, hits) == first for _ in range(5))
+    first = extractive().generate(question, hits)
+    assert all(extractive().generate(question, hits) == first for _ in range(5))
     assert "air pressure is lower" in first[0]
 
 
 def test_extractive_speed() -> None:
     """Not asserted (machines differ); printed so a run with -s shows it. The budget of a whole
     /query is a few milliseconds above the search."""
-    provider = ExtractiveAnswerProvider()
+    provider = extractive()
     timings = []
     for question, _, document in QUESTIONS * 20:
         hits = ranked(CHUNKS[document])
@@ -244,6 +278,155 @@ def test_extractive_speed() -> None:
     print(
         f"\nextractive answer over {len(ALL_CHUNKS)} hits: {median:.2f} ms median, {p95:.2f} ms p95"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# extractive, on real documents found by the real search
+# --------------------------------------------------------------------------------------------
+
+TENANT = "acme"
+
+STARTER_CARE = [
+    "Caring for your sourdough starter",
+    "A sourdough starter is a culture of wild yeast and lactic acid bacteria that lives in a jar "
+    "of flour and water.",
+    "Contamination happens most often when the jar or the spoon is not clean. Throw the starter "
+    "away if pink or orange streaks appear on it.",
+    "Feed the starter twice a day, in the morning and in the evening: discard all but 50 grams, "
+    "then stir in 50 grams of flour and 50 grams of water.",
+    "Keep the jar loosely covered at room temperature, between 21 and 26 degrees Celsius.",
+    "A healthy starter doubles in size within four to six hours and smells pleasantly sour.",
+]
+BUILD_ACCOUNTS = [
+    "Accounts on the build server",
+    "Every user who deploys to the build server has a personal account. The table below lists "
+    "each user with their UID and primary group.",
+    "Service accounts such as jenkins and backup run with UIDs below 1000 and cannot log in.",
+]
+BUILD_ACCOUNTS_TABLE = [
+    ["User", "UID", "Group"],
+    ["alice", "1001", "developers"],
+    ["bob", "1002", "developers"],
+    ["carol", "1003", "operations"],
+]
+CLIPPY_GUIDE = [
+    "Clippy is a collection of lints that catch common mistakes and improve your Rust code.",
+    "## Step 1: Install Rustup",
+    "Clippy is distributed with the Rust toolchain, so you need rustup first. Follow the "
+    "instructions on rustup.rs to install it.",
+    "## Step 2: Install Clippy",
+    "Once rustup and a stable toolchain are installed, run the following command:",
+    "    rustup component add clippy",
+    "## Step 3: Run Clippy",
+    "From the root of a Cargo project, run:",
+    "    cargo clippy",
+]
+SEARCH_TOOL_FLAGS = [
+    "Searching with grepline: flags",
+    "By default grepline searches every file below the current directory and prints each "
+    "matching line with its file name and line number.",
+    "Matches are case sensitive unless the pattern is all lowercase and --smart-case is given.",
+    "Files and directories listed in .gitignore, .ignore and .greplineignore are skipped, so "
+    "build output and vendored code do not clutter the results.",
+    "The --no-ignore flag searches those files too, as if no ignore file existed.",
+    "Binary files are skipped after the first NUL byte; --binary searches them as text.",
+]
+SEARCH_TOOL_IGNORE = [
+    "How grepline decides what to skip",
+    "Ignore files let a project say which paths a search should skip. Every directory may hold "
+    "a .gitignore or an .ignore file, and the rules of a parent directory apply to the "
+    "directories below it.",
+    "A pattern that starts with an exclamation mark re-includes a path that an earlier rule of "
+    "the ignore file excluded.",
+    "Rules of an .ignore file take precedence over the rules of a .gitignore file in the same "
+    "directory.",
+]
+
+
+def ask(service: Any, question: str, document_ids: list[str] | None = None) -> Any:
+    """The extractive answer to a question from what the search finds for it, as the service
+    gives it: found when it cites a passage."""
+    filters = SearchFilters(document_ids=document_ids) if document_ids else None
+    hits = service.search(TENANT, question, top_k=5, filters=filters)
+    answer, citations = extractive().generate(question, hits)
+    return answer, citations, hits
+
+
+def indexed(service: Any, *items: IngestItem) -> list[str]:
+    return ingest(service, TENANT, list(items)).document_ids
+
+
+def test_extractive_quotes_the_sentence_that_answers_not_one_that_shares_a_word(
+    service: Any,
+) -> None:
+    starter, _ = indexed(
+        service,
+        IngestItem(make_docx(STARTER_CARE), "starter.docx", None, {}),
+        text_item("\n\n".join(CORPUS["sourdough"].paragraphs), title="Baking sourdough bread"),
+    )
+    answer, citations, hits = ask(service, "how often is the starter fed", [starter])
+    assert "twice a day" in answer
+    assert "Contamination" not in answer
+    assert citations and {c.document_id for c in citations} == {starter}
+    assert_valid_citations_of(answer, citations, hits)
+
+
+def test_extractive_says_not_found_for_what_the_page_does_not_list(service: Any) -> None:
+    accounts, *_ = indexed(
+        service,
+        IngestItem(make_docx(BUILD_ACCOUNTS, BUILD_ACCOUNTS_TABLE), "accounts.docx", None, {}),
+        *(text_item("\n\n".join(doc.paragraphs), title=doc.title) for doc in CORPUS.values()),
+    )
+    # A listed user is found, in the row that holds the answer.
+    answer, citations, _ = ask(service, "What is the UID of bob?")
+    assert "bob | 1002" in answer
+    assert citations[0].document_id == accounts
+    # An unlisted one is not, although the page lists other users' UIDs.
+    for question in ("What is the UID of the user dave?", "Which UID does mallory have?"):
+        answer, citations, hits = ask(service, question)
+        assert hits[0].chunk.document_id == accounts  # the neighbouring passage was retrieved
+        assert (answer, citations) == (NO_ANSWER, []), question
+
+
+def test_extractive_quotes_a_heading_only_with_the_text_under_it(service: Any) -> None:
+    [guide] = indexed(
+        service,
+        IngestItem(
+            make_markdown("Getting started with Clippy", CLIPPY_GUIDE), "clippy.md", None, {}
+        ),
+    )
+    answer, citations, hits = ask(service, "How do I install Clippy?", [guide])
+    # The command is quoted with the sentence that introduces it, under its heading.
+    assert "rustup component add clippy" in answer
+    assert "run the following command:" in answer
+    assert_valid_citations_of(answer, citations, hits)
+    for citation in citations:
+        assert len(citation.quote.split()) > 6, citation.quote
+
+
+def test_extractive_prefers_the_passage_that_names_the_identifier(service: Any) -> None:
+    flags, _ = indexed(
+        service,
+        text_item("\n\n".join(SEARCH_TOOL_FLAGS), title="grepline flags"),
+        text_item("\n\n".join(SEARCH_TOOL_IGNORE), title="grepline ignore files"),
+    )
+    answer, citations, hits = ask(service, "What does --no-ignore do?")
+    assert "--no-ignore flag searches those files too" in answer
+    assert citations[0].document_id == flags
+    assert_valid_citations_of(answer, citations, hits)
+
+
+def assert_valid_citations_of(
+    answer: str, citations: list[Citation], hits: list[SearchHit]
+) -> None:
+    """assert_valid_citations, with each document's text put together from its retrieved
+    chunks (exact slices of it, placed at their offsets)."""
+    documents: dict[str, str] = {}
+    for h in hits:
+        start, end = h.chunk.start_char, h.chunk.end_char
+        known = documents.get(h.chunk.document_id, "")
+        documents[h.chunk.document_id] = known[:start].ljust(start) + h.chunk.text + known[end:]
+    assert_valid_citations(answer, citations, hits, documents)
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def test_streamed_deltas_are_the_final_text_however_the_model_splits_it(output: 
 
 def test_extractive_generate_is_its_stream_drained() -> None:
     hits = make_hits(3)
-    provider = ExtractiveAnswerProvider()
+    provider = ExtractiveAnswerProvider(Settings().answer_min_score)
     deltas = list(provider.stream("When was Python released?", hits))
     text, citations = provider.generate("When was Python released?", hits)
     assert "".join(deltas) == text and "1991" in text and citations
