@@ -37,7 +37,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
@@ -51,6 +50,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from impl.errors import ConfigurationError, UpstreamError
+from impl.rag.terms import word_terms
 from impl.rag.types import Citation, SearchHit
 from impl.settings import Settings
 
@@ -109,81 +109,6 @@ class AnswerRequest:
 # Text analysis, shared by the extractive provider and the citation mapping
 # --------------------------------------------------------------------------------------------
 
-# Word lists are kept as text: as list literals they would take a line per word.
-_STOP_WORDS = frozenset(
-    """a about above after again against all also am an and any are as at be because been before
-    being below between both but by can could did do does doing down during each few for from
-    further had has have having he her here hers herself him himself his how i if in into is it
-    its itself just me more most my myself no nor not now of off on once only or other our ours
-    ourselves out over own same she should so some such than that the their theirs them
-    themselves then there these they this those through to too under until up very was we were
-    what when where which while who whom whose why will with would you your yours yourself
-    yourselves aren can cannot couldn didn doesn don hasn haven isn ll shouldn ve wasn weren
-    won wouldn""".split()  # noqa: SIM905
-)
-_WORD = re.compile(r"\w+")
-
-
-@lru_cache(maxsize=65536)
-def _stem(word: str) -> str:
-    """A light suffix stripper that meets "boils", "boiling" and "boiled" at "boil".
-
-    Ranking a few dozen sentences needs no full Porter stemmer; it needs the question and the
-    sentences reduced the same way."""
-    if len(word) <= 3 or not word.isalpha():
-        return word
-    for suffix, replacement in (
-        ("ies", "y"),
-        ("sses", "ss"),
-        ("ing", ""),
-        ("ed", ""),
-        ("es", ""),
-        ("ly", ""),
-        ("s", ""),
-    ):
-        if word.endswith(suffix):
-            if suffix == "s" and word.endswith(("ss", "us", "is")):
-                break
-            if len(word) - len(suffix) >= 3:
-                word = word[: len(word) - len(suffix)] + replacement
-            break
-    # What suffixes leave behind: "running" -> "runn" -> "run"; "cause", "caused" -> "caus".
-    if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiousl":
-        word = word[:-1]
-    if len(word) > 3 and word[-1] == "e":
-        word = word[:-1]
-    return word
-
-
-# Irregular past forms and their verbs, which no suffix stripping meets ("fed" and "feed"),
-# as pairs "form:verb". Forms that are also common nouns or adjectives in documentation
-# ("bit", "bound", "left", "found") are left out.
-_IRREGULAR_FORMS = dict(
-    pair.split(":")
-    for pair in """bred:breed brought:bring built:build bought:buy caught:catch chose:choose
-    chosen:choose dealt:deal drew:draw drawn:draw drove:drive driven:drive ate:eat eaten:eat
-    fed:feed fled:flee flew:fly flown:fly forbade:forbid forbidden:forbid forgot:forget
-    forgotten:forget froze:freeze frozen:freeze gave:give given:give gone:go went:go got:get
-    gotten:get grew:grow grown:grow held:hold hid:hide hidden:hide kept:keep knew:know
-    known:know led:lead lost:lose made:make meant:mean paid:pay ran:run rebuilt:rebuild
-    rewrote:rewrite rewritten:rewrite overwrote:overwrite overwritten:overwrite said:say
-    sent:send shook:shake shaken:shake shown:show sold:sell sought:seek spent:spend
-    spoke:speak spoken:speak stole:steal stolen:steal stood:stand taught:teach took:take
-    taken:take thought:think threw:throw thrown:throw told:tell understood:understand
-    undid:undo undone:undo woke:wake woken:wake won:win wrote:write written:write""".split()  # noqa: SIM905
-)
-
-
-def _terms(text: str) -> list[str]:
-    """Content terms of a text: lowercased words, stemmed, without stop words and stray
-    letters (the "s" of "Python's")."""
-    return [
-        _stem(_IRREGULAR_FORMS.get(w, w))
-        for w in _WORD.findall(text.lower())
-        if w not in _STOP_WORDS and (len(w) > 1 or w.isdigit())
-    ]
-
-
 # Unicode punctuation is written as escapes so the source stays unambiguous to read:
 # closing and opening quotes, the ellipsis, and the CJK full stop, exclamation and question marks.
 _CLOSERS = "\"')]\u201d\u2019\u300d\u300f"
@@ -193,6 +118,7 @@ _SENTENCE_STOP = re.compile(
     rf"[.!?\u2026]+[{re.escape(_CLOSERS)}]*(?=\s)|[{_CJK_STOPS}]+[{re.escape(_CLOSERS)}]*"
 )
 _NEXT_CHAR = re.compile(r"\s*(\S)")
+_WORD = re.compile(r"\w+")
 _LAST_WORD = re.compile(r"(\S+)\Z")
 _ABBREVIATIONS = frozenset(
     "e.g i.e etc vs cf al dr mr mrs ms prof st no nr fig figs eq approx ca inc ltd co jr sr".split()  # noqa: SIM905
@@ -324,7 +250,7 @@ def _spans(text: str) -> list[_Span]:
                         start,
                         end,
                         sentence,
-                        frozenset(_terms(sentence)),
+                        frozenset(word_terms(sentence)),
                         heading=_is_heading(sentence, whole_block),
                         block=block,
                     )
@@ -472,7 +398,7 @@ def _question(text: str) -> _Question:
     ]
     identifiers = _identifiers(text)
     return _Question(
-        terms=frozenset(_terms(" ".join(kept))) | identifiers,
+        terms=frozenset(word_terms(" ".join(kept))) | identifiers,
         identifiers=identifiers,
         quantity=any(
             words[i - 1] == "how" and words[i] in _QUANTITY_WORDS for i in range(1, len(words))
@@ -690,7 +616,7 @@ def _continues(spans: Sequence[_Span], passage: _Passage, unit: _Unit) -> bool:
 def _coverage(question: _Question, passage: _Passage, weights: dict[str, float]) -> float:
     """The share of the question's term ``weights`` that one quoted passage holds, its
     document's title included."""
-    held = passage.terms | set(_terms(passage.hit.document_title))
+    held = passage.terms | set(word_terms(passage.hit.document_title))
     total = sum(weights.values())
     return sum(weights[t] for t in question.terms & held) / total if total else 0.0
 
@@ -1036,8 +962,8 @@ def map_citations(
     if not renumbered:
         if says_it_does_not_know(text):
             return text, []
-        answer_terms = frozenset(_terms(text))
-        chunk_terms = [frozenset(_terms(hit.chunk.text)) for hit in hits]
+        answer_terms = frozenset(word_terms(text))
+        chunk_terms = [frozenset(word_terms(hit.chunk.text)) for hit in hits]
         idf = _idf(chunk_terms)
         source = max(
             range(len(hits)),
@@ -1046,11 +972,11 @@ def map_citations(
         renumbered[source + 1] = 1
         claims[1] = [text]
         text = f"{text} [1]"
-    question_terms = _terms(question)
+    question_terms = word_terms(question)
     citations = []
     for source, marker in sorted(renumbered.items(), key=lambda item: item[1]):
         hit = hits[source - 1]
-        claim_terms = [term for claim in claims[marker] for term in _terms(claim)]
+        claim_terms = [term for claim in claims[marker] for term in word_terms(claim)]
         start, end = _best_quote(hit.chunk.text, claim_terms, question_terms)
         citations.append(_citation(marker, hit, start, end))
     return text, citations

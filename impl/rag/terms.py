@@ -22,8 +22,27 @@ STOP_WORDS = frozenset(
     ourselves out over own same she should so some such than that the their theirs them
     themselves then there these they this those through to too under until up very was we were
     what when where which while who whom whose why will with would you your yours yourself
-    yourselves""".split()  # noqa: SIM905
+    yourselves aren can cannot couldn didn doesn don hasn haven isn ll shouldn ve wasn weren
+    won wouldn""".split()  # noqa: SIM905
 )
+# Irregular past forms and their verbs, which no suffix stripping meets ("fed" and "feed"),
+# as pairs "form:verb". Forms that are also common nouns or adjectives in documentation
+# ("bit", "bound", "left", "found") are left out.
+IRREGULAR_FORMS = dict(
+    pair.split(":")
+    for pair in """bred:breed brought:bring built:build bought:buy caught:catch chose:choose
+    chosen:choose dealt:deal drew:draw drawn:draw drove:drive driven:drive ate:eat eaten:eat
+    fed:feed fled:flee flew:fly flown:fly forbade:forbid forbidden:forbid forgot:forget
+    forgotten:forget froze:freeze frozen:freeze gave:give given:give gone:go went:go got:get
+    gotten:get grew:grow grown:grow held:hold hid:hide hidden:hide kept:keep knew:know
+    known:know led:lead lost:lose made:make meant:mean paid:pay ran:run rebuilt:rebuild
+    rewrote:rewrite rewritten:rewrite overwrote:overwrite overwritten:overwrite said:say
+    sent:send shook:shake shaken:shake shown:show sold:sell sought:seek spent:spend
+    spoke:speak spoken:speak stole:steal stolen:steal stood:stand taught:teach took:take
+    taken:take thought:think threw:throw thrown:throw told:tell understood:understand
+    undid:undo undone:undo woke:wake woken:wake won:win wrote:write written:write""".split()  # noqa: SIM905
+)
+_WORD = re.compile(r"\w+")
 # A token: a flag (--foo-bar, -x), or a word or identifier whose parts are joined by ".", "::",
 # "_" or "-" (os.path.join, std::vector, snake_case, utf-8), or a number with its dots (3.11.2).
 _TOKEN = re.compile(r"--?[^\W\d_][\w-]*|\w+(?:(?:\.|::|-)\w+)*")
@@ -65,11 +84,18 @@ def stem(word: str) -> str:
 
 
 def _word_term(word: str) -> str | None:
-    """A plain word's term: stemmed; None for a stop word or a stray letter."""
+    """A plain word's term: lowercased and stemmed, an irregular form as its verb; None for a
+    stop word or a stray letter (the "s" of "Python's")."""
     lowered = word.lower()
     if lowered in STOP_WORDS or (len(lowered) < 2 and not lowered.isdigit()):
         return None
-    return stem(lowered)
+    return stem(IRREGULAR_FORMS.get(lowered, lowered))
+
+
+def word_terms(text: str) -> list[str]:
+    """The terms of a text's plain words, identifiers split at every non-word character: what
+    the extractive answerer compares sentences by (it finds identifiers on its own)."""
+    return [t for t in map(_word_term, _WORD.findall(text)) if t is not None]
 
 
 @lru_cache(maxsize=65536)

@@ -34,6 +34,7 @@ from impl.rag.types import (
     SearchHit,
     TokenEvent,
 )
+from impl.settings import Settings
 from tests.conftest import free_port
 from tests.documents import CORPUS
 from tests.llm_server import MODEL_ALIAS, start_llm_server, stop
