@@ -279,17 +279,42 @@ class SearchFilters(BaseModel):
     """
 
 
-class SearchRequest(BaseModel):
+class RetrievalWeights(BaseModel):
+    """
+    Each signal's weight in hybrid fusion; at least one above 0.
+    """
+
     model_config = ConfigDict(
         extra="forbid",
     )
-    query: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
-    top_k: Annotated[int, Field(ge=1, le=50)] = 5
-    filters: SearchFilters | MISSING = MISSING
-    min_score: Annotated[float | MISSING, Field(ge=-1.0, le=1.0)] = MISSING
+    dense: Annotated[float, Field(ge=0.0, le=100.0)] = 1
+    lexical: Annotated[float, Field(ge=0.0, le=100.0)] = 1
+
+
+class SignalScore(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    score: float
     """
-    Drop passages whose cosine similarity to the query is lower.
+    The signal's own score (dense cosine, lexical BM25).
     """
+    rank: Annotated[int, Field(ge=1)]
+    """
+    The passage's rank among that signal's candidates, 1 for the best.
+    """
+
+
+class SearchExplain(BaseModel):
+    """
+    The signals that found the passage, each with its score and rank.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    dense: SignalScore | MISSING = MISSING
+    lexical: SignalScore | MISSING = MISSING
 
 
 class SearchResult(BaseModel):
@@ -303,8 +328,9 @@ class SearchResult(BaseModel):
     text: str
     score: float
     """
-    Cosine similarity to the query; higher is closer.
+    The score the passages are ordered by, higher is better: the cosine for `dense`, BM25 for `lexical`, the fused reciprocal-rank score for `hybrid`.
     """
+    explain: SearchExplain
     page: Annotated[int | None, Field(ge=1)]
     start_char: Annotated[int, Field(ge=0)]
     end_char: Annotated[int, Field(ge=0)]
@@ -315,16 +341,6 @@ class SearchResponse(BaseModel):
         extra="forbid",
     )
     results: list[SearchResult]
-
-
-class QueryRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-    )
-    question: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
-    top_k: Annotated[int, Field(ge=1, le=50)] = 5
-    filters: SearchFilters | MISSING = MISSING
-    min_score: Annotated[float | MISSING, Field(ge=-1.0, le=1.0)] = MISSING
 
 
 class StreamEvent1(BaseModel):
@@ -463,7 +479,7 @@ class QueryResponse(BaseModel):
     answer: str
     found: bool
     """
-    False when no passage was relevant; the answer then says so.
+    False when no retrieved passage answers the question; the answer then says so and cites nothing.
     """
     citations: list[Citation]
     provider: Literal["extractive", "openai", "llamacpp"]
@@ -701,3 +717,51 @@ class IngestResponse(BaseModel):
     )
     job: Job
     documents: list[Document]
+
+
+class Retrieval(BaseModel):
+    """
+    How passages are found and ordered. `dense`: cosine similarity of the question's and the passages' embeddings (finds paraphrases). `lexical`: BM25 over the passages' words, with identifiers (`os.path.join`, `snake_case`, `CamelCase`, `--flag`, `E1234`) kept whole as well as split into words (finds names, codes and flags). `hybrid`: both, fused by weighted reciprocal rank: a passage scores the sum, over the signals that found it among their first `candidates`, of weight / (`rrf_k` + its rank there). The defaults were chosen by measurement on the labelled set in the repository (docs/retrieval.md). There is no reranker: no cross-encoder ships inside a package that runs offline.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    mode: Literal["dense", "lexical", "hybrid"] = "hybrid"
+    weights: RetrievalWeights | MISSING = MISSING
+    rrf_k: Annotated[int, Field(ge=1, le=1000)] = 60
+    """
+    The rank offset of reciprocal-rank fusion; larger flattens the ranks.
+    """
+    candidates: Annotated[int, Field(ge=1, le=200)] = 50
+    """
+    Passages each signal contributes to hybrid fusion (at least `top_k`).
+    """
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    question: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    top_k: Annotated[int, Field(ge=1, le=50)] = 5
+    filters: SearchFilters | MISSING = MISSING
+    retrieval: Retrieval | MISSING = MISSING
+    min_score: float | MISSING = MISSING
+    """
+    Answer only from passages whose `score` is at least this (see SearchRequest). Without it the answer provider judges whether a retrieved passage answers the question, and answers "not found" (`found: false`) when none does.
+    """
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    query: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    top_k: Annotated[int, Field(ge=1, le=50)] = 5
+    filters: SearchFilters | MISSING = MISSING
+    retrieval: Retrieval | MISSING = MISSING
+    min_score: float | MISSING = MISSING
+    """
+    Drop passages whose `score` is lower. The score is the retrieval mode's: a cosine in [-1, 1] for `dense`, a BM25 score (0 and up) for `lexical`, the fused reciprocal-rank score (at most the sum of the weights divided by `rrf_k + 1`) for `hybrid`.
+    """

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from impl.errors import ConfigurationError, RagapiError
+from impl.rag.types import RetrievalOptions
 from impl.settings import Settings
 
 TENANT = "default"
@@ -136,7 +137,9 @@ def ingest(args: argparse.Namespace) -> int:
 
 def query(args: argparse.Namespace) -> int:
     with open_service(start_workers=False) as service:
-        answer = service.answer(TENANT, args.question, top_k=args.top_k)
+        answer = service.answer(
+            TENANT, args.question, top_k=args.top_k, retrieval=RetrievalOptions(mode=args.mode)
+        )
     print(answer.answer)
     for citation in answer.citations:
         page = f", page {citation.page}" if citation.page else ""
@@ -146,9 +149,15 @@ def query(args: argparse.Namespace) -> int:
 
 def search(args: argparse.Namespace) -> int:
     with open_service(start_workers=False) as service:
-        hits = service.search(TENANT, args.query, top_k=args.top_k)
+        hits = service.search(
+            TENANT, args.query, top_k=args.top_k, retrieval=RetrievalOptions(mode=args.mode)
+        )
     for hit in hits:
-        print(f"{hit.score:.3f}  {hit.document_title} #{hit.chunk.index}: {hit.chunk.text[:200]}")
+        signals = " ".join(
+            f"{name} #{found.rank} {found.score:.3f}" for name, found in hit.explain.items()
+        )
+        print(f"{hit.score:.4f} ({signals})  {hit.document_title} #{hit.chunk.index}:")
+        print(f"    {hit.chunk.text[:200]}")
     return 0
 
 
@@ -219,11 +228,13 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("query", help="answer a question with citations")
     p.add_argument("question")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="hybrid")
     p.set_defaults(run=query)
 
-    p = commands.add_parser("search", help="list the passages closest to a query")
+    p = commands.add_parser("search", help="list the passages that best match a query")
     p.add_argument("query")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="hybrid")
     p.set_defaults(run=search)
 
     p = commands.add_parser("documents", help="list, show or delete documents")

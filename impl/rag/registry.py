@@ -15,25 +15,21 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 from sqlalchemy import (
-    JSON,
     Boolean,
     CursorResult,
-    DateTime,
-    Dialect,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
-    TypeDecorator,
     UniqueConstraint,
     and_,
     create_engine,
@@ -47,10 +43,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from impl.errors import ConfigurationError, InvalidInput
+from impl.rag import lexical
+from impl.rag.db import Base, utcnow
 from impl.rag.types import (
     Chunk,
     Document,
@@ -70,30 +68,8 @@ DELETING = "deleting"
 _LIVE_STATUSES = ("pending", "ready")
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes in, aware UTC datetimes out, stored naive: SQLite keeps no zone and
-    the same column must compare alike on every backend."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
-
-
-class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
 
 class MetaRow(Base):
@@ -284,6 +260,12 @@ def _rowcount(result: Any) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
+def _delete_chunks(session: Session, document_ids: Sequence[str]) -> None:
+    """The documents' chunk rows and their postings, in one transaction."""
+    lexical.remove_documents(session, document_ids)
+    session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
+
+
 def _prepare_sqlite(engine: Engine) -> None:
     """WAL (readers never wait for the writer), a busy timeout, foreign keys, and explicit
     BEGIN statements: pysqlite's implicit transactions would start every write transaction as a
@@ -325,6 +307,22 @@ class Registry:
             raise ConfigurationError(
                 f"the registry has schema version {recorded}; this server uses {SCHEMA_VERSION}"
             )
+        self._index_earlier_chunks()
+
+    def _index_earlier_chunks(self) -> None:
+        """Once per registry: index the chunks stored before the lexical index existed (from
+        then on, every chunk row is indexed in the transaction that writes it)."""
+        try:
+            with self._write() as session:
+                # Claimed first: of several processes starting at once, one indexes.
+                session.add(MetaRow(key="lexical_index", value="bm25"))
+                session.flush()
+                rows = session.scalars(select(ChunkRow).order_by(ChunkRow.tenant)).all()
+                for tenant in {row.tenant for row in rows}:
+                    chunks = [_chunk(row) for row in rows if row.tenant == tenant]
+                    lexical.index_chunks(session, tenant, chunks)
+        except IntegrityError:
+            return  # indexed already, or by the process that claimed it first
 
     def close(self) -> None:
         self._engine.dispose()
@@ -532,7 +530,7 @@ class Registry:
     ) -> None:
         """Drop chunk rows a crashed run left for these documents and reset the progress."""
         with self._write() as session:
-            session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
+            _delete_chunks(session, document_ids)
             self._renew(session, job_id, owner, lease, chunks_done=0, chunks_total=total)
 
     def add_chunks(
@@ -562,6 +560,7 @@ class Registry:
                 )
                 for chunk in chunks
             )
+            lexical.index_chunks(session, doc.tenant, chunks)
             self._renew(session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(chunks))
             return True
 
@@ -584,7 +583,7 @@ class Registry:
         """Pending -> failed with ``reason``, dropping its chunk rows (the caller has already
         removed the vectors). False when the document was no longer pending."""
         with self._write() as session:
-            session.execute(delete(ChunkRow).where(ChunkRow.document_id == document_id))
+            _delete_chunks(session, [document_id])
             changed = session.execute(
                 update(DocumentRow)
                 .where(DocumentRow.id == document_id, DocumentRow.status == "pending")
@@ -862,6 +861,47 @@ class Registry:
                 if owner == tenant and status == "ready"
             }
 
+    def lexical_search(
+        self,
+        tenant: str,
+        query: str,
+        *,
+        limit: int,
+        document_ids: Collection[str] | None,
+        exclude_documents: Collection[str],
+    ) -> list[lexical.LexicalHit]:
+        with self._read() as session:
+            return lexical.search(
+                session,
+                tenant,
+                query,
+                limit=limit,
+                document_ids=document_ids,
+                exclude_documents=exclude_documents,
+            )
+
+    def get_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> dict[str, Chunk]:
+        """The tenant's chunks of these ids, by id."""
+        if not chunk_ids:
+            return {}
+        with self._read() as session:
+            rows = session.scalars(
+                select(ChunkRow).where(ChunkRow.id.in_(set(chunk_ids)), ChunkRow.tenant == tenant)
+            )
+            return {row.id: _chunk(row) for row in rows}
+
+    def ready_metadata(
+        self, tenant: str, document_ids: Collection[str] | None
+    ) -> dict[str, Metadata]:
+        """The metadata of the tenant's ready documents (of ``document_ids`` when given)."""
+        statement = select(DocumentRow.id, DocumentRow.metadata_).where(
+            DocumentRow.tenant == tenant, DocumentRow.status == "ready"
+        )
+        if document_ids is not None:
+            statement = statement.where(DocumentRow.id.in_(list(document_ids)))
+        with self._read() as session:
+            return {doc_id: metadata for doc_id, metadata in session.execute(statement)}
+
     # -- deleting -----------------------------------------------------------------------------
 
     def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
@@ -900,5 +940,5 @@ class Registry:
         """Last step of a deletion, chunk rows included (explicitly: a backend without foreign
         key enforcement would not cascade)."""
         with self._write() as session:
-            session.execute(delete(ChunkRow).where(ChunkRow.document_id == document_id))
+            _delete_chunks(session, [document_id])
             session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))

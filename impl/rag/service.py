@@ -33,10 +33,11 @@ from impl.rag.answers import AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
+from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText, ParseLimits, detect_media_type, extract_text
 from impl.rag.originals import LocalOriginalStore
 from impl.rag.registry import NewDocument, Registry, StoredObjects
-from impl.rag.store import VectorStore, validate_metadata
+from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
 from impl.rag.types import (
     NO_OBSERVER,
     Answer,
@@ -50,8 +51,11 @@ from impl.rag.types import (
     Job,
     Page,
     RetrievalEvent,
+    RetrievalOptions,
     SearchFilters,
     SearchHit,
+    Signal,
+    SignalScore,
     StageObserver,
     StoreCounts,
     Timings,
@@ -128,6 +132,55 @@ def derive_title(item: IngestItem, extracted: ExtractedText) -> str:
         if line.strip():
             return _clean_title(line)
     return "Untitled"
+
+
+DEFAULT_RETRIEVAL = RetrievalOptions()
+MAX_CANDIDATES = 200
+MAX_WEIGHT = 100.0
+MAX_RRF_K = 1000
+_Ranked = tuple[str, float, dict[Signal, SignalScore]]  # chunk id, score, explain
+
+
+def _check_retrieval(options: RetrievalOptions) -> None:
+    if options.mode not in ("dense", "lexical", "hybrid"):
+        raise InvalidInput("retrieval mode must be dense, lexical or hybrid")
+    weights = (options.dense_weight, options.lexical_weight)
+    if not all(math.isfinite(w) and 0 <= w <= MAX_WEIGHT for w in weights):
+        raise InvalidInput(f"retrieval weights must be between 0 and {MAX_WEIGHT:g}")
+    if options.mode == "hybrid" and not any(weights):
+        raise InvalidInput("hybrid retrieval needs a weight above 0")
+    if not 1 <= options.rrf_k <= MAX_RRF_K:
+        raise InvalidInput(f"rrf_k must be between 1 and {MAX_RRF_K}")
+    if not 1 <= options.candidates <= MAX_CANDIDATES:
+        raise InvalidInput(f"candidates must be between 1 and {MAX_CANDIDATES}")
+
+
+def _fuse(
+    options: RetrievalOptions, dense: list[ScoredChunk], lexical_hits: list[LexicalHit]
+) -> list[_Ranked]:
+    """The hits in the mode's order, each with its score and every signal's score and rank.
+    Hybrid is weighted reciprocal-rank fusion: sum over signals of weight / (rrf_k + rank);
+    ties go to the better dense rank, then the chunk id, so the order is stable."""
+    explain: dict[str, dict[Signal, SignalScore]] = {}
+    for rank, found in enumerate(dense, start=1):
+        explain.setdefault(found.chunk.id, {})["dense"] = SignalScore(found.score, rank)
+    for rank, hit in enumerate(lexical_hits, start=1):
+        explain.setdefault(hit.chunk_id, {})["lexical"] = SignalScore(hit.score, rank)
+    if options.mode != "hybrid":
+        signal: Signal = options.mode
+        return [(chunk_id, signals[signal].score, signals) for chunk_id, signals in explain.items()]
+    weights: dict[Signal, float] = {
+        "dense": options.dense_weight,
+        "lexical": options.lexical_weight,
+    }
+
+    def fused(signals: dict[Signal, SignalScore]) -> float:
+        return sum(weights[s] / (options.rrf_k + found.rank) for s, found in signals.items())
+
+    ranked = [(chunk_id, fused(signals), signals) for chunk_id, signals in explain.items()]
+    unranked = len(dense) + 1
+    ranked.sort(key=lambda r: (-r[1], r[2]["dense"].rank if "dense" in r[2] else unranked, r[0]))
+    return ranked
 
 
 class RagService:
@@ -374,31 +427,79 @@ class RagService:
         top_k: int,
         filters: SearchFilters | None = None,
         min_score: float | None = None,
+        retrieval: RetrievalOptions = DEFAULT_RETRIEVAL,
     ) -> list[SearchHit]:
+        """The ``top_k`` best passages of the tenant's ready documents for ``query``, best
+        first, as ``retrieval`` finds and orders them; ``min_score`` drops hits whose score
+        (of the mode: cosine, BM25 or fused) is lower."""
         if not query.strip():
             raise InvalidInput("the query is empty")
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}")
-        if min_score is not None and not (math.isfinite(min_score) and -1 <= min_score <= 1):
-            raise InvalidInput("min_score must be between -1 and 1")
+        if min_score is not None and not math.isfinite(min_score):
+            raise InvalidInput("min_score must be a finite number")
+        _check_retrieval(retrieval)
+        build_where(filters)  # refuses malformed filters in every mode
+        if filters is not None and filters.document_ids is not None and not filters.document_ids:
+            return []
         started = time.perf_counter()
-        vector = self._embeddings.embed_query(query)
-        embedded = time.perf_counter()
-        self._observer.observe("embedding", embedded - started)
+        vector = None
+        if retrieval.mode != "lexical":
+            vector = self._embeddings.embed_query(query)
+            self._observer.observe("embedding", time.perf_counter() - started)
+        retrieving = time.perf_counter()
+        depth = top_k if retrieval.mode != "hybrid" else max(top_k, retrieval.candidates)
+        use_lexical = retrieval.mode != "dense"
+        scope = self._lexical_scope(tenant, filters) if use_lexical else None
         excluded: set[str] = set()
         for _ in range(_SEARCH_ROUNDS):
-            found = self._store.query(tenant, vector, top_k, filters, excluded)
-            titles = self._registry.ready_titles(tenant, [f.chunk.document_id for f in found])
-            not_ready = {f.chunk.document_id for f in found} - titles.keys()
+            dense = []
+            if vector is not None:
+                dense = self._store.query(tenant, vector, depth, filters, excluded)
+            lexical_hits = []
+            if use_lexical:
+                lexical_hits = self._registry.lexical_search(
+                    tenant, query, limit=depth, document_ids=scope, exclude_documents=excluded
+                )
+            found = {hit.chunk.document_id for hit in dense} | {
+                hit.document_id for hit in lexical_hits
+            }
+            titles = self._registry.ready_titles(tenant, list(found))
+            not_ready = found - titles.keys()
             if not not_ready:
                 break
             excluded |= not_ready
-        self._observer.observe("retrieval", time.perf_counter() - embedded)
+        ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
+        chunks = {hit.chunk.id: hit.chunk for hit in dense}
+        chunks.update(
+            self._registry.get_chunks(tenant, [c for c, _, _ in ranked if c not in chunks])
+        )
+        self._observer.observe("retrieval", time.perf_counter() - retrieving)
         return [
-            SearchHit(chunk=f.chunk, document_title=titles[f.chunk.document_id], score=f.score)
-            for f in found
-            if f.chunk.document_id in titles and (min_score is None or f.score >= min_score)
+            SearchHit(
+                chunk=chunks[chunk_id],
+                document_title=titles[chunks[chunk_id].document_id],
+                score=score,
+                explain=explain,
+            )
+            for chunk_id, score, explain in ranked
+            if chunk_id in chunks
+            and chunks[chunk_id].document_id in titles
+            and (min_score is None or score >= min_score)
         ]
+
+    def _lexical_scope(self, tenant: str, filters: SearchFilters | None) -> set[str] | None:
+        """The documents the lexical index may return for these filters: None for all of the
+        tenant's. The postings hold no metadata, so metadata conditions are evaluated on the
+        registry's copy of each ready document's metadata."""
+        if filters is None or not filters.metadata:
+            return (
+                None
+                if filters is None or filters.document_ids is None
+                else set(filters.document_ids)
+            )
+        candidates = self._registry.ready_metadata(tenant, filters.document_ids)
+        return {doc_id for doc_id, metadata in candidates.items() if admits(filters, metadata)}
 
     def answer(
         self,
@@ -408,10 +509,16 @@ class RagService:
         top_k: int,
         filters: SearchFilters | None = None,
         min_score: float | None = None,
+        retrieval: RetrievalOptions = DEFAULT_RETRIEVAL,
     ) -> Answer:
         """The whole answer at once: stream_answer, run to its end."""
         *_, done = self.stream_answer(
-            tenant, question, top_k=top_k, filters=filters, min_score=min_score
+            tenant,
+            question,
+            top_k=top_k,
+            filters=filters,
+            min_score=min_score,
+            retrieval=retrieval,
         )
         assert isinstance(done, DoneEvent)  # stream_answer always ends with one
         return done.answer
@@ -424,6 +531,7 @@ class RagService:
         top_k: int,
         filters: SearchFilters | None = None,
         min_score: float | None = None,
+        retrieval: RetrievalOptions = DEFAULT_RETRIEVAL,
     ) -> Generator[AnswerEvent, None, None]:
         """The answer as it is made: a RetrievalEvent, TokenEvents whose texts concatenate to
         the answer, then a DoneEvent with the answer, its citations and timings.
@@ -433,11 +541,9 @@ class RagService:
         generation. The timings are wall-clock, so they include the time the reader spends
         between events."""
         started = time.perf_counter()
-        # Answers use only passages close enough to the question, so that a question the
-        # documents do not answer gets "not found" rather than the nearest unrelated passage.
-        if min_score is None:
-            min_score = self._settings.answer_min_score
-        hits = self.search(tenant, question, top_k=top_k, filters=filters, min_score=min_score)
+        hits = self.search(
+            tenant, question, top_k=top_k, filters=filters, min_score=min_score, retrieval=retrieval
+        )
         retrieved = time.perf_counter()
         yield RetrievalEvent(hits)
         answer = self._answers.stream(question, hits) if hits else _nothing_found()
@@ -449,7 +555,9 @@ class RagService:
                 answer=text,
                 citations=citations,
                 provider=self._answers.name,
-                found=bool(hits),
+                # The provider decides whether a passage answers: one that cites nothing
+                # found nothing.
+                found=bool(citations),
                 timings=Timings(
                     retrieval_ms=(retrieved - started) * 1000,
                     generation_ms=(finished - retrieved) * 1000,

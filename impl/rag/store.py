@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import re
 import threading
 from collections.abc import Collection as AbstractSet
@@ -320,6 +321,42 @@ def build_where(
     if not clauses:
         return None
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+
+def _same_value(stored: MetadataValue, wanted: MetadataValue) -> bool:
+    """JSON equality: numbers by value whatever their Python type, booleans only as
+    booleans (Python would take True for 1)."""
+    if isinstance(stored, bool) or isinstance(wanted, bool):
+        return type(stored) is type(wanted) and stored == wanted
+    if isinstance(stored, str) or isinstance(wanted, str):
+        return type(stored) is type(wanted) and stored == wanted
+    return stored == wanted
+
+
+def admits(filters: SearchFilters, metadata: Metadata) -> bool:
+    """Whether a document's metadata meets the filters' metadata conditions, evaluated as
+    ``build_where`` asks Chroma to (for the lexical index, which keeps no metadata)."""
+    for key, condition in filters.metadata.items():
+        if key not in metadata:
+            return False
+        stored = metadata[key]
+        if isinstance(condition, MetadataRange):
+            if isinstance(stored, bool) or not isinstance(stored, int | float):
+                return False
+            bounds = (
+                (condition.gt, operator.gt),
+                (condition.gte, operator.ge),
+                (condition.lt, operator.lt),
+                (condition.lte, operator.le),
+            )
+            if not all(test(stored, bound) for bound, test in bounds if bound is not None):
+                return False
+        elif isinstance(condition, list):
+            if not any(_same_value(stored, value) for value in condition):
+                return False
+        elif not _same_value(stored, condition):
+            return False
+    return True
 
 
 def _by_type(values: list[MetadataValue]) -> list[list[MetadataValue]]:

@@ -98,22 +98,21 @@ class SearchFilters:
 
 
 RetrievalMode = Literal["dense", "lexical", "hybrid"]
-Signal = Literal["dense", "lexical", "rerank"]
+Signal = Literal["dense", "lexical"]
 
 
 @dataclass(frozen=True)
 class RetrievalOptions:
     """How candidates are found and ordered. dense: cosine similarity of embeddings; lexical:
     BM25 over the chunks' words; hybrid: both, fused by weighted reciprocal rank (each list
-    contributes weight / (rrf_k + rank)). rerank: a cross-encoder reorders the fused
-    candidates. candidates: how many each index contributes before fusion."""
+    contributes weight / (rrf_k + rank)). candidates: how many each index contributes before
+    fusion. (No reranking: no cross-encoder ships inside a PyPI wheel to run offline.)"""
 
     mode: RetrievalMode = "hybrid"
     dense_weight: float = 1.0
     lexical_weight: float = 1.0
     rrf_k: int = 60
     candidates: int = 50
-    rerank: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ class SearchHit:
     chunk: Chunk
     document_title: str
     # The ordering score of the mode: cosine in [-1, 1] for dense, BM25 for lexical, the fused
-    # reciprocal-rank score for hybrid (or the reranker's score with rerank); higher is better.
+    # reciprocal-rank score for hybrid; higher is better.
     score: float
     # Each signal that found the hit, with its score and rank (the "explain" of the contract).
     explain: dict[Signal, SignalScore] = field(default_factory=dict)

@@ -21,7 +21,14 @@ from impl.errors import (
 )
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.service import NO_ANSWER, RagService
-from impl.rag.types import Document, IngestItem, Job, MetadataRange, SearchFilters
+from impl.rag.types import (
+    Document,
+    IngestItem,
+    Job,
+    MetadataRange,
+    RetrievalOptions,
+    SearchFilters,
+)
 from tests.documents import (
     CORPUS,
     make_corrupt_pdf,
@@ -42,6 +49,9 @@ from tests.rag.conftest import (
 
 TENANT = "acme"
 OTHER = "globex"
+# Every guarantee of search (tenancy, filters, readiness, deletion) holds in every mode.
+MODES = [RetrievalOptions(mode=mode) for mode in ("dense", "lexical", "hybrid")]
+every_mode = pytest.mark.parametrize("retrieval", MODES, ids=lambda r: r.mode)
 
 # One corpus document per file type, so every type is indexed and ranked end to end.
 FORMATS = {
@@ -134,9 +144,12 @@ def test_every_file_type_is_indexed(corpus: Corpus) -> None:
     )
 
 
-def test_each_question_ranks_its_document_first(corpus: Corpus) -> None:
+@every_mode
+def test_each_question_ranks_its_document_first(
+    corpus: Corpus, retrieval: RetrievalOptions
+) -> None:
     for key, doc in CORPUS.items():
-        hits = corpus.service.search(TENANT, doc.question, top_k=5)
+        hits = corpus.service.search(TENANT, doc.question, top_k=5, retrieval=retrieval)
         assert hits[0].chunk.document_id == corpus.ids[key], (key, hits[0])
         assert hits[0].document_title == doc.title
         assert hits == sorted(hits, key=lambda hit: hit.score, reverse=True)
@@ -162,16 +175,26 @@ def test_an_unanswerable_question_says_so(corpus: Corpus) -> None:
     assert answer.timings.generation_ms < answer.timings.total_ms
 
 
-def test_min_score_drops_weak_hits(corpus: Corpus) -> None:
-    hits = corpus.service.search(TENANT, CORPUS["rust"].question, top_k=10)
+@every_mode
+def test_min_score_drops_weak_hits(corpus: Corpus, retrieval: RetrievalOptions) -> None:
+    question = f"{CORPUS['rust'].question} saturn sourdough revolution photosynthesis"
+    hits = corpus.service.search(TENANT, question, top_k=10, retrieval=retrieval)
     cut = hits[1].score
-    kept = corpus.service.search(TENANT, CORPUS["rust"].question, top_k=10, min_score=cut)
+    kept = corpus.service.search(TENANT, question, top_k=10, min_score=cut, retrieval=retrieval)
     assert kept == [hit for hit in hits if hit.score >= cut]
 
 
-def test_search_filters(corpus: Corpus) -> None:
+@every_mode
+def test_search_filters(corpus: Corpus, retrieval: RetrievalOptions) -> None:
     def found(filters: SearchFilters) -> set[str]:
-        hits = corpus.service.search(TENANT, "history and science", top_k=20, filters=filters)
+        # Words of every document, so each mode finds each one unless a filter drops it.
+        hits = corpus.service.search(
+            TENANT,
+            "rust saturn sourdough revolution photosynthesis history science",
+            top_k=50,
+            filters=filters,
+            retrieval=retrieval,
+        )
         ids = {hit.chunk.document_id for hit in hits}
         return {key for key, doc_id in corpus.ids.items() if doc_id in ids}
 
@@ -192,11 +215,23 @@ def test_search_filters(corpus: Corpus) -> None:
         metadata={"science": False},
     )
     assert found(ids_filter) == {"rust"}
+    assert found(SearchFilters(metadata={"year": 2021})) == {"sourdough"}
+    assert found(SearchFilters(metadata={"year": "2021"})) == set()  # a string is no number
+    assert found(SearchFilters(metadata={"science": 1})) == set()  # nor a number a boolean
 
 
 def test_invalid_searches_are_refused(corpus: Corpus) -> None:
     service = corpus.service
-    for kwargs in ({"top_k": 0}, {"top_k": 51}, {"top_k": 5, "min_score": 1.5}):
+    for kwargs in (
+        {"top_k": 0},
+        {"top_k": 51},
+        {"top_k": 5, "min_score": float("nan")},
+        {"top_k": 5, "retrieval": RetrievalOptions(mode="fuzzy")},  # type: ignore[arg-type]
+        {"top_k": 5, "retrieval": RetrievalOptions(dense_weight=0, lexical_weight=0)},
+        {"top_k": 5, "retrieval": RetrievalOptions(dense_weight=-1)},
+        {"top_k": 5, "retrieval": RetrievalOptions(rrf_k=0)},
+        {"top_k": 5, "retrieval": RetrievalOptions(candidates=201)},
+    ):
         with pytest.raises(InvalidInput):
             service.search(TENANT, "bread", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
@@ -208,7 +243,8 @@ def test_invalid_searches_are_refused(corpus: Corpus) -> None:
 def test_tenants_are_isolated(corpus: Corpus) -> None:
     service = corpus.service
     doc_id = corpus.ids["saturn"]
-    assert service.search(OTHER, CORPUS["saturn"].question, top_k=50) == []
+    for retrieval in MODES:
+        assert service.search(OTHER, CORPUS["saturn"].question, top_k=50, retrieval=retrieval) == []
     assert not service.answer(OTHER, CORPUS["saturn"].question, top_k=5).found
     assert service.list_documents(OTHER, limit=100, cursor=None).items == []
     unknown = "doc_does_not_exist"
@@ -426,9 +462,11 @@ def test_delete_removes_vectors_chunks_and_original(service: RagService, data_di
         service.list_chunks(TENANT, saturn_id, limit=5, cursor=None)
     with pytest.raises(NotFound):
         service.delete_document(TENANT, saturn_id)
-    hits = service.search(TENANT, saturn.question, top_k=50)
-    assert hits and all(hit.chunk.document_id == bread_id for hit in hits)
-    assert not any("Titan" in hit.chunk.text for hit in hits)
+    for retrieval in MODES:
+        question = f"Titan {saturn.question} bread"
+        hits = service.search(TENANT, question, top_k=50, retrieval=retrieval)
+        assert hits and all(hit.chunk.document_id == bread_id for hit in hits), retrieval
+        assert not any("Titan" in hit.chunk.text for hit in hits)
     assert [d.id for d in service.list_documents(TENANT, limit=10, cursor=None).items] == [bread_id]
     assert {p for p in (data_dir / "originals").rglob("*") if p.is_file()} == stored_before
     assert service.search(OTHER, saturn.question, top_k=1)
@@ -535,7 +573,10 @@ def test_inconsistent_chunk_settings_stop_start_up(
     RagService(make_settings(data_dir, chunk_tokens=16, chunk_overlap_tokens=4), embeddings).close()
 
 
-def test_documents_being_indexed_never_appear_in_search(make_service: ServiceFactory) -> None:
+@every_mode
+def test_documents_being_indexed_never_appear_in_search(
+    make_service: ServiceFactory, retrieval: RetrievalOptions
+) -> None:
     service = make_service(chunk_tokens=32, chunk_overlap_tokens=0)
     ready = ingest(service, TENANT, [text_item("A small note about crates in a warehouse.")])
     job = service.submit_ingest(TENANT, [text_item(long_text(300))])
@@ -545,9 +586,10 @@ def test_documents_being_indexed_never_appear_in_search(make_service: ServiceFac
         time.sleep(0.005)
     # The pending document's chunks are the nearest: they are excluded, and the search is
     # repeated without them, so the ready document still fills the result.
-    hits = service.search(TENANT, "which crate of the warehouse holds widgets", top_k=3)
+    question = "which crate of the warehouse holds widgets"
+    hits = service.search(TENANT, question, top_k=3, retrieval=retrieval)
     assert service.get_job(TENANT, job.id).status == "running"
     assert [hit.chunk.document_id for hit in hits] == ready.document_ids
     service.wait_for_job(TENANT, job.id, 120)
-    hits = service.search(TENANT, "which crate of the warehouse holds widgets", top_k=3)
+    hits = service.search(TENANT, question, top_k=3, retrieval=retrieval)
     assert job.document_ids[0] in {hit.chunk.document_id for hit in hits}

@@ -33,12 +33,17 @@ from .rate_limit_overrides import RateLimitOverrides
 from .readiness import Readiness
 from .readiness_components import ReadinessComponents
 from .readiness_status import ReadinessStatus
+from .retrieval import Retrieval
+from .retrieval_mode import RetrievalMode
+from .retrieval_weights import RetrievalWeights
 from .scope import Scope
+from .search_explain import SearchExplain
 from .search_filters import SearchFilters
 from .search_filters_metadata import SearchFiltersMetadata
 from .search_request import SearchRequest
 from .search_response import SearchResponse
 from .search_result import SearchResult
+from .signal_score import SignalScore
 from .stream_event_type_0 import StreamEventType0
 from .stream_event_type_1 import StreamEventType1
 from .stream_event_type_2 import StreamEventType2
@@ -79,12 +84,17 @@ __all__ = (
     "Readiness",
     "ReadinessComponents",
     "ReadinessStatus",
+    "Retrieval",
+    "RetrievalMode",
+    "RetrievalWeights",
     "Scope",
+    "SearchExplain",
     "SearchFilters",
     "SearchFiltersMetadata",
     "SearchRequest",
     "SearchResponse",
     "SearchResult",
+    "SignalScore",
     "StreamEventType0",
     "StreamEventType1",
     "StreamEventType2",

@@ -10,6 +10,7 @@ from attrs import define as _attrs_define
 from ..types import UNSET, Unset
 
 if TYPE_CHECKING:
+    from ..models.retrieval import Retrieval
     from ..models.search_filters import SearchFilters
 
 
@@ -27,12 +28,23 @@ class QueryRequest:
         top_k (int | Unset):  Default: 5.
         filters (SearchFilters | Unset):  Example: {'document_ids': ['doc_c9f0f895fb98ab91'], 'metadata': {'team':
             'kitchen', 'year': {'gte': 2025}, 'lang': {'in': ['en', 'fr']}}}.
-        min_score (float | Unset):
+        retrieval (Retrieval | Unset): How passages are found and ordered. `dense`: cosine similarity of the question's
+            and the passages' embeddings (finds paraphrases). `lexical`: BM25 over the passages' words, with identifiers
+            (`os.path.join`, `snake_case`, `CamelCase`, `--flag`, `E1234`) kept whole as well as split into words (finds
+            names, codes and flags). `hybrid`: both, fused by weighted reciprocal rank: a passage scores the sum, over the
+            signals that found it among their first `candidates`, of weight / (`rrf_k` + its rank there). The defaults were
+            chosen by measurement on the labelled set in the repository (docs/retrieval.md). There is no reranker: no cross-
+            encoder ships inside a package that runs offline. Example: {'mode': 'hybrid', 'weights': {'dense': 1, 'lexical':
+            1}, 'rrf_k': 60, 'candidates': 50}.
+        min_score (float | Unset): Answer only from passages whose `score` is at least this (see SearchRequest). Without
+            it the answer provider judges whether a retrieved passage answers the question, and answers "not found" (`found:
+            false`) when none does.
     """
 
     question: str
     top_k: int | Unset = 5
     filters: SearchFilters | Unset = UNSET
+    retrieval: Retrieval | Unset = UNSET
     min_score: float | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,6 +55,10 @@ class QueryRequest:
         filters: dict[str, Any] | Unset = UNSET
         if not isinstance(self.filters, Unset):
             filters = self.filters.to_dict()
+
+        retrieval: dict[str, Any] | Unset = UNSET
+        if not isinstance(self.retrieval, Unset):
+            retrieval = self.retrieval.to_dict()
 
         min_score = self.min_score
 
@@ -57,6 +73,8 @@ class QueryRequest:
             field_dict["top_k"] = top_k
         if filters is not UNSET:
             field_dict["filters"] = filters
+        if retrieval is not UNSET:
+            field_dict["retrieval"] = retrieval
         if min_score is not UNSET:
             field_dict["min_score"] = min_score
 
@@ -64,6 +82,7 @@ class QueryRequest:
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
+        from ..models.retrieval import Retrieval
         from ..models.search_filters import SearchFilters
 
         d = dict(src_dict)
@@ -78,12 +97,20 @@ class QueryRequest:
         else:
             filters = SearchFilters.from_dict(_filters)
 
+        _retrieval = d.pop("retrieval", UNSET)
+        retrieval: Retrieval | Unset
+        if isinstance(_retrieval, Unset):
+            retrieval = UNSET
+        else:
+            retrieval = Retrieval.from_dict(_retrieval)
+
         min_score = d.pop("min_score", UNSET)
 
         query_request = cls(
             question=question,
             top_k=top_k,
             filters=filters,
+            retrieval=retrieval,
             min_score=min_score,
         )
 

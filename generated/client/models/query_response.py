@@ -29,7 +29,7 @@ class QueryResponse:
 
     Attributes:
         answer (str):
-        found (bool): False when no passage was relevant; the answer then says so.
+        found (bool): False when no retrieved passage answers the question; the answer then says so and cites nothing.
         citations (list[Citation]):
         provider (QueryResponseProvider): The answer provider that wrote the answer.
         timings (Timings):

@@ -20,7 +20,8 @@ class SearchResponse:
     Example:
         {'results': [{'document_id': 'doc_c9f0f895fb98ab91', 'document_title': 'Sourdough notes', 'chunk_id':
             'doc_c9f0f895fb98ab91-3', 'chunk_index': 3, 'text': 'Feed the starter once a day with equal weights of flour and
-            water.', 'score': 0.71, 'page': 2, 'start_char': 2810, 'end_char': 2876}]}
+            water.', 'score': 0.0325, 'explain': {'dense': {'score': 0.71, 'rank': 1}, 'lexical': {'score': 7.93, 'rank':
+            2}}, 'page': 2, 'start_char': 2810, 'end_char': 2876}]}
 
     Attributes:
         results (list[SearchResult]):

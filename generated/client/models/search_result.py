@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from attrs import define as _attrs_define
+
+if TYPE_CHECKING:
+    from ..models.search_explain import SearchExplain
+
 
 T = TypeVar("T", bound="SearchResult")
 
@@ -16,7 +20,8 @@ class SearchResult:
     Example:
         {'document_id': 'doc_c9f0f895fb98ab91', 'document_title': 'Sourdough notes', 'chunk_id':
             'doc_c9f0f895fb98ab91-3', 'chunk_index': 3, 'text': 'Feed the starter once a day with equal weights of flour and
-            water.', 'score': 0.71, 'page': 2, 'start_char': 2810, 'end_char': 2876}
+            water.', 'score': 0.0325, 'explain': {'dense': {'score': 0.71, 'rank': 1}, 'lexical': {'score': 7.93, 'rank':
+            2}}, 'page': 2, 'start_char': 2810, 'end_char': 2876}
 
     Attributes:
         document_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -24,7 +29,10 @@ class SearchResult:
         chunk_id (str):  Example: doc_c9f0f895fb98ab91.
         chunk_index (int):
         text (str):
-        score (float): Cosine similarity to the query; higher is closer.
+        score (float): The score the passages are ordered by, higher is better: the cosine for `dense`, BM25 for
+            `lexical`, the fused reciprocal-rank score for `hybrid`.
+        explain (SearchExplain): The signals that found the passage, each with its score and rank. Example: {'dense':
+            {'score': 0.71, 'rank': 1}, 'lexical': {'score': 7.93, 'rank': 2}}.
         page (int | None):
         start_char (int):
         end_char (int):
@@ -36,6 +44,7 @@ class SearchResult:
     chunk_index: int
     text: str
     score: float
+    explain: SearchExplain
     page: int | None
     start_char: int
     end_char: int
@@ -52,6 +61,8 @@ class SearchResult:
         text = self.text
 
         score = self.score
+
+        explain = self.explain.to_dict()
 
         page: int | None
         page = self.page
@@ -70,6 +81,7 @@ class SearchResult:
                 "chunk_index": chunk_index,
                 "text": text,
                 "score": score,
+                "explain": explain,
                 "page": page,
                 "start_char": start_char,
                 "end_char": end_char,
@@ -80,6 +92,8 @@ class SearchResult:
 
     @classmethod
     def from_dict(cls, src_dict: Mapping[str, Any]) -> Self:
+        from ..models.search_explain import SearchExplain
+
         d = dict(src_dict)
         document_id = d.pop("document_id")
 
@@ -92,6 +106,8 @@ class SearchResult:
         text = d.pop("text")
 
         score = d.pop("score")
+
+        explain = SearchExplain.from_dict(d.pop("explain"))
 
         def _parse_page(data: object) -> int | None:
             if data is None:
@@ -111,6 +127,7 @@ class SearchResult:
             chunk_index=chunk_index,
             text=text,
             score=score,
+            explain=explain,
             page=page,
             start_char=start_char,
             end_char=end_char,

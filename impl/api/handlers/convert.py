@@ -69,7 +69,25 @@ def search_result(hit: types.SearchHit) -> models.SearchResult:
         chunk_index=hit.chunk.index,
         text=hit.chunk.text,
         score=hit.score,
+        explain=models.SearchExplain.model_validate(
+            {name: vars(found) for name, found in hit.explain.items()}
+        ),
         page=hit.chunk.page,
         start_char=hit.chunk.start_char,
         end_char=hit.chunk.end_char,
+    )
+
+
+def retrieval(value: models.Retrieval | MISSING) -> types.RetrievalOptions:
+    """The request's retrieval options; what it leaves out takes the contract's defaults,
+    which are RetrievalOptions' own."""
+    if value is MISSING:
+        return types.RetrievalOptions()
+    weights = value.weights if value.weights is not MISSING else models.RetrievalWeights()
+    return types.RetrievalOptions(
+        mode=value.mode,
+        dense_weight=weights.dense,
+        lexical_weight=weights.lexical,
+        rrf_k=value.rrf_k,
+        candidates=value.candidates,
     )

@@ -26,6 +26,7 @@ async def search_chunks(
             top_k=body.top_k,
             filters=search_filters,
             min_score=given(body.min_score),
+            retrieval=convert.retrieval(body.retrieval),
         )
     )
     results = [convert.search_result(hit) for hit in hits]
@@ -43,6 +44,7 @@ async def query_documents(
             top_k=body.top_k,
             filters=search_filters,
             min_score=given(body.min_score),
+            retrieval=convert.retrieval(body.retrieval),
         )
     )
     return reply(models.QueryResponse.model_validate(answer, from_attributes=True))

@@ -44,6 +44,7 @@ async def stream_query(
         top_k=body.top_k,
         filters=convert.filters(body.filters),
         min_score=given(body.min_score),
+        retrieval=convert.retrieval(body.retrieval),
     )
     # The first event is awaited here, so an error found before the stream starts is an
     # ordinary problem response with its own status.

@@ -1,0 +1,187 @@
+"""The lexical index: BM25 over the chunks' terms, as tables of the registry's database.
+
+A postings table in SQL, not an engine of its own, so the index is wherever the registry is:
+the embedded SQLite file, or the PostgreSQL every API process and worker shares. Postings are
+written and removed in the same transactions as the chunk rows they index, which the vectors
+precede (jobs.py): the lexical index never holds a chunk the registry does not.
+
+BM25 is computed exactly (Robertson's weighting with Lucene's non-negative IDF):
+
+    score(q, c) = sum over distinct terms t of q and c of
+                  idf(t) * tf(t, c) * (k1 + 1) / (tf(t, c) + k1 * (1 - b + b * len(c) / avglen))
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
+
+N, df and avglen are the tenant's, over every chunk it holds (those of documents still being
+indexed included; the service's ready guard removes their hits, not their statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    CursorResult,
+    Index,
+    Integer,
+    String,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from impl.rag.db import Base
+from impl.rag.terms import terms
+from impl.rag.types import Chunk
+
+K1 = 1.2
+B = 0.75
+
+
+class PostingRow(Base):
+    """One term of one chunk: how often it occurs there, and the chunk's length in terms (kept
+    on every posting so that scoring reads postings only)."""
+
+    __tablename__ = "lexical_postings"
+    tenant: Mapped[str] = mapped_column(String(256), primary_key=True)
+    term: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chunk_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    document_id: Mapped[str] = mapped_column(String(64))
+    frequency: Mapped[int] = mapped_column(Integer)
+    chunk_terms: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_lexical_postings_document", "document_id"),)
+
+
+class LexicalStatsRow(Base):
+    """A tenant's chunk count and total length in terms: BM25's N and average length."""
+
+    __tablename__ = "lexical_stats"
+    tenant: Mapped[str] = mapped_column(String(256), primary_key=True)
+    chunks: Mapped[int] = mapped_column(Integer)
+    terms: Mapped[int] = mapped_column(Integer)
+
+
+@dataclass(frozen=True)
+class LexicalHit:
+    chunk_id: str
+    document_id: str
+    score: float
+
+
+def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None:
+    """Add the chunks' postings and count them in the tenant's statistics."""
+    postings: list[dict[str, Any]] = []
+    total_terms = 0
+    for chunk in chunks:
+        counts = Counter(terms(chunk.text))
+        length = sum(counts.values())
+        total_terms += length
+        postings.extend(
+            {
+                "tenant": tenant,
+                "term": term,
+                "chunk_id": chunk.id,
+                "document_id": chunk.document_id,
+                "frequency": frequency,
+                "chunk_terms": length,
+            }
+            for term, frequency in counts.items()
+        )
+    if postings:
+        session.execute(insert(PostingRow), postings)
+    _count(session, tenant, len(chunks), total_terms)
+
+
+def remove_documents(session: Session, document_ids: Collection[str]) -> None:
+    """Remove the postings of these documents' chunks and uncount them from their tenants'
+    statistics; the caller deletes the chunk rows in the same transaction."""
+    if not document_ids:
+        return
+    ids = list(document_ids)
+    removed = session.execute(
+        select(
+            PostingRow.tenant,
+            func.count(func.distinct(PostingRow.chunk_id)),
+            func.sum(PostingRow.frequency),
+        )
+        .where(PostingRow.document_id.in_(ids))
+        .group_by(PostingRow.tenant)
+    ).all()
+    session.execute(delete(PostingRow).where(PostingRow.document_id.in_(ids)))
+    for tenant, chunks, total_terms in removed:
+        _count(session, tenant, -int(chunks), -int(total_terms))
+
+
+def _count(session: Session, tenant: str, chunks: int, total_terms: int) -> None:
+    if chunks == 0 and total_terms == 0:
+        return
+    changed = session.execute(
+        update(LexicalStatsRow)
+        .where(LexicalStatsRow.tenant == tenant)
+        .values(chunks=LexicalStatsRow.chunks + chunks, terms=LexicalStatsRow.terms + total_terms)
+    )
+    if typing.cast(CursorResult[Any], changed).rowcount == 0:
+        session.add(LexicalStatsRow(tenant=tenant, chunks=chunks, terms=total_terms))
+        session.flush()
+
+
+def search(
+    session: Session,
+    tenant: str,
+    query: str,
+    *,
+    limit: int,
+    document_ids: Collection[str] | None,
+    exclude_documents: Collection[str],
+) -> list[LexicalHit]:
+    """The ``limit`` chunks of the tenant with the highest BM25 for ``query``, best first;
+    only of ``document_ids`` when given, never of ``exclude_documents``."""
+    query_terms = sorted(set(terms(query)))
+    stats = session.get(LexicalStatsRow, tenant)
+    if not query_terms or stats is None or stats.chunks <= 0 or document_ids == set():
+        return []
+    frequencies = dict(
+        session.execute(
+            select(PostingRow.term, func.count())
+            .where(PostingRow.tenant == tenant, PostingRow.term.in_(query_terms))
+            .group_by(PostingRow.term)
+        ).all()
+    )
+    if not frequencies:
+        return []
+    idf = {
+        term: math.log(1 + (stats.chunks - df + 0.5) / (df + 0.5))
+        for term, df in frequencies.items()
+    }
+    average_length = max(stats.terms / stats.chunks, 1.0)
+    frequency = PostingRow.frequency * 1.0  # real arithmetic on every backend
+    saturation = (
+        frequency
+        * (K1 + 1)
+        / (frequency + K1 * (1 - B + B * PostingRow.chunk_terms / average_length))
+    )
+    score = func.sum(case(idf, value=PostingRow.term) * saturation).label("score")
+    statement = (
+        select(PostingRow.chunk_id, PostingRow.document_id, score)
+        .where(PostingRow.tenant == tenant, PostingRow.term.in_(list(idf)))
+        .group_by(PostingRow.chunk_id, PostingRow.document_id)
+        .order_by(score.desc(), PostingRow.chunk_id)
+        .limit(limit)
+    )
+    if document_ids is not None:
+        statement = statement.where(PostingRow.document_id.in_(list(document_ids)))
+    if exclude_documents:
+        statement = statement.where(PostingRow.document_id.not_in(list(exclude_documents)))
+    return [
+        LexicalHit(chunk_id=chunk_id, document_id=document_id, score=float(value))
+        for chunk_id, document_id, value in session.execute(statement)
+    ]
