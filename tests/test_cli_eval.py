@@ -67,6 +67,7 @@ def test_eval_in_process_and_over_http_measure_the_same(tmp_path: Path) -> None:
     assert dense["questions"] == answerable
     assert f"{dense['ndcg_at_10']:.3f}" == rows[("dense", "all")][4]
     assert figures["answers"]["answerable"] == answerable
+    assert [q["id"] for q in figures["questions"]] == [q["id"] for q in chosen]
 
     server = start_server(tmp_path / "data", **UNLIMITED)
     try:
@@ -90,6 +91,7 @@ def test_eval_in_process_and_over_http_measure_the_same(tmp_path: Path) -> None:
     over_http = json.loads((tmp_path / "remote.json").read_text())
     assert over_http["retrieval"] == figures["retrieval"]
     assert over_http["answers"] == figures["answers"]
+    assert over_http["questions"] == figures["questions"]
     assert over_http["chunks"] == figures["chunks"]
 
 

@@ -19,7 +19,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, get_args
@@ -315,6 +315,20 @@ class AnswerScores:
 
 
 @dataclass(frozen=True)
+class QuestionResult:
+    """One question's outcome, for finding what to fix."""
+
+    id: str
+    kind: str
+    # Per mode, the 1-based rank of the first relevant chunk among the results (None: none).
+    first_relevant: dict[str, int | None]
+    answer: str
+    found: bool
+    contains_answer: bool | None  # None for an unanswerable question
+    cites_document: bool | None
+
+
+@dataclass(frozen=True)
 class Report:
     top_k: int
     documents: int
@@ -322,6 +336,7 @@ class Report:
     retrieval: dict[str, RetrievalScores]
     by_kind: dict[str, dict[str, RetrievalScores]]
     answers: AnswerScores
+    questions: list[QuestionResult]
     # Answerable questions whose passage marker no chunk holds: a label to fix.
     unjudged: list[str] = field(default_factory=list)
 
@@ -333,44 +348,68 @@ def evaluate(
     judgments = judge(questions, passages)
     answerable = [q for q in questions if q.answerable]
     kinds = sorted({q.kind for q in answerable})
-    retrieval: dict[str, RetrievalScores] = {}
-    by_kind: dict[str, dict[str, RetrievalScores]] = {}
-    for mode in modes:
-        run = {q.id: ranked(target.search(q.question, mode, top_k)) for q in answerable}
-        retrieval[mode] = score_run(judgments, run)
-        by_kind[mode] = {
-            kind: score_run({q.id: judgments[q.id] for q in answerable if q.kind == kind}, run)
-            for kind in kinds
-        }
+    runs = {
+        mode: {q.id: ranked(target.search(q.question, mode, top_k)) for q in answerable}
+        for mode in modes
+    }
+    results = [
+        outcome(q, target.answer(q.question), judgments.get(q.id, {}), runs) for q in questions
+    ]
     return Report(
         top_k=top_k,
         documents=len({p.document for p in passages}),
         chunks=len(passages),
-        retrieval=retrieval,
-        by_kind=by_kind,
-        answers=score_answers(target, questions),
+        retrieval={mode: score_run(judgments, run) for mode, run in runs.items()},
+        by_kind={
+            mode: {
+                kind: score_run({q.id: judgments[q.id] for q in answerable if q.kind == kind}, run)
+                for kind in kinds
+            }
+            for mode, run in runs.items()
+        },
+        answers=score_answers(results),
+        questions=results,
         unjudged=[qid for qid, relevant in judgments.items() if not relevant],
     )
 
 
-def score_answers(target: Target, questions: Sequence[Question]) -> AnswerScores:
-    contains = cites = answerable = unanswerable = not_found = 0
-    for q in questions:
-        given = target.answer(q.question)
-        if q.answerable:
-            answerable += 1
-            contains += normalise(q.answer or "").lower() in normalise(given.text).lower()
-            cites += q.document in given.cited_documents
-        else:
-            unanswerable += 1
-            not_found += not given.found
-    return AnswerScores(
-        answerable=answerable,
-        unanswerable=unanswerable,
-        contains_answer=contains / answerable if answerable else 0.0,
-        cites_document=cites / answerable if answerable else 0.0,
-        not_found=not_found / unanswerable if unanswerable else 0.0,
+def outcome(
+    q: Question, given: GivenAnswer, relevant: dict[str, int], runs: dict[RetrievalMode, Run]
+) -> QuestionResult:
+    first_relevant: dict[str, int | None] = {}
+    for mode, run in runs.items():
+        ranks = [rank for rank, chunk in enumerate(run.get(q.id, {}), 1) if chunk in relevant]
+        first_relevant[mode] = ranks[0] if ranks else None
+    return QuestionResult(
+        id=q.id,
+        kind=q.kind,
+        first_relevant=first_relevant,
+        answer=given.text,
+        found=given.found,
+        contains_answer=(
+            normalise(q.answer or "").lower() in normalise(given.text).lower()
+            if q.answerable
+            else None
+        ),
+        cites_document=q.document in given.cited_documents if q.answerable else None,
     )
+
+
+def score_answers(results: Sequence[QuestionResult]) -> AnswerScores:
+    answerable = [r for r in results if r.contains_answer is not None]
+    unanswerable = [r for r in results if r.contains_answer is None]
+    return AnswerScores(
+        answerable=len(answerable),
+        unanswerable=len(unanswerable),
+        contains_answer=_share(r.contains_answer for r in answerable),
+        cites_document=_share(r.cites_document for r in answerable),
+        not_found=_share(not r.found for r in unanswerable),
+    )
+
+
+def _share(flags: Iterable[bool | None]) -> float:
+    values = list(flags)
+    return sum(bool(v) for v in values) / len(values) if values else 0.0
 
 
 def as_json(report: Report) -> dict[str, Any]:

@@ -136,6 +136,17 @@ def test_the_shipped_set_is_measured_whole(shipped: Report) -> None:
         assert sum(s.questions for s in shipped.by_kind[mode].values()) == answerable
     assert shipped.answers.answerable == answerable
     assert shipped.answers.unanswerable == len(QUESTIONS) - answerable
+    assert [r.id for r in shipped.questions] == [q.id for q in QUESTIONS]
+
+
+def test_the_library_and_the_per_question_ranks_agree(shipped: Report) -> None:
+    """hit@1 and MRR@10 recomputed from each question's first relevant rank."""
+    for mode in MODES:
+        firsts = [r.first_relevant[mode] for r in shipped.questions if r.kind != "unanswerable"]
+        scores = shipped.retrieval[mode]
+        assert scores.hit_at_1 == pytest.approx(sum(f == 1 for f in firsts) / len(firsts))
+        reciprocal = [1 / f if f is not None and f <= 10 else 0.0 for f in firsts]
+        assert scores.mrr_at_10 == pytest.approx(sum(reciprocal) / len(firsts))
 
 
 def test_hybrid_ranks_at_least_as_well_as_each_single_mode(shipped: Report) -> None:
