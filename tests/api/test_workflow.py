@@ -27,6 +27,7 @@ from tests.documents import (
 )
 
 API = "/api/v1"
+MODES = ["dense", "lexical", "hybrid"]
 # One corpus document per supported type, uploaded under a misleading name where it helps
 # show that content, not the name, decides the type.
 UPLOADS = {
@@ -120,31 +121,58 @@ def test_the_right_document_answers_each_question(
         assert any(quote in chunk["text"] for chunk in chunks)
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_search_ranks_the_right_document_first(
-    http: httpx.Client, ingested: dict[str, dict[str, Any]]
+    http: httpx.Client, ingested: dict[str, dict[str, Any]], mode: str
 ) -> None:
     for key, document in ingested.items():
-        results = http.post(
-            f"{API}/search", json={"query": CORPUS[key].question, "top_k": 3}
-        ).json()["results"]
+        body = {"query": CORPUS[key].question, "top_k": 3, "retrieval": {"mode": mode}}
+        results = http.post(f"{API}/search", json=body).json()["results"]
         assert results[0]["document_id"] == document["id"], key
         assert results == sorted(results, key=lambda r: -r["score"])
+        # Each hit says which signals found it, with their own scores and ranks.
+        for result in results:
+            signals = result["explain"]
+            assert signals and set(signals) <= {"dense", "lexical"}
+            if mode != "hybrid":
+                assert set(signals) == {mode}
+                assert signals[mode]["score"] == result["score"]
 
 
-def test_metadata_filters_narrow_the_search(
+def test_hybrid_is_the_default_and_weights_change_the_order(
     http: httpx.Client, ingested: dict[str, dict[str, Any]]
 ) -> None:
-    question = CORPUS["rust"].question
-    matching = {"metadata": {"team": "science", "year": {"gte": 2020}}}
-    assert http.post(f"{API}/search", json={"query": question, "filters": matching}).json()[
-        "results"
-    ]
-    other = {"metadata": {"team": {"in": ["kitchen", "legal"]}}}
-    none = http.post(f"{API}/search", json={"query": question, "filters": other}).json()
-    assert none["results"] == []
-    only = {"document_ids": [ingested["saturn"]["id"]]}
-    results = http.post(f"{API}/search", json={"query": question, "filters": only}).json()
-    assert {r["document_id"] for r in results["results"]} == {ingested["saturn"]["id"]}
+    query = {"query": CORPUS["saturn"].question, "top_k": 10}
+    default = http.post(f"{API}/search", json=query).json()["results"]
+    hybrid = http.post(f"{API}/search", json={**query, "retrieval": {"mode": "hybrid"}}).json()
+    assert default == hybrid["results"]
+    assert any(set(r["explain"]) == {"dense", "lexical"} for r in default)
+    dense = http.post(f"{API}/search", json={**query, "retrieval": {"mode": "dense"}}).json()
+    dense_only = {"mode": "hybrid", "weights": {"dense": 1, "lexical": 0}}
+    weighted = http.post(f"{API}/search", json={**query, "retrieval": dense_only}).json()
+    dense_ids = [r["chunk_id"] for r in dense["results"]]
+    assert [r["chunk_id"] for r in weighted["results"]][: len(dense_ids)] == dense_ids
+    refused = http.post(
+        f"{API}/search", json={**query, "retrieval": {"weights": {"dense": 0, "lexical": 0}}}
+    )
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_metadata_filters_narrow_the_search(
+    http: httpx.Client, ingested: dict[str, dict[str, Any]], mode: str
+) -> None:
+    def search(filters: dict[str, Any]) -> list[dict[str, Any]]:
+        body = {"query": question, "filters": filters, "retrieval": {"mode": mode}}
+        results: list[dict[str, Any]] = http.post(f"{API}/search", json=body).json()["results"]
+        return results
+
+    question = f"{CORPUS['rust'].question} Saturn"
+    assert search({"metadata": {"team": "science", "year": {"gte": 2020}}})
+    assert search({"metadata": {"team": {"in": ["kitchen", "legal"]}}}) == []
+    only = search({"document_ids": [ingested["saturn"]["id"]]})
+    assert {r["document_id"] for r in only} == {ingested["saturn"]["id"]}
 
 
 def test_pdf_chunks_keep_their_pages_and_offsets(
@@ -257,11 +285,15 @@ def test_deleted_documents_are_gone_everywhere(
     assert http.get(f"{API}/documents/{document['id']}/chunks").status_code == 404
     assert http.delete(f"{API}/documents/{document['id']}").status_code == 404
     assert chroma_ids(chroma_url, document["id"]) == []
-    results = http.post(
-        f"{API}/search", json={"query": CORPUS["sourdough"].question, "top_k": 50}
-    ).json()["results"]
-    assert document["id"] not in {r["document_id"] for r in results}
-    answer = http.post(f"{API}/query", json={"question": CORPUS["sourdough"].question}).json()
-    assert document["id"] not in {c["document_id"] for c in answer["citations"]}
+    for mode in MODES:
+        query = {"top_k": 50, "retrieval": {"mode": mode}}
+        results = http.post(
+            f"{API}/search", json={"query": CORPUS["sourdough"].question, **query}
+        ).json()["results"]
+        assert document["id"] not in {r["document_id"] for r in results}, mode
+        answer = http.post(
+            f"{API}/query", json={"question": CORPUS["sourdough"].question, **query}
+        ).json()
+        assert document["id"] not in {c["document_id"] for c in answer["citations"]}, mode
     originals = Path(stack.data_dir) / "originals"
     assert not [p for p in originals.rglob(document["sha256"]) if p.is_file()]
