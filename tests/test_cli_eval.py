@@ -47,10 +47,14 @@ def test_eval_in_process_and_over_http_measure_the_same(tmp_path: Path) -> None:
     docs, questions, chosen = small_set(tmp_path)
     answerable = sum(q["answerable"] for q in chosen)
 
-    local = ragapi_eval(str(questions), "--docs", str(docs), "--json", str(tmp_path / "local.json"))
+    fusion = ("--weights", "2,1", "--rrf-k", "20")
+    local = ragapi_eval(
+        str(questions), "--docs", str(docs), *fusion, "--json", str(tmp_path / "local.json")
+    )
     assert local.returncode == 0, local.stderr
     table = local.stdout.splitlines()
     assert table[0].startswith(f"{len(PAGES)} documents, ")
+    assert table[0].endswith("hybrid: weights 2 dense, 1 lexical, rrf_k 20, 50 candidates")
     assert table[1].split() == [
         "mode", "kind", "n", "hit@1", "hit@5", "mrr@10", "ndcg@10", "recall@10"
     ]  # fmt: skip
@@ -62,6 +66,7 @@ def test_eval_in_process_and_over_http_measure_the_same(tmp_path: Path) -> None:
 
     figures = json.loads((tmp_path / "local.json").read_text())
     assert figures["documents"] == len(PAGES) and figures["unjudged"] == []
+    assert figures["fusion"]["dense_weight"] == 2 and figures["fusion"]["rrf_k"] == 20
     assert set(figures["retrieval"]) == {"dense", "lexical", "hybrid"}
     dense = figures["retrieval"]["dense"]
     assert dense["questions"] == answerable
@@ -82,6 +87,7 @@ def test_eval_in_process_and_over_http_measure_the_same(tmp_path: Path) -> None:
             server.url,
             "--api-key",
             server.api_key,
+            *fusion,
             "--json",
             str(tmp_path / "remote.json"),
         )

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, get_args
 
@@ -28,7 +28,7 @@ import ir_measures
 from ir_measures import RR, R, Success, nDCG
 
 from impl.errors import InvalidInput, UpstreamError
-from impl.rag.service import RagService
+from impl.rag.service import DEFAULT_RETRIEVAL, RagService
 from impl.rag.types import IngestItem, RetrievalMode, RetrievalOptions
 
 MODES: tuple[RetrievalMode, ...] = get_args(RetrievalMode)
@@ -123,7 +123,7 @@ class Target(Protocol):
         """Every chunk of every ready document."""
         ...
 
-    def search(self, query: str, mode: RetrievalMode, top_k: int) -> list[Passage]: ...
+    def search(self, query: str, retrieval: RetrievalOptions, top_k: int) -> list[Passage]: ...
 
     def answer(self, question: str) -> GivenAnswer: ...
 
@@ -158,10 +158,8 @@ class ServiceTarget:
                     break
                 cursor = page.next_cursor
 
-    def search(self, query: str, mode: RetrievalMode, top_k: int) -> list[Passage]:
-        hits = self._service.search(
-            self._tenant, query, top_k=top_k, retrieval=RetrievalOptions(mode=mode)
-        )
+    def search(self, query: str, retrieval: RetrievalOptions, top_k: int) -> list[Passage]:
+        hits = self._service.search(self._tenant, query, top_k=top_k, retrieval=retrieval)
         return [
             Passage(h.chunk.id, self._names.get(h.chunk.document_id, ""), h.chunk.text)
             for h in hits
@@ -218,8 +216,14 @@ class HttpTarget:
             for chunk in self._pages(f"/documents/{document_id}/chunks"):
                 yield Passage(chunk["id"], name, chunk["text"])
 
-    def search(self, query: str, mode: RetrievalMode, top_k: int) -> list[Passage]:
-        body = {"query": query, "top_k": top_k, "retrieval": {"mode": mode}}
+    def search(self, query: str, retrieval: RetrievalOptions, top_k: int) -> list[Passage]:
+        options = {
+            "mode": retrieval.mode,
+            "weights": {"dense": retrieval.dense_weight, "lexical": retrieval.lexical_weight},
+            "rrf_k": retrieval.rrf_k,
+            "candidates": retrieval.candidates,
+        }
+        body = {"query": query, "top_k": top_k, "retrieval": options}
         return [
             Passage(r["chunk_id"], self._names.get(r["document_id"], ""), r["text"])
             for r in self._call("/search", body)["results"]
@@ -331,6 +335,7 @@ class QuestionResult:
 @dataclass(frozen=True)
 class Report:
     top_k: int
+    fusion: RetrievalOptions  # the weights, rrf_k and candidates of the hybrid runs
     documents: int
     chunks: int
     retrieval: dict[str, RetrievalScores]
@@ -342,14 +347,23 @@ class Report:
 
 
 def evaluate(
-    target: Target, questions: Sequence[Question], modes: Sequence[RetrievalMode], top_k: int
+    target: Target,
+    questions: Sequence[Question],
+    modes: Sequence[RetrievalMode],
+    top_k: int,
+    fusion: RetrievalOptions = DEFAULT_RETRIEVAL,
 ) -> Report:
+    """Every mode's search, then the default answer, for each question. ``fusion`` holds the
+    hybrid options (its mode is replaced by each of ``modes``)."""
     passages = list(target.passages())
     judgments = judge(questions, passages)
     answerable = [q for q in questions if q.answerable]
     kinds = sorted({q.kind for q in answerable})
     runs = {
-        mode: {q.id: ranked(target.search(q.question, mode, top_k)) for q in answerable}
+        mode: {
+            q.id: ranked(target.search(q.question, replace(fusion, mode=mode), top_k))
+            for q in answerable
+        }
         for mode in modes
     }
     results = [
@@ -357,6 +371,7 @@ def evaluate(
     ]
     return Report(
         top_k=top_k,
+        fusion=fusion,
         documents=len({p.document for p in passages}),
         chunks=len(passages),
         retrieval={mode: score_run(judgments, run) for mode, run in runs.items()},
@@ -419,7 +434,9 @@ def as_json(report: Report) -> dict[str, Any]:
 def as_table(report: Report) -> str:
     header = f"{'mode':<8} {'kind':<12} {'n':>3}  " + "  ".join(f"{m:>9}" for m in MEASURES)
     lines = [
-        f"{report.documents} documents, {report.chunks} chunks, top {report.top_k}",
+        f"{report.documents} documents, {report.chunks} chunks, top {report.top_k}; hybrid: "
+        f"weights {report.fusion.dense_weight:g} dense, {report.fusion.lexical_weight:g} "
+        f"lexical, rrf_k {report.fusion.rrf_k}, {report.fusion.candidates} candidates",
         header,
         "-" * len(header),
     ]
