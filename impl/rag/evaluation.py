@@ -281,9 +281,9 @@ class RetrievalScores:
 
 
 def score_run(judgments: Judgments, run: Run) -> RetrievalScores:
-    """The measures over every judged question. trec_eval skips a question that has no
-    retrieved or no relevant chunk, which would flatter the figures, so such questions get a
-    placeholder that scores zero."""
+    """The measures over every judged question. trec_eval leaves out a question with no
+    retrieved or no relevant chunk, which would flatter the figures; a placeholder makes each
+    such question count, as zero, whatever the library does with it."""
     qrels = {
         qid: relevant or {"(no chunk holds the passage)": 1} for qid, relevant in judgments.items()
     }
