@@ -587,7 +587,7 @@ class RevokeApiKeyParams(BaseModel):
 
 class RateLimitOverrides(BaseModel):
     """
-    This key's own budgets, replacing the server's defaults, as `<count>/<period>`.
+    This key's own budgets, replacing the server's, as `<count>/<period>`. A key's budget may only be lower than the server's (compared as rates: `2/second` may replace `120/minute`) unless the server's operator allows more (RAGAPI_RATE_LIMIT_MAX_OVERRIDE_FACTOR), so that no tenant can take more than its share of a shared server; a higher one is refused with a 400 naming the field (`body/rate_limits/<budget>`).
     """
 
     model_config = ConfigDict(

@@ -50,6 +50,9 @@ def serve(args: argparse.Namespace) -> int:
         "log_level": settings.log_level,
         "server_header": False,  # a version is an attacker's head start
         "access_log": False,  # the JSON access line (impl/api/middleware.py) logs each request
+        # By name, so that worker processes load it too: uvicorn's httptools protocol with a
+        # deadline for each request's headers (RAGAPI_HEADER_TIMEOUT_SECONDS).
+        "http": "impl.api.protocol:HeaderTimeoutProtocol",
     }
     if settings.workers == 1:
         uvicorn.run(app, **common)  # type: ignore[arg-type]

@@ -48,6 +48,10 @@ class PayloadTooLarge(RagapiError):
     """The request body exceeds the configured size (413)."""
 
 
+class RequestTimeout(RagapiError):
+    """The client took longer than allowed to send the request's body (408)."""
+
+
 class UnsupportedMediaType(RagapiError):
     """A body or file of a type ragapi does not take (415)."""
 
@@ -74,6 +78,15 @@ class RateLimited(RagapiError):
 
 class ServiceUnavailable(RagapiError):
     """A dependency is down or a queue is full (503)."""
+
+
+class DependencyUnavailable(ServiceUnavailable):
+    """A store the request needs (the rate-limit storage, ...) does not answer (503, with
+    Retry-After)."""
+
+    def __init__(self, detail: str, retry_after_seconds: int) -> None:
+        super().__init__(detail)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class UpstreamError(RagapiError):

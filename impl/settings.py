@@ -59,6 +59,25 @@ class Settings(BaseSettings):
     rate_limit_ingest: str = Field(
         "60/minute", description="Budget per key for ingest, delete and key changes."
     )
+    rate_limit_max_override_factor: float = Field(
+        1.0,
+        ge=1,
+        description="How far a key's own budget (rate_limits, set by a tenant's admin) may "
+        "exceed the server's, as a factor of its rate; 1: a key's budget may only be lower, "
+        "so no tenant can crowd out the others.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest time a client may take to send a request's line and headers; "
+        "the connection is closed after it.",
+    )
+    body_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Longest time a client may take to send a request's body once its "
+        "headers are in; it is answered 408 after it.",
+    )
 
     # Stores: each is a URL or a path, so one deployment can move onto servers.
     data_dir: Path = Field(
@@ -108,7 +127,29 @@ class Settings(BaseSettings):
         5_000_000, ge=1, description="Most characters of text extracted from one document."
     )
     max_parse_seconds: float = Field(
-        60.0, gt=0, description="Longest time spent parsing one document."
+        60.0,
+        gt=0,
+        description="Longest time spent parsing one document; its parser process is killed then.",
+    )
+    max_parse_memory_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=256 * 1024 * 1024,
+        description="Address space one parser process may use, in bytes (the parsers' own "
+        "code takes about 100 MB of it).",
+    )
+    parse_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Documents parsed at the same time by one server process (each in a "
+        "process of its own); independent of the HTTP server's threads.",
+    )
+    parse_wait_seconds: float = Field(
+        75.0,
+        gt=0,
+        description="Longest time an upload waits for a free parser before ingest answers "
+        "503; a little more than max_parse_seconds, so that an upload queued behind a parse "
+        "that runs to its limit still gets its turn.",
     )
 
     # Embeddings

@@ -103,6 +103,38 @@ def make_docx_bomb(uncompressed_bytes: int) -> bytes:
     return buffer.getvalue()
 
 
+def make_lying_docx(
+    real_bytes: int, declared_bytes: int = 5000, matching_crc: bool = True
+) -> bytes:
+    """A Word document whose word/document.xml is ``real_bytes`` of "A" (deflate packs it about
+    a thousand to one) while the zip's directory and local header declare ``declared_bytes``:
+    the uncompressed-size fields (local header offset 22, central directory offset 24) are
+    patched. With ``matching_crc`` the CRC fields are patched to the CRC of the declared prefix
+    too, so reading exactly the declared bytes succeeds and only a reader that inflates the
+    whole part (ZipFile.read) meets the rest."""
+    source = zipfile.ZipFile(io.BytesIO(make_docx(["An innocent looking memo."])))
+    buffer = io.BytesIO()
+    piece = b"A" * (8 * 1024 * 1024)
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("word/document.xml", "w") as part:  # first: its header is at 0
+            for offset in range(0, real_bytes, len(piece)):
+                part.write(piece[: real_bytes - offset])
+        for item in source.infolist():
+            if item.filename != "word/document.xml":
+                archive.writestr(item, source.read(item.filename))
+    data = bytearray(buffer.getvalue())
+    central = data.find(b"PK\x01\x02")
+    while data[central + 46 : central + 46 + 17] != b"word/document.xml":
+        central = data.find(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", data, 22, declared_bytes)
+    struct.pack_into("<I", data, central + 24, declared_bytes)
+    if matching_crc:
+        crc = zlib.crc32(b"A" * declared_bytes)
+        struct.pack_into("<I", data, 14, crc)
+        struct.pack_into("<I", data, central + 16, crc)
+    return bytes(data)
+
+
 def make_zip_not_docx() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -95,7 +95,12 @@ def create_app(
             expose_headers=["X-Request-ID", "Location", "Retry-After", *RATE_LIMIT_HEADERS],
             max_age=600,
         )
-    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        RequestContext,
+        metrics=metrics,
+        max_body_bytes=settings.max_upload_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
+    )
     return app
 
 

@@ -11,6 +11,7 @@ from impl.api.security import Principal
 from impl.observability.metrics import Metrics
 from impl.rag.service import RagService
 from impl.security.keys import KeyStore
+from impl.security.limits import RateLimiter
 from impl.settings import Settings
 
 
@@ -39,6 +40,11 @@ def get_keys(request: Request) -> KeyStore:
     return keys
 
 
+def get_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.state.limiter
+    return limiter
+
+
 def current_tenant(request: Request) -> str:
     """The tenant of the request's key (set by impl.api.security.authorize, which runs
     before every handler of a secured operation)."""
@@ -48,3 +54,4 @@ def current_tenant(request: Request) -> str:
 
 Tenant = Annotated[str, Depends(current_tenant)]
 Keys = Annotated[KeyStore, Depends(get_keys)]
+Limiter = Annotated[RateLimiter, Depends(get_limiter)]

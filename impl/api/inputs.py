@@ -119,6 +119,9 @@ def json_number(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+TOO_DEEP = "The body nests arrays or objects too deeply to be read."
+
+
 def reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -136,6 +139,10 @@ def normalized_json(raw: bytes) -> str:
         value = json.loads(text, parse_float=json_number, parse_constant=reject_constant)
     except ValueError as exc:
         raise MalformedBody(f"The body is not valid JSON: {exc}.", "malformed-json") from None
+    except RecursionError:
+        # No body of the contract nests more than a few levels; the parser's recursion
+        # guard is the bound, and it must be a client error, not a crash.
+        raise MalformedBody(TOO_DEEP, "json-too-deep") from None
     try:
         canonical = json.dumps(value, ensure_ascii=False, allow_nan=False)
         canonical.encode("utf-8")
@@ -143,6 +150,8 @@ def normalized_json(raw: bytes) -> str:
         raise MalformedBody(
             "The body holds a number out of range or an unpaired surrogate.", "malformed-json"
         ) from None
+    except RecursionError:
+        raise MalformedBody(TOO_DEEP, "json-too-deep") from None
     return canonical
 
 

@@ -25,11 +25,13 @@ ERROR_MAP: tuple[tuple[type[errors.RagapiError], int, str], ...] = (
     (errors.Unauthenticated, 401, "unauthenticated"),
     (errors.Forbidden, 403, "forbidden"),
     (errors.NotFound, 404, "not-found"),
+    (errors.RequestTimeout, 408, "request-timeout"),
     (errors.DocumentTooLarge, 413, "document-too-large"),
     (errors.PayloadTooLarge, 413, "payload-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),
     (errors.RateLimited, 429, "rate-limited"),
     (errors.UpstreamError, 502, "upstream-error"),
+    (errors.DependencyUnavailable, 503, "dependency-unavailable"),
     (errors.ServiceUnavailable, 503, "service-unavailable"),
 )
 
@@ -97,10 +99,12 @@ def classify(exc: errors.RagapiError) -> tuple[int, str]:
 def problem_for_error(exc: errors.RagapiError, rid: str) -> Response:
     status, slug = classify(exc)
     headers = None
-    if isinstance(exc, errors.RateLimited):
+    if isinstance(exc, errors.RateLimited | errors.DependencyUnavailable):
         headers = {"Retry-After": str(exc.retry_after_seconds)}
     elif isinstance(exc, errors.Unauthenticated):
         headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+    elif isinstance(exc, errors.RequestTimeout):
+        headers = {"Connection": "close"}  # the rest of a late body is not waited for
     field_errors = exc.errors if isinstance(exc, errors.InvalidInput) else None
     if status == 500:
         log.error("unmapped error", exc_info=exc, extra={"request_id": rid})

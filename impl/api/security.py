@@ -56,7 +56,9 @@ async def authorize(request: Request) -> None:
 
 
 async def authenticate(request: Request, scope: str) -> Principal:
-    presented = request.headers.get("x-api-key")
+    # Whitespace around a field value is not part of it (RFC 9110, 5.5); the HTTP parser drops
+    # the leading side only, so both sides are dropped here.
+    presented = request.headers.get("x-api-key", "").strip(" \t")
     if not presented:
         raise Unauthenticated("Send an API key in the X-API-Key header.")
     keys: KeyStore = request.state.keys

@@ -42,6 +42,7 @@ _SUPPORTED_IN_WORDS = "PDF, Word (.docx), HTML, Markdown and plain text (UTF-8)"
 # much better than that is padding built to exhaust memory, whatever the total says.
 _MAX_COMPRESSION_RATIO = 100
 _RATIO_CHECK_MIN_BYTES = 1024 * 1024
+_UNZIP_PIECE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def _detect_zip(content: bytes) -> str:
     try:
         with zipfile.ZipFile(io.BytesIO(content)) as archive:
             names = set(archive.namelist())
-            mimetype = archive.read("mimetype")[:100] if "mimetype" in names else b""
+            mimetype = _read_start(archive, "mimetype", 100) if "mimetype" in names else b""
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
         raise UnreadableDocument(
             "the file looks like a ZIP archive (a .docx is one) but it is damaged"
@@ -200,6 +201,12 @@ def _detect_zip(content: bytes) -> str:
     if mimetype.startswith(b"application/vnd.oasis.opendocument"):
         raise _unsupported("an OpenDocument file (save it as .docx or PDF)")
     raise _unsupported("a ZIP archive")
+
+
+def _read_start(archive: zipfile.ZipFile, name: str, size: int) -> bytes:
+    # Not archive.read(): it inflates the whole part before anything is cut off.
+    with archive.open(name) as part:
+        return part.read(size)
 
 
 def _unsupported(kind: str) -> UnsupportedMediaType:
@@ -319,7 +326,7 @@ def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
         if reader.is_encrypted:
             _unlock(reader)
         page_count = len(reader.pages)
-    except (UnreadableDocument, DocumentTooLarge):
+    except (UnreadableDocument, DocumentTooLarge, MemoryError):
         raise
     except Exception as exc:
         # Damaged PDFs make pypdf raise far more than its own error classes.
@@ -334,6 +341,8 @@ def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
         budget.tick()
         try:
             page_text = page.extract_text()
+        except MemoryError:
+            raise
         except Exception as exc:
             logger.info("unreadable PDF page %d: %r", number, exc)
             raise UnreadableDocument(f"page {number} of the PDF is damaged") from exc
@@ -363,8 +372,9 @@ def _unlock(reader: pypdf.PdfReader) -> None:
 
 def _extract_docx(content: bytes, budget: _Budget) -> ExtractedText:
     _check_zip_size(content, budget.limits.max_unzipped_bytes)
+    unpacked = _unpack_bounded(content)
     try:
-        document = docx.Document(io.BytesIO(content))
+        document = docx.Document(io.BytesIO(unpacked))
         blocks: list[str] = []
         for block in document.iter_inner_content():
             budget.tick()
@@ -372,12 +382,42 @@ def _extract_docx(content: bytes, budget: _Budget) -> ExtractedText:
             if text.strip():
                 budget.add(text)
                 blocks.append(text)
-    except (UnreadableDocument, DocumentTooLarge):
+    except (UnreadableDocument, DocumentTooLarge, MemoryError):
         raise
     except Exception as exc:
         logger.info("unreadable DOCX: %r", exc)
         raise UnreadableDocument("the Word document is damaged and cannot be read") from exc
     return ExtractedText(_normalise_newlines("\n\n".join(blocks)), None)
+
+
+def _unpack_bounded(content: bytes) -> bytes:
+    """The .docx again with every part stored uncompressed, each part read from the upload in
+    bounded pieces. python-docx reads a part with ZipFile.read(), which inflates all of the
+    compressed data in one call before it cuts the result to the declared size, so a part that
+    declares 5,000 bytes and inflates to a gigabyte costs a gigabyte; read in pieces, zipfile
+    stops at the declared size (_check_zip_size has bounded their sum) after inflating at most
+    one piece more. Given this copy, python-docx only copies bytes already read."""
+    copy = io.BytesIO()
+    try:
+        with (
+            zipfile.ZipFile(io.BytesIO(content)) as archive,
+            zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as stored,
+        ):
+            for entry in archive.infolist():
+                if entry.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    # Word writes deflate only; zipfile inflates the others without a bound.
+                    raise UnreadableDocument(
+                        "the Word document is packed with a compression Word does not use"
+                    )
+                pieces: list[bytes] = []
+                with archive.open(entry) as part:
+                    while piece := part.read(_UNZIP_PIECE_BYTES):
+                        pieces.append(piece)
+                stored.writestr(entry.filename, b"".join(pieces))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        # A part whose bytes are not what its directory entry says fails its CRC here.
+        raise UnreadableDocument("the Word document is damaged and cannot be read") from exc
+    return copy.getvalue()
 
 
 def _check_zip_size(content: bytes, max_unzipped_bytes: int) -> None:

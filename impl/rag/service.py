@@ -1,8 +1,9 @@
 """RagService: the RAG stack behind the API and the CLI, called in-process.
 
 Every method is synchronous and safe to call from many threads at once; the web layer calls
-them from worker threads. Parsing happens in the caller's thread (so a bad file is refused at
-once, naming the file); chunking and embedding happen in the ingestion workers (jobs.py).
+them from worker threads. Parsing is awaited in the caller's thread (so a bad file is refused
+at once, naming the file) and done in a parser process of its own (parsing.py); chunking and
+embedding happen in the ingestion workers (jobs.py).
 ``stream_answer`` is a generator: its work happens in next(), so pull it from a worker thread
 too, and close() it when its reader goes away.
 """
@@ -34,8 +35,9 @@ from impl.rag.chunking import Chunker
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
-from impl.rag.loaders import ExtractedText, ParseLimits, detect_media_type, extract_text
+from impl.rag.loaders import ExtractedText
 from impl.rag.originals import LocalOriginalStore
+from impl.rag.parsing import ParserProcesses
 from impl.rag.registry import NewDocument, Registry, StoredObjects
 from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
 from impl.rag.types import (
@@ -202,7 +204,7 @@ class RagService:
             self._store = VectorStore(settings, model_id, dimension)
             cleanup.callback(self._store.close)
             self._originals = LocalOriginalStore(settings.data_dir / "originals")
-            self._limits = ParseLimits.from_settings(settings)
+            self._parsers = ParserProcesses(settings)
             self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
             self._workers = IngestWorkers(
                 registry=self._registry,
@@ -308,8 +310,9 @@ class RagService:
                     f"larger than the {self._settings.max_upload_bytes} bytes accepted"
                 )
             validate_metadata(item.metadata)
-            media_type = detect_media_type(item.content, item.filename, item.declared_media_type)
-            extracted = extract_text(item.content, media_type, self._limits)
+            media_type, extracted = self._parsers.parse(
+                item.content, item.filename, item.declared_media_type
+            )
         except RagapiError as exc:
             raise _naming(name, exc) from exc
         return _Prepared(

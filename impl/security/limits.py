@@ -4,20 +4,29 @@ storage of the `limits` library, shared by every worker."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from starlette.concurrency import run_in_threadpool
 
+from impl.errors import DependencyUnavailable
 from impl.settings import Settings
 
+log = logging.getLogger(__name__)
+
 SWEEP_SECONDS = 60.0
+# A storage that takes longer than this to answer is treated as down, so that requests are
+# refused quickly instead of piling up behind it.
+STORAGE_TIMEOUT_SECONDS = 2.0
+STORAGE_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -79,15 +88,44 @@ class LocalWindows:
 
 
 class SharedWindows:
-    """Moving windows in a `limits` storage that several workers share (redis://...)."""
+    """Moving windows in a `limits` storage that several workers share (redis://...).
+
+    When the storage does not answer, requests are refused with a 503 (counting nothing is
+    not an option: the budgets would be off for everyone) and the outage is logged once, when
+    it starts and when it ends, not once per request."""
 
     def __init__(self, url: str) -> None:
-        self._strategy = MovingWindowRateLimiter(storage_from_string(url))
+        timeout = STORAGE_TIMEOUT_SECONDS
+        storage = storage_from_string(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        self._strategy = MovingWindowRateLimiter(storage)
+        parts = urlsplit(url)
+        self.name = f"{parts.scheme}://{parts.hostname}:{parts.port}"  # no password in logs
+        self._reachable = True
 
     def hit(self, item: RateLimitItem, budget: str, identity: str) -> tuple[bool, int, float]:
         """As LocalWindows.hit, with a network round trip."""
-        allowed = self._strategy.hit(item, budget, identity)
-        stats = self._strategy.get_window_stats(item, budget, identity)
+        try:
+            allowed = self._strategy.hit(item, budget, identity)
+            stats = self._strategy.get_window_stats(item, budget, identity)
+        except Exception as exc:
+            # Whatever the storage's client raises (connection refused, timeout, a protocol
+            # error) means the storage failed, not the request.
+            if self._reachable:
+                self._reachable = False
+                log.error(
+                    "rate-limit storage %s is unreachable (%s: %s); rate-limited requests "
+                    "answer 503 until it is back",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                )
+            raise DependencyUnavailable(
+                "The rate-limit storage does not answer; retry shortly.",
+                STORAGE_RETRY_AFTER_SECONDS,
+            ) from None
+        if not self._reachable:
+            self._reachable = True
+            log.warning("rate-limit storage %s is reachable again", self.name)
         return allowed, stats.remaining, stats.reset_time - time.time()
 
 
@@ -101,9 +139,41 @@ class RateLimiter:
             "query": parse(settings.rate_limit_query),
             "ingest": parse(settings.rate_limit_ingest),
         }
+        self.max_override_factor = settings.rate_limit_max_override_factor
+
+    def refused_overrides(self, overrides: dict[str, str]) -> dict[str, str]:
+        """{budget: why} for each per-key budget above what the server allows a key: its own
+        budget times rate_limit_max_override_factor (1: a key's budget may only be lower)."""
+        refused = {}
+        for budget, value in overrides.items():
+            server = self.defaults[budget]
+            if not self._within_ceiling(parse(value), server):
+                ceiling = self.max_override_factor * server.amount / server.get_expiry()
+                refused[budget] = (
+                    f"{value} is more than this server allows a key "
+                    f"({ceiling * 60:g} requests per minute)."
+                )
+        return refused
+
+    def _within_ceiling(self, item: RateLimitItem, server: RateLimitItem) -> bool:
+        # Compared as rates (requests per second), so 2/second may replace 120/minute.
+        return (
+            item.amount * server.get_expiry()
+            <= self.max_override_factor * server.amount * item.get_expiry()
+        )
+
+    def budget_item(self, budget: str, override: str | None) -> RateLimitItem:
+        """The key's own budget when it has one within the ceiling, else the server's: a key
+        stored before the ceiling (or a lower server budget) cannot keep a higher one."""
+        server = self.defaults[budget]
+        if override:
+            item = parse(override)
+            if self._within_ceiling(item, server):
+                return item
+        return server
 
     async def hit(self, budget: str, identity: str, override: str | None = None) -> Decision:
-        item = parse(override) if override else self.defaults[budget]
+        item = self.budget_item(budget, override)
         if self.in_process:
             allowed, remaining, reset = self.windows.hit(item, budget, identity)
         else:  # off the event loop while the storage answers

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import tracemalloc
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from tests.documents import (
     make_encrypted_pdf,
     make_html,
     make_image_pdf,
+    make_lying_docx,
     make_markdown,
     make_pdf,
     make_png,
@@ -305,6 +307,33 @@ def test_docx_bomb_past_the_unzipped_limit_is_too_large() -> None:
 def test_docx_bomb_under_the_limit_is_caught_by_its_compression_ratio() -> None:
     with pytest.raises(DocumentTooLarge, match="zip bomb"):
         extract_text(make_docx_bomb(4 * 1024 * 1024), DOCX, LIMITS)
+
+
+@pytest.mark.parametrize("matching_crc", [False, True], ids=["crc-of-all", "crc-of-declared"])
+def test_a_docx_that_lies_about_its_size_is_never_inflated(matching_crc: bool) -> None:
+    # 256 MiB of "A" declared as 5,000 bytes. With the CRC of the declared prefix, reading the
+    # declared bytes succeeds: only a reader that inflates the whole part meets the rest.
+    content = make_lying_docx(256 * 1024 * 1024, matching_crc=matching_crc)
+    tracemalloc.start()
+    try:
+        assert detect_media_type(content, "memo.docx") == DOCX
+        with pytest.raises(UnreadableDocument, match="damaged"):
+            extract_text(content, DOCX, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024
+
+
+def test_a_docx_packed_with_another_compression_is_refused() -> None:
+    # bzip2 and lzma parts inflate without a bound per read; Word never writes them.
+    source = zipfile.ZipFile(io.BytesIO(make_docx(PARAGRAPHS)))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_BZIP2) as repacked:
+        for item in source.infolist():
+            repacked.writestr(item.filename, source.read(item.filename))
+    with pytest.raises(UnreadableDocument, match="compression Word does not use"):
+        extract_text(buffer.getvalue(), DOCX, LIMITS)
 
 
 def test_ordinary_docx_passes_the_zip_checks() -> None:

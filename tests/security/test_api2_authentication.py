@@ -5,6 +5,7 @@ key_cache_seconds in every other."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,32 @@ def test_malformed_and_wrong_keys_are_refused(server: Server) -> None:
     ):
         with httpx.Client(base_url=server.url, headers={"X-API-Key": presented}) as http:
             assert_unauthenticated(http.get(f"{API}/documents"))
+
+
+def status_with_raw_key(server: Server, raw_value: bytes) -> int:
+    """The status of GET /documents with this X-API-Key value as written on the wire (httpx
+    refuses whitespace around a header value)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(
+            f"GET {API}/documents HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode()
+            + b"X-API-Key:"
+            + raw_value
+            + b"\r\n\r\n"
+        )
+        answer = b""
+        while received := conn.recv(65536):
+            answer += received
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_whitespace_around_a_key_is_not_part_of_it(server: Server) -> None:
+    # RFC 9110 5.5: whitespace before and after a field value is not part of it; the same rule
+    # holds on both sides, and a space inside a key is a different key.
+    key = server.api_key.encode()
+    for raw in (b" " + key, key + b" ", b"  " + key + b"  ", b"\t" + key + b"\t", b" " + key):
+        assert status_with_raw_key(server, raw) == 200, raw
+    assert status_with_raw_key(server, b" " + key[:5] + b" " + key[5:]) == 401
 
 
 def test_a_revoked_key_stops_working_at_once(server: Server) -> None:

@@ -16,8 +16,9 @@ import httpx
 import pytest
 from limits import parse
 
-from impl.security.limits import LocalWindows
-from tests.conftest import ROOT, Server, start_server
+from impl.security.limits import LocalWindows, RateLimiter
+from impl.settings import Settings
+from tests.conftest import ROOT, Server, redis_server, start_server
 from tests.documents import make_text
 
 API = "/api/v1"
@@ -129,6 +130,68 @@ def test_a_key_can_have_its_own_budget(limited: Server) -> None:
     with limited.client(created["key"]) as http:
         codes = [http.post(f"{API}/search", json={"query": "x"}).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
+
+
+def test_a_key_cannot_be_given_more_than_the_servers_budget(limited: Server) -> None:
+    with limited.client() as admin:
+        refused = admin.post(
+            f"{API}/keys",
+            json={
+                "name": "greedy",
+                "scopes": ["read"],
+                # The server's query budget is 5/minute; 2/second is a higher rate.
+                "rate_limits": {"query": "100000/minute", "ingest": "2/second", "read": "9/hour"},
+            },
+        )
+        keys = admin.get(f"{API}/keys").json()["items"]
+    assert refused.status_code == 400
+    assert refused.json()["type"] == "urn:ragapi:problem:validation-failed"
+    located = {e["location"]: e["message"] for e in refused.json()["errors"]}
+    assert set(located) == {"body/rate_limits/query", "body/rate_limits/ingest"}
+    assert "100000/minute is more than this server allows" in located["body/rate_limits/query"]
+    assert "greedy" not in {k["name"] for k in keys}
+
+
+def test_the_override_ceiling_is_a_factor_of_the_servers_rate() -> None:
+    generous = RateLimiter(
+        Settings(rate_limit_query="120/minute", rate_limit_max_override_factor=10)
+    )
+    assert generous.refused_overrides({"query": "1200/minute", "read": "600/minute"}) == {}
+    assert generous.refused_overrides({"query": "20/second"}) == {}
+    assert set(generous.refused_overrides({"query": "1201/minute"})) == {"query"}
+    # A key stored with a higher budget (before the ceiling, or before the server lowered its
+    # own) counts against the server's.
+    strict = RateLimiter(Settings(rate_limit_query="120/minute"))
+    assert strict.budget_item("query", "1000/minute") == parse("120/minute")
+    assert strict.budget_item("query", "2/second") == parse("2/second")
+
+
+def test_a_rate_limit_storage_that_is_down_is_a_503_logged_once(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    folder = tmp_path_factory.mktemp("redis-down")
+    with redis_server(folder) as url:
+        running = start_server(folder / "data", rate_limit_storage_url=url, log_level="info")
+        with running.client() as http:
+            assert http.get(f"{API}/documents").status_code == 200
+    try:  # redis-server is stopped now
+        with running.client() as http:
+            answers = [http.get(f"{API}/documents") for _ in range(5)]
+            answers.append(http.post(f"{API}/search", json={"query": "lamps"}))
+            health = http.get(f"{API}/health")
+    finally:
+        running.stop()
+    for response in answers:
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["type"] == "urn:ragapi:problem:dependency-unavailable"
+        assert int(response.headers["retry-after"]) > 0
+    assert health.status_code == 200
+    log = running.log.read_text()
+    assert "Traceback" not in log
+    outage = [line for line in log.splitlines() if "rate-limit storage" in line]
+    assert len(outage) == 1, outage
+    assert url in outage[0] and "unreachable" in outage[0]
 
 
 def test_without_keys_the_budget_is_counted_per_client_address(

@@ -26,8 +26,11 @@ class ApiKeyCreate:
     Attributes:
         name (str):
         scopes (list[Scope]):
-        rate_limits (RateLimitOverrides | Unset): This key's own budgets, replacing the server's defaults, as
-            `<count>/<period>`. Example: {'query': '600/minute'}.
+        rate_limits (RateLimitOverrides | Unset): This key's own budgets, replacing the server's, as `<count>/<period>`.
+            A key's budget may only be lower than the server's (compared as rates: `2/second` may replace `120/minute`)
+            unless the server's operator allows more (RAGAPI_RATE_LIMIT_MAX_OVERRIDE_FACTOR), so that no tenant can take
+            more than its share of a shared server; a higher one is refused with a 400 naming the field
+            (`body/rate_limits/<budget>`). Example: {'query': '30/minute'}.
     """
 
     name: str

@@ -14,15 +14,18 @@ T = TypeVar("T", bound="RateLimitOverrides")
 
 @_attrs_define
 class RateLimitOverrides:
-    """This key's own budgets, replacing the server's defaults, as `<count>/<period>`.
+    """This key's own budgets, replacing the server's, as `<count>/<period>`. A key's budget may only be lower than the
+    server's (compared as rates: `2/second` may replace `120/minute`) unless the server's operator allows more
+    (RAGAPI_RATE_LIMIT_MAX_OVERRIDE_FACTOR), so that no tenant can take more than its share of a shared server; a higher
+    one is refused with a 400 naming the field (`body/rate_limits/<budget>`).
 
-    Example:
-        {'query': '600/minute'}
+        Example:
+            {'query': '30/minute'}
 
-    Attributes:
-        read (str | Unset):  Example: 120/minute.
-        query (str | Unset):  Example: 120/minute.
-        ingest (str | Unset):  Example: 120/minute.
+        Attributes:
+            read (str | Unset):  Example: 120/minute.
+            query (str | Unset):  Example: 120/minute.
+            ingest (str | Unset):  Example: 120/minute.
     """
 
     read: str | Unset = UNSET

@@ -9,9 +9,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from generated import models
-from impl.api.deps import Keys, Tenant
+from impl.api.deps import Keys, Limiter, Tenant
 from impl.api.handlers.documents import given
-from impl.api.inputs import BODY, PARAMS
+from impl.api.inputs import BODY, PARAMS, validation_failed
 from impl.api.responses import reply
 from impl.errors import FieldError, InvalidInput
 
@@ -29,7 +29,7 @@ async def list_api_keys(
 
 
 async def create_api_key(
-    body: Annotated[models.ApiKeyCreate, BODY], keys: Keys, tenant: Tenant
+    body: Annotated[models.ApiKeyCreate, BODY], keys: Keys, limiter: Limiter, tenant: Tenant
 ) -> Response:
     scopes = [scope.root for scope in body.scopes]
     if len(set(scopes)) != len(scopes):  # uniqueItems, which the generated list does not check
@@ -38,6 +38,11 @@ async def create_api_key(
         )
     # Budgets the client left out are MISSING and so absent from the dump.
     overrides = {} if body.rate_limits is MISSING else body.rate_limits.model_dump()
+    refused = limiter.refused_overrides(overrides)
+    if refused:
+        raise validation_failed(
+            [FieldError(f"body/rate_limits/{budget}", why) for budget, why in refused.items()]
+        )
     created = await run_in_threadpool(keys.create, tenant, body.name, scopes, overrides)
     answer = models.ApiKeyCreated.model_validate({**vars(created.key), "key": created.secret})
     return reply(answer, 201, headers={"Location": f"/api/v1/keys/{created.key.id}"})

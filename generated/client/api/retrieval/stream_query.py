@@ -92,6 +92,11 @@ def _parse_response(
 
         return response_403
 
+    if response.status_code == 408:
+        response_408 = Problem.from_dict(response.json())
+
+        return response_408
+
     if response.status_code == 415:
         response_415 = Problem.from_dict(response.json())
 
@@ -111,6 +116,11 @@ def _parse_response(
         response_502 = Problem.from_dict(response.json())
 
         return response_502
+
+    if response.status_code == 503:
+        response_503 = Problem.from_dict(response.json())
+
+        return response_503
 
     if client.raise_on_unexpected_status:
         raise errors.UnexpectedStatus(response.status_code, response.content)
