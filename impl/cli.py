@@ -164,6 +164,68 @@ def search(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from impl.rag import evaluation
+    from impl.rag.service import RagService
+
+    questions = evaluation.load_questions(Path(args.questions))
+    dense_weight, lexical_weight = args.weights
+    fusion = RetrievalOptions(
+        dense_weight=dense_weight,
+        lexical_weight=lexical_weight,
+        rrf_k=args.rrf_k,
+        candidates=args.candidates,
+    )
+    target: evaluation.Target
+    if args.url:
+        if args.docs:
+            raise ConfigurationError("--docs is for an in-process run; a server has its own")
+        target = evaluation.HttpTarget(
+            args.url, args.api_key or os.environ.get("RAGAPI_API_KEY", "")
+        )
+        report = evaluation.evaluate(target, questions, args.modes, args.top_k, fusion)
+    elif args.docs:
+        # A throwaway store: the documents alone, whatever RAGAPI_DATA_DIR holds.
+        with tempfile.TemporaryDirectory(prefix="ragapi-eval-") as scratch:
+            settings = Settings(data_dir=Path(scratch), registry_url=None, chroma_url=None)
+            service = RagService(settings)
+            try:
+                service.start()
+                evaluation.ingest_folder(service, TENANT, Path(args.docs))
+                target = evaluation.ServiceTarget(service, TENANT)
+                report = evaluation.evaluate(target, questions, args.modes, args.top_k, fusion)
+            finally:
+                service.close()
+    else:
+        with open_service(start_workers=False) as service:
+            target = evaluation.ServiceTarget(service, TENANT)
+            report = evaluation.evaluate(target, questions, args.modes, args.top_k, fusion)
+    print(evaluation.as_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(evaluation.as_json(report), indent=2) + "\n")
+    return 0
+
+
+def retrieval_modes(text: str) -> list[str]:
+    from impl.rag.evaluation import MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes are a comma-separated list of {', '.join(MODES)}")
+    return modes
+
+
+def fusion_weights(text: str) -> tuple[float, float]:
+    try:
+        dense, lexical = (float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("weights are DENSE,LEXICAL, e.g. 1,1") from None
+    return dense, lexical
+
+
 def documents(args: argparse.Namespace) -> int:
     with open_service(start_workers=False) as service:
         if args.action == "list":
@@ -239,6 +301,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="hybrid")
     p.set_defaults(run=search)
+
+    p = commands.add_parser(
+        "eval", help="measure retrieval and answers on a labelled question set (JSON lines)"
+    )
+    p.add_argument("questions", help="the question file, e.g. eval/questions.jsonl")
+    p.add_argument("--docs", help="ingest this folder into a temporary store and evaluate it")
+    p.add_argument("--url", help="evaluate a running server (its base URL) instead")
+    p.add_argument("--api-key", help="the server's key (read scope); default $RAGAPI_API_KEY")
+    p.add_argument("--modes", type=retrieval_modes, default="dense,lexical,hybrid")
+    p.add_argument("--top-k", type=int, default=10, choices=range(1, 51), metavar="1..50")
+    defaults = RetrievalOptions()
+    p.add_argument(
+        "--weights",
+        type=fusion_weights,
+        default=(defaults.dense_weight, defaults.lexical_weight),
+        help=f"hybrid fusion weights DENSE,LEXICAL (default "
+        f"{defaults.dense_weight:g},{defaults.lexical_weight:g})",
+    )
+    p.add_argument("--rrf-k", type=int, default=defaults.rrf_k)
+    p.add_argument("--candidates", type=int, default=defaults.candidates)
+    p.add_argument("--json", help="also write the figures to this file")
+    p.set_defaults(run=evaluate)
 
     p = commands.add_parser("documents", help="list, show or delete documents")
     actions = p.add_subparsers(dest="action", required=True)
