@@ -475,7 +475,29 @@ _HTML_DROP = (
     "object",
     "embed",
     "button",
+    "select",
+    "input",
+    "textarea",
 )
+# Site chrome that pages mark by role or class rather than by tag: dropped when most of its
+# text is link text, as menus are (a "menu" of content, say a restaurant's, is not links).
+_CHROME_ROLES = frozenset(("navigation", "banner", "search", "menubar", "menu"))
+_CHROME_CLASSES = frozenset(
+    (
+        "menu",
+        "mainmenu",
+        "submenu",
+        "searchmenu",
+        "navbar",
+        "nav",
+        "navigation",
+        "sidebar",
+        "breadcrumb",
+        "breadcrumbs",
+        "topbar",
+    )
+)
+_CHROME_LINK_SHARE = 0.5
 _HTML_PARAGRAPHS = frozenset(
     [
         "p",
@@ -526,6 +548,8 @@ def _extract_html(content: bytes, budget: _Budget) -> ExtractedText:
     budget.tick()
     for element in soup.find_all(list(_HTML_DROP)):
         element.decompose()
+    for element in soup.find_all(_is_chrome):
+        element.decompose()
     root = _main_content(soup)
     for node in list(_strings(root)):
         if node.find_parent("pre") is None:
@@ -548,6 +572,17 @@ def _extract_html(content: bytes, budget: _Budget) -> ExtractedText:
     text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return ExtractedText(_normalise_newlines(text.strip()), None)
+
+
+def _is_chrome(tag: Tag) -> bool:
+    marks = {str(tag.get("role", "")).lower()}
+    marks.update(str(c).lower() for c in tag.get_attribute_list("class") if c)
+    marks.add(str(tag.get("id", "")).lower())
+    if not (marks & _CHROME_ROLES or marks & _CHROME_CLASSES):
+        return False
+    text = len(tag.get_text(strip=True))
+    links = sum(len(a.get_text(strip=True)) for a in tag.find_all("a"))
+    return text == 0 or links >= _CHROME_LINK_SHARE * text
 
 
 def _main_content(soup: BeautifulSoup) -> Tag:

@@ -352,6 +352,25 @@ def test_html_keeps_the_content_and_drops_code_styles_and_chrome() -> None:
         assert hidden not in text
 
 
+def test_html_drops_menus_marked_by_class_or_role_but_keeps_a_menu_of_content() -> None:
+    page = b"""<html><body>
+      <div class="menu mainmenu"><ul><li><a href="/">Home</a><li><a href="/docs">Docs</a>
+        <li><a href="/buy">Purchase</a></ul></div>
+      <div role="navigation"><a href="/a">Previous page</a> | <a href="/b">Next page</a></div>
+      <form action="search"><select name="s"><option>Search Documentation</option></select>
+        <input type="text" name="q" value="query text"></form>
+      <h1>Write-Ahead Logging</h1>
+      <p>Readers do not block writers and a writer does not block readers.</p>
+      <div class="menu"><h2>Lunch menu</h2><p>Soup of the day, bread and butter.</p></div>
+    </body></html>"""
+    text = load(page, "wal.html")
+    assert text.splitlines()[0] == "Write-Ahead Logging"
+    for chrome in ("Home", "Purchase", "Next page", "Search Documentation", "query text"):
+        assert chrome not in text
+    assert "Readers do not block writers" in text
+    assert "Lunch menu" in text and "Soup of the day" in text
+
+
 def test_html_blocks_lines_cells_and_entities() -> None:
     page = b"""<html><body>
       <h2>Fruit&nbsp;prices</h2>
