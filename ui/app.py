@@ -1,16 +1,16 @@
 """ragapi's Streamlit UI: a client of the HTTP API, through the generated Python client.
 
     python3 scripts/dev.py serve     # the API on http://127.0.0.1:8000
-    python3 scripts/dev.py ui        # this UI on http://localhost:8501
+    python3 scripts/dev.py ui        # this UI on http://127.0.0.1:8501
 
-RAGAPI_UI_API_URL sets the API URL the sidebar starts with.
+The sidebar's API URL starts as RAGAPI_UI_API_URL, or else as the address `ragapi serve` takes
+from the same environment and .env (RAGAPI_HOST, RAGAPI_PORT).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +21,7 @@ import httpx
 import streamlit as st
 
 # `streamlit run ui/app.py` puts ui/ on sys.path, so the sibling module imports as `api`.
-from api import ApiError, connect, result, stream_answer, succeeded
+from api import ApiError, connect, default_api_url, result, stream_answer, succeeded
 
 from generated.client import Client
 from generated.client.api.documents import (
@@ -46,7 +46,7 @@ from generated.client.models import (
 )
 from generated.client.types import UNSET, File, Unset
 
-DEFAULT_API_URL = os.environ.get("RAGAPI_UI_API_URL", "http://127.0.0.1:8000")
+DEFAULT_API_URL = default_api_url()
 PAGES = ("Ask", "Upload", "Documents")
 DOCUMENTS_PER_PAGE = 20
 CHUNKS_PER_PAGE = 100
