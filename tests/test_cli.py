@@ -52,7 +52,8 @@ def test_the_cli_end_to_end(tmp_path: Path) -> None:
     assert answer.returncode == 0, answer.stderr
     first_line, *citations = answer.stdout.splitlines()
     assert "[1]" in first_line
-    assert citations[0].startswith("[1] saturn:")
+    # Titled by the page's own <title>, not its file name.
+    assert citations[0].startswith(f"[1] {CORPUS['saturn'].title}:")
 
     searched = ragapi(data, "search", CORPUS["rust"].question, "--top-k", "2")
     assert "  rust #" in searched.stdout.splitlines()[0]
