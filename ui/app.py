@@ -67,6 +67,7 @@ class Upload:
 
     label: str
     job: Job
+    titles: dict[str, str]  # document id -> title, of the documents the upload answered with
 
     @property
     def finished(self) -> bool:
@@ -293,8 +294,10 @@ def upload_page(client: Client) -> None:
                 metadata=parse_metadata(metadata),
             )
             accepted = result(ingest_documents.sync_detailed(client=client, body=body))
-            label = ", ".join(d.filename or d.title for d in accepted.documents)
-            st.session_state.uploads.insert(0, Upload(label, accepted.job))
+            # The names as uploaded: a duplicate answers with the document already held.
+            label = ", ".join(f.name for f in files or [])
+            titles = {d.id: d.title for d in accepted.documents}
+            st.session_state.uploads.insert(0, Upload(label, accepted.job, titles))
             st.session_state.uploader += 1
             st.rerun()
     uploads: list[Upload] = st.session_state.uploads
@@ -342,10 +345,18 @@ def show_job(upload: Upload) -> None:
         )
         st.error(f"**{md(upload.label)}** failed: {md(reason.title)}  \n{md(reason.detail)}")
         return
+    # Content the tenant already holds is not indexed again: the job answers with the
+    # existing document, and its passages are not counted here.
+    held = ", ".join(md(upload.titles.get(i, i)) for i in job.duplicate_document_ids)
+    if job.duplicate_document_ids and len(job.duplicate_document_ids) == len(job.document_ids):
+        st.info(f"**{md(upload.label)}** is a duplicate of {held}, already indexed: nothing new.")
+        return
     done, total = job.chunks_done, job.chunks_total
     fraction = done / total if total else float(job.status == "succeeded")
+    duplicates = f" ({held} already held)" if held else ""
     st.progress(
-        fraction, text=f"{md(upload.label)}: {job.status}, {done} of {total} passages indexed"
+        fraction,
+        text=f"{md(upload.label)}: {job.status}, {done} of {total} passages indexed{duplicates}",
     )
 
 
