@@ -212,7 +212,8 @@ def ingest_file(
     """Ingests one file, following its chunks on `chunk_bar`; the line that tells how it went."""
     from impl.rag.types import IngestItem
 
-    chunk_bar.reset(total=None)
+    chunk_bar.reset()
+    chunk_bar.total = None  # unknown until the file is read and cut (reset keeps the last one)
     chunk_bar.set_description_str("reading")
     try:
         item = IngestItem(path.read_bytes(), path.name, title, metadata)
