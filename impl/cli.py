@@ -1,4 +1,8 @@
-"""The `ragapi` command: the server, and the RAG services in-process (no server needed)."""
+"""The `ragapi` command: the server, and the RAG services in-process (no server needed).
+
+Each command imports what it uses when it runs: `ragapi --help`, `documents list` and `keys list`
+touch no model, and `search` and `query` load only the embedding model and the stores. Adding a
+command is a function taking the parsed arguments and a block in `parser()`."""
 
 from __future__ import annotations
 
@@ -7,16 +11,43 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from impl.errors import ConfigurationError, RagapiError
-from impl.rag.types import RetrievalOptions
-from impl.settings import Settings
+from impl.errors import ConfigurationError, InvalidInput, NotFound, RagapiError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from impl.rag.registry import Registry
+    from impl.rag.service import RagService
+    from impl.rag.types import Job, RetrievalMode, RetrievalOptions
+    from impl.settings import Settings
 
 TENANT = "default"
+# The longest an ingest of one file is followed; a job still running then is reported as such.
+INGEST_FOLLOW_SECONDS = 3600.0
+PROGRESS_SLICE_SECONDS = 0.25
+
+
+def load_settings() -> Settings:
+    """The settings, the data directory they name told once, so that a command run from
+    another folder does not go unnoticed on an empty `./data`."""
+    from impl.settings import Settings
+
+    settings = Settings()
+    print(f"ragapi: data directory {settings.data_dir.resolve()}", file=sys.stderr)
+    return settings
+
+
+def holds_data(settings: Settings) -> bool:
+    """False when nothing was ever stored under these settings: commands that only read then
+    say so instead of creating an empty data directory."""
+    return settings.registry_url is not None or (settings.data_dir / "registry.db").exists()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -30,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             os.environ[f"RAGAPI_{flag.upper()}"] = str(value)
-    settings = Settings()
+    settings = load_settings()
     if settings.workers > 1 and settings.chroma_url is None:
         raise ConfigurationError(
             "several workers need a Chroma server: embedded Chroma is not process-safe; "
@@ -92,16 +123,28 @@ def bootstrap_admin_key(settings: Settings) -> None:
 
 
 @contextmanager
-def open_service(start_workers: bool) -> Iterator[Any]:
+def open_service(settings: Settings, start_workers: bool) -> Iterator[RagService]:
     from impl.rag.service import RagService
 
-    service = RagService(Settings())
+    service = RagService(settings)
     if start_workers:
         service.start()
     try:
         yield service
     finally:
         service.close()
+
+
+@contextmanager
+def open_registry(settings: Settings) -> Iterator[Registry]:
+    """The document registry alone: listing and showing documents needs no model or vectors."""
+    from impl.rag.registry import Registry
+
+    registry = Registry(settings.resolved_registry_url)
+    try:
+        yield registry
+    finally:
+        registry.close()
 
 
 def files_under(paths: Sequence[str]) -> Iterator[Path]:
@@ -113,35 +156,120 @@ def files_under(paths: Sequence[str]) -> Iterator[Path]:
             yield path
 
 
+# -- ingest -----------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestSummary:
+    ingested: list[Path] = field(default_factory=list)
+    duplicates: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    def report(self) -> int:
+        """Prints the closing summary and names every failure; the exit status."""
+        duplicates = "duplicate" if len(self.duplicates) == 1 else "duplicates"
+        print(
+            f"{len(self.ingested)} ingested, {len(self.duplicates)} {duplicates} (already held), "
+            f"{len(self.failed)} failed"
+        )
+        if not self.failed:
+            return 0
+        print(f"ragapi: {len(self.failed)} of them failed:", file=sys.stderr)
+        for path, reason in self.failed:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+
+
 def ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from impl.rag.types import IngestItem
-
     metadata = json.loads(args.metadata) if args.metadata else {}
     files = list(files_under(args.paths))
-    failures = 0
-    with open_service(start_workers=True) as service:
-        for path in tqdm(files, unit="file", disable=not sys.stderr.isatty()):
-            item = IngestItem(path.read_bytes(), path.name, args.title, metadata)
-            try:
-                job = service.submit_ingest(TENANT, [item])
-                job = service.wait_for_job(TENANT, job.id, timeout_s=3600)
-            except RagapiError as exc:
-                failures += 1
-                print(f"{path}: {exc.detail}", file=sys.stderr)
-                continue
-            duplicate = " (duplicate)" if job.duplicate_document_ids else ""
-            reason = f": {job.error.detail}" if job.error else ""
-            print(f"{path}: {job.status} {' '.join(job.document_ids)}{duplicate}{reason}")
-            failures += job.status == "failed"
-    return 1 if failures else 0
+    if not files:
+        raise InvalidInput(f"no files under {' '.join(args.paths)}")
+    settings = load_settings()
+    summary = IngestSummary()
+    # Bars only for a person watching; the per-file lines and the summary always.
+    quiet = not sys.stderr.isatty()
+    with (
+        open_service(settings, start_workers=True) as service,
+        tqdm(total=len(files), unit="file", position=0, disable=quiet) as file_bar,
+        tqdm(unit="chunk", position=1, leave=False, disable=quiet) as chunk_bar,
+    ):
+        for path in files:
+            file_bar.set_postfix_str(path.name, refresh=True)
+            line = ingest_file(service, path, args.title, metadata, chunk_bar, summary)
+            tqdm.write(line, file=sys.stdout)
+            file_bar.update()
+    return summary.report()
+
+
+def ingest_file(
+    service: RagService,
+    path: Path,
+    title: str | None,
+    metadata: dict[str, Any],
+    chunk_bar: tqdm[Any],
+    summary: IngestSummary,
+) -> str:
+    """Ingests one file, following its chunks on `chunk_bar`; the line that tells how it went."""
+    from impl.rag.types import IngestItem
+
+    chunk_bar.reset()
+    chunk_bar.total = None  # unknown until the file is read and cut (reset keeps the last one)
+    chunk_bar.set_description_str("reading")
+    try:
+        item = IngestItem(path.read_bytes(), path.name, title, metadata)
+        job = service.submit_ingest(TENANT, [item])
+        job = follow(service, job, chunk_bar)
+    except OSError as exc:
+        summary.failed.append((path, exc.strerror or str(exc)))
+        return f"{path}: failed: {exc.strerror or exc}"
+    except RagapiError as exc:
+        reason = exc.detail.removeprefix(f"{path.name}: ")  # the path says which file
+        summary.failed.append((path, reason))
+        return f"{path}: failed: {reason}"
+    ids = " ".join(job.document_ids)
+    if job.status == "succeeded" and job.duplicate_document_ids:
+        summary.duplicates.append(path)
+        return f"{path}: succeeded {ids} (duplicate)"
+    if job.status == "succeeded":
+        summary.ingested.append(path)
+        return f"{path}: succeeded {ids}"
+    reason = job.error.detail if job.error else f"not finished in {INGEST_FOLLOW_SECONDS:.0f} s"
+    summary.failed.append((path, reason))
+    return f"{path}: {job.status} {ids}: {reason}"
+
+
+def follow(service: RagService, job: Job, chunk_bar: tqdm[Any]) -> Job:
+    """Waits for the job, showing its chunks as they are indexed."""
+    chunk_bar.set_description_str("indexing")
+    deadline = time.monotonic() + INGEST_FOLLOW_SECONDS
+    while job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
+        job = service.wait_for_job(TENANT, job.id, timeout_s=PROGRESS_SLICE_SECONDS)
+        if job.chunks_total:
+            chunk_bar.total = job.chunks_total
+            chunk_bar.update(job.chunks_done - chunk_bar.n)
+    return job
+
+
+# -- retrieval --------------------------------------------------------------------------------
+
+
+def retrieval(mode: RetrievalMode) -> RetrievalOptions:
+    from impl.rag.types import RetrievalOptions
+
+    return RetrievalOptions(mode=mode)
 
 
 def query(args: argparse.Namespace) -> int:
-    with open_service(start_workers=False) as service:
+    settings = load_settings()
+    if not holds_data(settings):
+        print("no documents")
+        return 0
+    with open_service(settings, start_workers=False) as service:
         answer = service.answer(
-            TENANT, args.question, top_k=args.top_k, retrieval=RetrievalOptions(mode=args.mode)
+            TENANT, args.question, top_k=args.top_k, retrieval=retrieval(args.mode)
         )
     print(answer.answer)
     for citation in answer.citations:
@@ -151,16 +279,20 @@ def query(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    with open_service(start_workers=False) as service:
-        hits = service.search(
-            TENANT, args.query, top_k=args.top_k, retrieval=RetrievalOptions(mode=args.mode)
-        )
+    settings = load_settings()
+    if not holds_data(settings):
+        print("no documents")
+        return 0
+    with open_service(settings, start_workers=False) as service:
+        hits = service.search(TENANT, args.query, top_k=args.top_k, retrieval=retrieval(args.mode))
     for hit in hits:
         signals = " ".join(
             f"{name} #{found.rank} {found.score:.3f}" for name, found in hit.explain.items()
         )
         print(f"{hit.score:.4f} ({signals})  {hit.document_title} #{hit.chunk.index}:")
         print(f"    {hit.chunk.text[:200]}")
+    if not hits:
+        print("no passages found")
     return 0
 
 
@@ -169,6 +301,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from impl.rag import evaluation
     from impl.rag.service import RagService
+    from impl.rag.types import RetrievalOptions
+    from impl.settings import Settings
 
     questions = evaluation.load_questions(Path(args.questions))
     dense_weight, lexical_weight = args.weights
@@ -199,7 +333,7 @@ def evaluate(args: argparse.Namespace) -> int:
             finally:
                 service.close()
     else:
-        with open_service(start_workers=False) as service:
+        with open_service(load_settings(), start_workers=False) as service:
             target = evaluation.ServiceTarget(service, TENANT)
             report = evaluation.evaluate(target, questions, args.modes, args.top_k, fusion)
     print(evaluation.as_table(report))
@@ -226,30 +360,50 @@ def fusion_weights(text: str) -> tuple[float, float]:
     return dense, lexical
 
 
+# -- documents and keys -----------------------------------------------------------------------
+
+
 def documents(args: argparse.Namespace) -> int:
-    with open_service(start_workers=False) as service:
+    settings = load_settings()
+    if not holds_data(settings):
         if args.action == "list":
-            cursor = None
-            while True:
-                page = service.list_documents(TENANT, limit=100, cursor=cursor)
-                for d in page.items:
-                    print(f"{d.id}  {d.status:<7}  {d.chunk_count:>5} chunks  {d.title}")
-                if page.next_cursor is None:
-                    break
-                cursor = page.next_cursor
-        elif args.action == "show":
-            d = service.get_document(TENANT, args.doc_id)
-            print(json.dumps(vars(d), default=str, indent=2))
-        else:
+            print("no documents")
+            return 0
+        raise NotFound(f"document {args.doc_id} not found")
+    if args.action == "delete":
+        with open_service(settings, start_workers=False) as service:
             service.delete_document(TENANT, args.doc_id)
-            print(f"deleted {args.doc_id}")
+        print(f"deleted {args.doc_id}")
+        return 0
+    with open_registry(settings) as registry:
+        if args.action == "show":
+            document = registry.get_document(TENANT, args.doc_id)
+            if document is None:
+                raise NotFound(f"document {args.doc_id} not found")
+            print(json.dumps(vars(document), default=str, indent=2))
+            return 0
+        cursor, listed = None, 0
+        while True:
+            page = registry.list_documents(TENANT, limit=100, cursor=cursor)
+            for d in page.items:
+                print(f"{d.id}  {d.status:<7}  {d.chunk_count:>5} chunks  {d.title}")
+            listed += len(page.items)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+    if not listed:
+        print("no documents")
     return 0
 
 
 def keys(args: argparse.Namespace) -> int:
     from impl.security.keys import KeyStore
 
-    store = KeyStore(Settings())
+    settings = load_settings()
+    if args.action == "list" and not holds_data(settings):
+        print("no keys")
+        return 0
+    store = KeyStore(settings)
     try:
         if args.action == "create":
             scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
@@ -257,14 +411,17 @@ def keys(args: argparse.Namespace) -> int:
             print(f"{created.key.id}  tenant={created.key.tenant}  scopes={','.join(scopes)}")
             print(f"X-API-Key: {created.secret}")
         elif args.action == "list":
-            cursor = None
+            cursor, listed = None, 0
             while True:
                 page, cursor = store.list(args.tenant, limit=100, cursor=cursor)
                 for k in page:
                     state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
                     print(f"{k.id}  {k.prefix}  {','.join(k.scopes):<16} {state:<18} {k.name}")
+                listed += len(page)
                 if cursor is None:
                     break
+            if not listed:
+                print("no keys")
         else:
             store.revoke(args.tenant, args.key_id)
             print(f"revoked {args.key_id}")
@@ -274,7 +431,10 @@ def keys(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="ragapi", description=__doc__)
+    root = argparse.ArgumentParser(
+        prog="ragapi",
+        description="The ragapi server, and the RAG services in-process (no server needed).",
+    )
     commands = root.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("serve", help="start the HTTP server")

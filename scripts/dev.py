@@ -2,6 +2,7 @@
 
     python3 scripts/dev.py serve [ragapi serve flags]   start the server (embedded default)
     python3 scripts/dev.py test [pytest args]           run the test suite
+    python3 scripts/dev.py test-llm [pytest args]       the tests with real language models
     python3 scripts/dev.py lint                         ruff (lint, format check) and mypy
     python3 scripts/dev.py ui [streamlit run flags]     the Streamlit UI on http://localhost:8501
     python3 scripts/dev.py setup                        only create or update .venv
@@ -23,15 +24,22 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".ragapi-installed"
-# Tests run the llamacpp extra too: the OpenAI-compatible provider is tested against a real
-# llama.cpp server on loopback. The ui extra is in the test set-up for the UI's tests.
+# The ui extra is in the test set-up for the UI's tests. The llamacpp extra compiles llama.cpp
+# from source (minutes on a quiet machine, far longer on a loaded one), so only test-llm installs
+# it: the tests under tests/llm run the OpenAI-compatible provider against a real llama.cpp server
+# and the llamacpp provider in-process; `.ci/run` runs them after the suite.
 EXTRAS = {
     "serve": "",
-    "test": "[dev,llamacpp,ui]",
-    "lint": "[dev,llamacpp,ui]",
-    "setup": "[dev,llamacpp,ui]",
+    "test": "[dev,ui]",
+    "test-llm": "[dev,llamacpp,ui]",
+    "lint": "[dev,ui]",
+    "setup": "[dev,ui]",
     "ui": "[ui]",
 }
+LLM_TESTS = "tests/llm"
+# ragapi uses llama.cpp for text only: leaving out its multimodal library (mtmd) shortens the
+# build. A CMAKE_ARGS of the user's own replaces this.
+LLAMACPP_CMAKE_ARGS = "-DLLAVA_BUILD=OFF"
 
 
 def fingerprint(extras: str) -> str:
@@ -54,7 +62,10 @@ def setup(extras: str) -> None:
         venv.create(VENV, with_pip=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     print(f"installing ragapi{extras} into .venv (first time takes a few minutes)", file=sys.stderr)
-    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}{extras}"], check=True)
+    env = {"CMAKE_ARGS": LLAMACPP_CMAKE_ARGS, **os.environ}
+    subprocess.run(
+        [*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}{extras}"], check=True, env=env
+    )
     STAMP.write_text("\n".join(sorted(installed_fingerprints() | {wanted})))
 
 
@@ -69,6 +80,8 @@ def main() -> int:
         return subprocess.call([str(BIN / "ragapi"), "serve", *rest])
     if command == "test":
         return subprocess.call([str(BIN / "python"), "-m", "pytest", *rest])
+    if command == "test-llm":
+        return subprocess.call([str(BIN / "python"), "-m", "pytest", LLM_TESTS, *rest])
     if command == "ui":
         # The UI is a client of the HTTP API: start the server too (`dev.py serve`), or set
         # RAGAPI_UI_API_URL to another one.

@@ -22,10 +22,12 @@ HTML_STYLE_TEXT = "styleMarkerPlugh"
 HTML_CHROME_TEXT = ("navMarkerFrobozz", "footerMarkerGrue")
 
 
-def make_pdf(pages: list[str]) -> bytes:
+def make_pdf(pages: list[str], title: str | None = None) -> bytes:
     """A PDF with one page per string (ASCII: fpdf2's core fonts are Latin-1 only). An empty
-    string makes a blank page."""
+    string makes a blank page. `title` goes into its metadata."""
     pdf = _new_pdf()
+    if title is not None:
+        pdf.set_title(title)
     for text in pages:
         pdf.add_page()
         if text:
@@ -73,9 +75,14 @@ def _new_pdf() -> FPDF:
     return pdf
 
 
-def make_docx(paragraphs: list[str], table: list[list[str]] | None = None) -> bytes:
-    """A Word document with these paragraphs, then the table (rows of cells) when given."""
+def make_docx(
+    paragraphs: list[str], table: list[list[str]] | None = None, title: str | None = None
+) -> bytes:
+    """A Word document with these paragraphs, then the table (rows of cells) when given;
+    `title` goes into its core properties."""
     document = docx.Document()
+    if title is not None:
+        document.core_properties.title = title
     for text in paragraphs:
         document.add_paragraph(text)
     if table:

@@ -1,5 +1,7 @@
 """The CLI drives the same services in-process: a folder of every type in, list, search,
-query with citations, show and delete."""
+query with citations, show and delete; what it tells about an ingest (a line per file, a
+summary, failures named with their reasons and the exit status) and about an empty data
+directory."""
 
 from __future__ import annotations
 
@@ -40,9 +42,12 @@ def test_the_cli_end_to_end(tmp_path: Path) -> None:
     ingested = ragapi(data, "ingest", str(folder), "--metadata", '{"source": "cli"}')
     assert ingested.returncode == 0, ingested.stderr
     assert ingested.stdout.count(": succeeded doc_") == 5
+    assert ingested.stdout.splitlines()[-1] == "5 ingested, 0 duplicates (already held), 0 failed"
+    assert ingested.stderr.count(f"ragapi: data directory {data}") == 1
 
     again = ragapi(data, "ingest", str(folder / "rust.pdf"))
     assert "(duplicate)" in again.stdout
+    assert again.stdout.splitlines()[-1] == "0 ingested, 1 duplicate (already held), 0 failed"
 
     listed = ragapi(data, "documents", "list")
     rows = [line.split() for line in listed.stdout.splitlines()]
@@ -52,7 +57,8 @@ def test_the_cli_end_to_end(tmp_path: Path) -> None:
     assert answer.returncode == 0, answer.stderr
     first_line, *citations = answer.stdout.splitlines()
     assert "[1]" in first_line
-    assert citations[0].startswith("[1] saturn:")
+    # Titled by the page's own <title>, not its file name.
+    assert citations[0].startswith(f"[1] {CORPUS['saturn'].title}:")
 
     searched = ragapi(data, "search", CORPUS["rust"].question, "--top-k", "2")
     assert "  rust #" in searched.stdout.splitlines()[0]
@@ -70,12 +76,34 @@ def test_the_cli_end_to_end(tmp_path: Path) -> None:
     assert after.stdout and "  rust #" not in after.stdout
 
 
-def test_unsupported_files_are_reported_not_fatal(tmp_path: Path) -> None:
-    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
-    (tmp_path / "fine.txt").write_text("Lighthouses guide ships along dangerous coasts.")
-    result = ragapi(
-        tmp_path / "data", "ingest", str(tmp_path / "image.png"), str(tmp_path / "fine.txt")
-    )
+def test_failed_files_are_summed_up_with_their_reasons_and_the_exit_status(
+    tmp_path: Path,
+) -> None:
+    image, fine = tmp_path / "image.png", tmp_path / "fine.txt"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    fine.write_text("Lighthouses guide ships along dangerous coasts.")
+    result = ragapi(tmp_path / "data", "ingest", str(image), str(fine), str(tmp_path / "gone.md"))
     assert result.returncode == 1
-    assert "image.png" in result.stderr
-    assert "fine.txt: succeeded" in result.stdout
+    assert f"{fine}: succeeded doc_" in result.stdout
+    assert result.stdout.splitlines()[-1] == "1 ingested, 0 duplicates (already held), 2 failed"
+    summary = result.stderr[result.stderr.index("ragapi: 2 of them failed:") :].splitlines()
+    assert summary[1].startswith(f"  {image}: the file looks like a PNG image; ragapi reads ")
+    assert summary[2] == f"  {tmp_path / 'gone.md'}: No such file or directory"
+
+
+def test_reading_an_empty_data_directory_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for command, said in (
+        (["documents", "list"], "no documents"),
+        (["keys", "list"], "no keys"),
+        (["search", "anything"], "no documents"),
+    ):
+        result = ragapi(data, *command)
+        assert (result.returncode, result.stdout) == (0, f"{said}\n"), result.stderr
+        assert result.stderr == f"ragapi: data directory {data}\n"
+    shown = ragapi(data, "documents", "show", "doc_123")
+    assert (shown.returncode, shown.stderr.splitlines()[-1]) == (
+        2,
+        "ragapi: document doc_123 not found",
+    )
+    assert not data.exists()

@@ -4,6 +4,7 @@ one exception for every way a call can fail, and the answer stream read event by
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,11 +21,25 @@ from generated.client.models import (
     StreamToken,
 )
 from generated.client.types import Response
+from impl.settings import Settings
 
 T = TypeVar("T")
 
+# Addresses a server binds to that are no address to connect to: it answers on loopback too.
+ANY_ADDRESS = {"", "0.0.0.0", "::"}  # noqa: S104
+
 # Reads wait as long as a slow language model may take to answer; connecting does not.
 TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+
+def default_api_url() -> str:
+    """RAGAPI_UI_API_URL, or else the server that `ragapi serve` starts from the same
+    environment and .env: its RAGAPI_HOST and RAGAPI_PORT."""
+    if url := os.environ.get("RAGAPI_UI_API_URL"):
+        return url
+    settings = Settings()
+    host = "127.0.0.1" if settings.host in ANY_ADDRESS else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
 
 
 class ApiError(Exception):

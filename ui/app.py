@@ -1,16 +1,16 @@
 """ragapi's Streamlit UI: a client of the HTTP API, through the generated Python client.
 
     python3 scripts/dev.py serve     # the API on http://127.0.0.1:8000
-    python3 scripts/dev.py ui        # this UI on http://localhost:8501
+    python3 scripts/dev.py ui        # this UI on http://127.0.0.1:8501
 
-RAGAPI_UI_API_URL sets the API URL the sidebar starts with.
+The sidebar's API URL starts as RAGAPI_UI_API_URL, or else as the address `ragapi serve` takes
+from the same environment and .env (RAGAPI_HOST, RAGAPI_PORT).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +21,7 @@ import httpx
 import streamlit as st
 
 # `streamlit run ui/app.py` puts ui/ on sys.path, so the sibling module imports as `api`.
-from api import ApiError, connect, result, stream_answer, succeeded
+from api import ApiError, connect, default_api_url, result, stream_answer, succeeded
 
 from generated.client import Client
 from generated.client.api.documents import (
@@ -46,7 +46,7 @@ from generated.client.models import (
 )
 from generated.client.types import UNSET, File, Unset
 
-DEFAULT_API_URL = os.environ.get("RAGAPI_UI_API_URL", "http://127.0.0.1:8000")
+DEFAULT_API_URL = default_api_url()
 PAGES = ("Ask", "Upload", "Documents")
 DOCUMENTS_PER_PAGE = 20
 CHUNKS_PER_PAGE = 100
@@ -67,6 +67,7 @@ class Upload:
 
     label: str
     job: Job
+    titles: dict[str, str]  # document id -> title, of the documents the upload answered with
 
     @property
     def finished(self) -> bool:
@@ -293,8 +294,10 @@ def upload_page(client: Client) -> None:
                 metadata=parse_metadata(metadata),
             )
             accepted = result(ingest_documents.sync_detailed(client=client, body=body))
-            label = ", ".join(d.filename or d.title for d in accepted.documents)
-            st.session_state.uploads.insert(0, Upload(label, accepted.job))
+            # The names as uploaded: a duplicate answers with the document already held.
+            label = ", ".join(f.name for f in files or [])
+            titles = {d.id: d.title for d in accepted.documents}
+            st.session_state.uploads.insert(0, Upload(label, accepted.job, titles))
             st.session_state.uploader += 1
             st.rerun()
     uploads: list[Upload] = st.session_state.uploads
@@ -342,10 +345,18 @@ def show_job(upload: Upload) -> None:
         )
         st.error(f"**{md(upload.label)}** failed: {md(reason.title)}  \n{md(reason.detail)}")
         return
+    # Content the tenant already holds is not indexed again: the job answers with the
+    # existing document, and its passages are not counted here.
+    held = ", ".join(md(upload.titles.get(i, i)) for i in job.duplicate_document_ids)
+    if job.duplicate_document_ids and len(job.duplicate_document_ids) == len(job.document_ids):
+        st.info(f"**{md(upload.label)}** is a duplicate of {held}, already indexed: nothing new.")
+        return
     done, total = job.chunks_done, job.chunks_total
     fraction = done / total if total else float(job.status == "succeeded")
+    duplicates = f" ({held} already held)" if held else ""
     st.progress(
-        fraction, text=f"{md(upload.label)}: {job.status}, {done} of {total} passages indexed"
+        fraction,
+        text=f"{md(upload.label)}: {job.status}, {done} of {total} passages indexed{duplicates}",
     )
 
 

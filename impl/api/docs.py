@@ -17,11 +17,24 @@ SPEC_PATH = Path(__file__).resolve().parents[2] / "openapi" / "v1.yaml"
 # fastapi-offline exists to ship the Swagger UI and ReDoc bundles inside its wheel.
 ASSETS = Path(fastapi_offline.__file__).parent / "static"
 ASSETS_URL = "/docs/assets"
+REDOC_JS_URL = "/docs/redoc.standalone.js"
+# ReDoc's sidebar shows Redocly's logo from their CDN: the served bundle has an empty image in its
+# place, so no docs page requests an outside address.
+REDOCLY_LOGO_URL = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+EMPTY_SVG = b"data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E"
+
+
+def offline_redoc_bundle() -> bytes:
+    bundle = (ASSETS / "redoc.standalone.js").read_bytes()
+    if REDOCLY_LOGO_URL not in bundle:
+        raise RuntimeError("redoc.standalone.js no longer names Redocly's logo URL: check it")
+    return bundle.replace(REDOCLY_LOGO_URL, EMPTY_SVG)
 
 
 def mount_docs(app: FastAPI) -> None:
     spec_yaml = SPEC_PATH.read_bytes()
     spec_json = json.dumps(yaml.safe_load(spec_yaml)).encode()
+    redoc_js = offline_redoc_bundle()
     title = "ragapi API"
 
     async def openapi_json() -> Response:
@@ -29,6 +42,9 @@ def mount_docs(app: FastAPI) -> None:
 
     async def openapi_yaml() -> Response:
         return Response(spec_yaml, media_type="application/yaml")
+
+    async def redoc_bundle() -> Response:
+        return Response(redoc_js, media_type="text/javascript")
 
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
@@ -43,7 +59,7 @@ def mount_docs(app: FastAPI) -> None:
         return get_redoc_html(
             openapi_url="/openapi.json",
             title=title,
-            redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
+            redoc_js_url=REDOC_JS_URL,
             redoc_favicon_url=f"{ASSETS_URL}/favicon.png",
             with_google_fonts=False,
         )
@@ -54,5 +70,6 @@ def mount_docs(app: FastAPI) -> None:
         ("/openapi.yaml", openapi_yaml),
         ("/docs", swagger_ui),
         ("/redoc", redoc),
+        (REDOC_JS_URL, redoc_bundle),
     ):
         app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)

@@ -16,7 +16,7 @@ import re
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import docx
 import pypdf
@@ -68,6 +68,9 @@ class ExtractedText:
     # For PDF: the offset in ``text`` where page i+1 begins (so page_starts[0] == 0); None for
     # formats without pages.
     page_starts: list[int] | None
+    # The title the document gives itself: HTML's <title>, a PDF's or a Word document's
+    # metadata, Markdown's first level-1 heading; None when it gives none.
+    title: str | None = None
 
     def page_at(self, offset: int) -> int | None:
         """The 1-based page holding the character at ``offset``; None for unpaged formats."""
@@ -138,6 +141,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _SNIFF_CHARS = 64 * 1024
 _LETTER_OR_DIGIT = re.compile(r"[^\W_]")
 _PAGE_SEPARATOR = "\n\n"
+_MARKDOWN_H1 = re.compile(r"^ {0,3}#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 
 
 def detect_media_type(content: bytes, filename: str | None, declared: str | None = None) -> str:
@@ -291,7 +295,7 @@ def extract_text(content: bytes, media_type: str, limits: ParseLimits) -> Extrac
         PDF: _extract_pdf,
         DOCX: _extract_docx,
         HTML: _extract_html,
-        MARKDOWN: _extract_plain,
+        MARKDOWN: _extract_markdown,
         TEXT: _extract_plain,
     }
     extractor = extractors.get(media_type)
@@ -320,12 +324,24 @@ def _extract_plain(content: bytes, budget: _Budget) -> ExtractedText:
     return ExtractedText(_normalise_newlines(text), None)
 
 
+def _extract_markdown(content: bytes, budget: _Budget) -> ExtractedText:
+    extracted = _extract_plain(content, budget)
+    fenced = False
+    for line in extracted.text.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced  # a "# " line in a code block is a comment, not a heading
+        elif not fenced and (heading := _MARKDOWN_H1.match(line)):
+            return replace(extracted, title=heading.group(1))
+    return extracted
+
+
 def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
     try:
         reader = pypdf.PdfReader(io.BytesIO(content))
         if reader.is_encrypted:
             _unlock(reader)
         page_count = len(reader.pages)
+        title = (reader.metadata.title or None) if reader.metadata else None
     except (UnreadableDocument, DocumentTooLarge, MemoryError):
         raise
     except Exception as exc:
@@ -356,7 +372,9 @@ def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
     for page_text in pages:
         starts.append(offset)
         offset += len(page_text) + len(_PAGE_SEPARATOR)
-    return ExtractedText(_PAGE_SEPARATOR.join(pages), starts)
+    if title:
+        title = title.encode("utf-8", "replace").decode("utf-8")  # as for the pages' text
+    return ExtractedText(_PAGE_SEPARATOR.join(pages), starts, title)
 
 
 def _unlock(reader: pypdf.PdfReader) -> None:
@@ -382,12 +400,13 @@ def _extract_docx(content: bytes, budget: _Budget) -> ExtractedText:
             if text.strip():
                 budget.add(text)
                 blocks.append(text)
+        title = document.core_properties.title or None
     except (UnreadableDocument, DocumentTooLarge, MemoryError):
         raise
     except Exception as exc:
         logger.info("unreadable DOCX: %r", exc)
         raise UnreadableDocument("the Word document is damaged and cannot be read") from exc
-    return ExtractedText(_normalise_newlines("\n\n".join(blocks)), None)
+    return ExtractedText(_normalise_newlines("\n\n".join(blocks)), None, title)
 
 
 def _unpack_bounded(content: bytes) -> bytes:
@@ -545,6 +564,7 @@ def _extract_html(content: bytes, budget: _Budget) -> ExtractedText:
     for mark in (_PARAGRAPH_MARK, _LINE_MARK, _CELL_MARK):
         markup = markup.replace(mark, "")
     soup = BeautifulSoup(markup, "lxml")
+    title = (soup.title.get_text() or None) if soup.title else None  # before <head> goes
     budget.tick()
     for element in soup.find_all(list(_HTML_DROP)):
         element.decompose()
@@ -571,7 +591,7 @@ def _extract_html(content: bytes, budget: _Budget) -> ExtractedText:
     text = text.replace(_CELL_MARK, "")
     text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
-    return ExtractedText(_normalise_newlines(text.strip()), None)
+    return ExtractedText(_normalise_newlines(text.strip()), None, title)
 
 
 def _is_chrome(tag: Tag) -> bool:

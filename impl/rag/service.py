@@ -121,9 +121,10 @@ def _clean_title(text: str) -> str:
 
 
 def derive_title(item: IngestItem, extracted: ExtractedText) -> str:
-    """The given title; else the file name without its extension; else the first Markdown
-    heading; else the first line of text."""
-    for candidate in (item.title, PurePath(item.filename or "").stem):
+    """The given title; else the title the document gives itself (HTML's <title>, PDF or Word
+    metadata, Markdown's first level-1 heading); else the file name without its extension; else
+    the first Markdown heading; else the first line of text."""
+    for candidate in (item.title, extracted.title, PurePath(item.filename or "").stem):
         if candidate and _clean_title(candidate):
             return _clean_title(candidate)
     heading = _HEADING.search(extracted.text)

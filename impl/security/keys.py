@@ -222,13 +222,19 @@ class KeyStore:
             return session.scalar(select(func.count()).select_from(KeyRow)) or 0
 
     def revoke(self, tenant: str, key_id: str) -> None:
+        """Revokes the key; a key already revoked stays as it was (revoking is idempotent, as
+        a DELETE is), so its revoked_at keeps the first revocation's time."""
         with Session(self.engine) as session, session.begin():
             done = session.execute(
                 update(KeyRow)
                 .where(KeyRow.id == key_id, KeyRow.tenant == tenant, KeyRow.revoked_at.is_(None))
                 .values(revoked_at=datetime.now(UTC))
             )
-            if done.rowcount == 0:  # type: ignore[attr-defined]
+            if done.rowcount == 0 and not session.scalar(  # type: ignore[attr-defined]
+                select(func.count())
+                .select_from(KeyRow)
+                .where(KeyRow.id == key_id, KeyRow.tenant == tenant)
+            ):
                 raise NotFound(f"key {key_id} not found")
         # Other processes (workers, the CLI's) learn of it when their cache entry expires.
         self._verified.forget(key_id)

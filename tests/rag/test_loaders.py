@@ -484,5 +484,38 @@ def test_limits_come_from_settings() -> None:
     assert ParseLimits.from_settings(settings) == ParseLimits(7, 1234, 99, 2.5)
 
 
+# ------------------------------------------------------------------------------ titles
+
+
+def title_of(content: bytes, filename: str) -> str | None:
+    return extract_text(content, detect_media_type(content, filename), LIMITS).title
+
+
+def test_each_format_gives_the_title_it_holds() -> None:
+    assert title_of(make_html("The moons of Saturn", PARAGRAPHS), "x.html") == (
+        "The moons of Saturn"
+    )
+    assert title_of(make_pdf(PARAGRAPHS, title="Saturn, a survey"), "x.pdf") == ("Saturn, a survey")
+    assert title_of(make_docx(PARAGRAPHS, title="Notes on Saturn"), "x.docx") == ("Notes on Saturn")
+    assert title_of(make_markdown("Saturn's rings", PARAGRAPHS), "x.md") == "Saturn's rings"
+
+
+def test_documents_without_a_title_give_none() -> None:
+    assert title_of(make_pdf(PARAGRAPHS), "x.pdf") is None
+    assert title_of(make_docx(PARAGRAPHS), "x.docx") is None
+    assert title_of(make_text(PARAGRAPHS), "x.txt") is None
+    page = b"<!DOCTYPE html><html><body><p>" + PARAGRAPHS[0].encode() + b"</p></body></html>"
+    assert title_of(page, "x.html") is None
+
+
+def test_markdown_title_is_the_first_level_one_heading_outside_code() -> None:
+    notes = (
+        "Intro line.\n\n## Setup\n\n```sh\n# install it first\npip install x\n```\n\n"
+        "# Release notes #\n\n# Later heading\n"
+    )
+    assert title_of(notes.encode(), "notes.md") == "Release notes"
+    assert title_of(b"## Only a section\n\nText here.\n", "notes.md") is None
+
+
 def test_unpaged_text_has_no_page_numbers() -> None:
     assert ExtractedText("some text", None).page_at(3) is None

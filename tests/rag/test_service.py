@@ -530,6 +530,27 @@ def test_titles_are_derived_when_not_given(service: RagService) -> None:
     assert titles == ["Given title", "quarterly_report.v2", "The Heading", "First line wins"]
 
 
+def test_a_document_s_own_title_comes_before_its_file_name(service: RagService) -> None:
+    saturn = CORPUS["saturn"]
+    files = [
+        (make_html("The  moons of\nSaturn", saturn.paragraphs), "page.html"),
+        (make_pdf(saturn.paragraphs, title="Saturn survey 2024"), "scan_0042.pdf"),
+        (make_docx(saturn.paragraphs, title="Notes on Saturn"), "Document1.docx"),
+        (make_markdown("Saturn's rings", saturn.paragraphs), "README.md"),
+        (make_pdf(saturn.paragraphs[:1]), "untitled-export.pdf"),
+    ]
+    items = [IngestItem(content, name, None, {}) for content, name in files]
+    job = service.submit_ingest(TENANT, items)
+    titles = [service.get_document(TENANT, doc_id).title for doc_id in job.document_ids]
+    assert titles == [
+        "The moons of Saturn",
+        "Saturn survey 2024",
+        "Notes on Saturn",
+        "Saturn's rings",
+        "untitled-export",  # no title of its own: the file name
+    ]
+
+
 class _OtherModel(EmbeddingModel):
     """The real model under another name: as if the server were configured differently."""
 

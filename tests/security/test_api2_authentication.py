@@ -105,6 +105,14 @@ def test_a_revoked_key_stops_working_at_once(server: Server) -> None:
         assert_unauthenticated(http.get(f"{API}/documents"))
         listed = {k["id"]: k for k in server.client().get(f"{API}/keys").json()["items"]}
         assert listed[key_id]["revoked_at"] is not None
+        # Revoking it again is no error and changes nothing; a key that never was is a 404.
+        with server.client() as admin:
+            assert admin.delete(f"{API}/keys/{key_id}").status_code == 204
+            again = {k["id"]: k for k in admin.get(f"{API}/keys").json()["items"]}
+            assert again[key_id]["revoked_at"] == listed[key_id]["revoked_at"]
+            missing = admin.delete(f"{API}/keys/key_{'0' * 32}")
+            assert missing.status_code == 404
+            assert missing.headers["content-type"] == "application/problem+json"
 
 
 def test_the_first_start_printed_one_working_admin_key(server: Server) -> None:

@@ -100,6 +100,29 @@ def test_upload_watch_the_job_then_open_and_delete_the_document(app: AppTest) ->
     assert [i.value for i in app.info] == ["No document title contains that text."]
 
 
+def test_a_duplicate_upload_names_the_document_it_repeats(app: AppTest) -> None:
+    name = f"lighthouse-{uuid.uuid4().hex[:8]}"
+    content = f"Lighthouse {name} guides ships along a dangerous coast.".encode()
+    go(app, "Upload")
+    for attempt in ("first", "again"):
+        app.file_uploader[0].upload(f"{name}-{attempt}.txt", content, "text/plain")
+        run(app)
+        click(app, "Upload and index")
+        deadline = time.monotonic() + 60
+        while not any(
+            f"{name}-{attempt}.txt" in plain(shown)
+            for shown in [p.text for p in app.progress if "succeeded" in p.text]
+            + [i.value for i in app.info]
+        ):
+            assert time.monotonic() < deadline, [p.text for p in app.progress]
+            time.sleep(0.5)
+            run(app)
+    assert [plain(i.value) for i in app.info] == [
+        f"**{name}-again.txt** is a duplicate of {name}-first, already indexed: nothing new."
+    ]
+    assert not [p for p in app.progress if f"{name}-again" in plain(p.text)]
+
+
 @pytest.fixture
 def indexed(server: Server, ui_key: str) -> Iterator[dict[str, str]]:
     """A PDF put in through the API, deleted afterwards."""

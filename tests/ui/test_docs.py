@@ -1,0 +1,43 @@
+"""The API's own docs pages in a real browser (Debian's headless Chromium): Swagger UI's "Try it
+out" calls the server that served it, whatever its port, and neither page asks another machine
+for anything (the `page` fixture fails the test on any such request)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from playwright.sync_api import Page, expect
+
+from tests.conftest import Server, create_key
+
+
+def test_try_it_out_calls_the_server_on_its_own_port(page: Page, server: Server) -> None:
+    # The test server runs on a free port, never the default 8000.
+    assert urlsplit(server.url).port != 8000
+    key = create_key(server, "docs-browser", "read")
+    page.goto(f"{server.url}/docs")
+
+    page.get_by_role("button", name="Authorize").first.click()
+    dialog = page.locator(".dialog-ux")
+    dialog.locator("input").fill(key)
+    dialog.get_by_role("button", name="Apply credentials").click()
+    dialog.locator("button.btn-done").click()
+
+    operation = page.locator("#operations-documents-listDocuments")
+    operation.locator(".opblock-summary").click()
+    operation.get_by_role("button", name="Try it out").click()
+    operation.get_by_role("button", name="Execute").click()
+
+    expect(operation.locator(".request-url pre")).to_have_text(
+        f"{server.url}/api/v1/documents?limit=20"
+    )
+    expect(operation.locator(".curl-command")).to_contain_text(f"{server.url}/api/v1/documents")
+    status = operation.locator(".live-responses-table tr.response .response-col_status")
+    expect(status).to_have_text("200")
+    expect(operation.locator(".live-responses-table .microlight").first).to_contain_text('"items"')
+
+
+def test_redoc_renders_from_local_assets_only(page: Page, server: Server) -> None:
+    page.goto(f"{server.url}/redoc")
+    expect(page.get_by_role("heading", name="ragapi", exact=False).first).to_be_visible()
+    expect(page.get_by_text("List documents").first).to_be_attached()
