@@ -424,8 +424,9 @@ def interference(
 
 
 def recall(api: Api, raw: Raw, queries: Sequence[str]) -> dict[str, Any]:
-    """Top-5 of POST /search (and of the raw Chroma query) against exact search: numpy cosine
-    over every vector in the collection, read back from it."""
+    """Top-5 of POST /search in dense mode (and of the raw Chroma query) against exact search:
+    numpy cosine over every vector in the collection, read back from it. Dense mode, because
+    this is the vector index's recall: hybrid's top-5 is meant to differ from the cosine's."""
     ids: list[str] = []
     pages = []
     total = raw.collection.count()
@@ -439,7 +440,8 @@ def recall(api: Api, raw: Raw, queries: Sequence[str]) -> dict[str, Any]:
         raise SystemExit(f"read {len(row)} distinct vectors of {total}")
 
     async def server_top(connection: Connection, query: str) -> list[str]:
-        response = await connection.post_json("/api/v1/search", {"query": query, "top_k": TOP_K})
+        body = {"query": query, "top_k": TOP_K, "retrieval": {"mode": "dense"}}
+        response = await connection.post_json("/api/v1/search", body)
         return [hit["chunk_id"] for hit in response.json()["results"]]
 
     async def all_server_tops(connection: Connection) -> list[list[str]]:
