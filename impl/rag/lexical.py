@@ -48,7 +48,12 @@ B = 0.75
 
 class PostingRow(Base):
     """One term of one chunk: how often it occurs there, and the chunk's length in terms (kept
-    on every posting so that scoring reads postings only)."""
+    on every posting so that scoring reads postings only).
+
+    On SQLite the table is WITHOUT ROWID: its rows are stored in primary-key order, so a
+    query's terms are each one contiguous range holding every column scoring reads. With a rowid
+    each posting found through the key's index cost a second lookup in the table, which made
+    BM25 about 1.6 times the CPU (scripts/bench, docs/benchmarks.md)."""
 
     __tablename__ = "lexical_postings"
     tenant: Mapped[str] = mapped_column(String(256), primary_key=True)
@@ -58,7 +63,10 @@ class PostingRow(Base):
     frequency: Mapped[int] = mapped_column(Integer)
     chunk_terms: Mapped[int] = mapped_column(Integer)
 
-    __table_args__ = (Index("ix_lexical_postings_document", "document_id"),)
+    __table_args__ = (
+        Index("ix_lexical_postings_document", "document_id"),
+        {"sqlite_with_rowid": False},
+    )
 
 
 class LexicalStatsRow(Base):

@@ -3,6 +3,7 @@
     python -m scripts.bench                # 1k, 10k and 100k chunks; see docs/benchmarks.md
     python -m scripts.bench --quick        # 300 chunks, about a minute: the CI smoke test
     python -m scripts.bench --prepare      # only fill the embedding cache
+    python -m scripts.bench --sizes 10000  # only these stages (chunks in the store)
 
 A real ``ragapi serve`` on loopback (authentication, logging and metrics on; rate limits set
 out of reach) is measured next to the raw work in this process, in the same run. The table goes
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -85,12 +86,27 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny sizes, for CI; no cache kept")
     mode.add_argument("--prepare", action="store_true", help="fill the embedding cache, then stop")
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        help="comma-separated stage sizes in chunks, instead of the profile's (e.g. 10000)",
+    )
     parser.add_argument("--out", type=Path, help="the JSON file to write")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_DIR, help="the embedding cache")
     parser.add_argument(
         "--work-dir", type=Path, help="data dirs and server logs (kept); default: a temp dir"
     )
     return parser.parse_args(argv)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of chunk counts: {text!r}") from None
+    if sizes[0] < 1:
+        raise argparse.ArgumentTypeError("a stage holds at least one chunk")
+    return sizes
 
 
 def _say(message: str) -> None:
@@ -282,6 +298,8 @@ class Run:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _arguments(argv)
     profile = QUICK if args.quick else FULL
+    if args.sizes:
+        profile = replace(profile, sizes=args.sizes)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ragapi-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
