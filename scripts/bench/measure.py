@@ -208,7 +208,9 @@ def latency(api: Api, raw: Raw, queries: Sequence[str], rounds: int) -> dict[str
     return {
         **figures,
         "errors": errors,
-        "search_p95_ratio": ratio(hybrid["p95_ms"], raw_p95),
+        # The server's overhead over the raw work it does: the dense search is the same work as
+        # the raw one (embed, then query Chroma); hybrid's extra cost has its own ratio below.
+        "search_p95_ratio": ratio(dense["p95_ms"], raw_p95),
         "query_p95_ratio": ratio(figures["query"]["p95_ms"], raw_p95),
         "hybrid_dense_p95_ratio": ratio(hybrid["p95_ms"], dense["p95_ms"]),
         "hybrid_dense_cpu_ratio": ratio(hybrid["cpu_ms"], dense["cpu_ms"]),
@@ -233,7 +235,7 @@ def concurrency(
                 lambda c=clients: add(pooled["raw", c], raw.load(queries, c, seconds)),
                 lambda c=clients: add(
                     pooled["http", c],
-                    api.load(search_call(queries), clients=c, seconds=seconds),
+                    api.load(search_call(queries, "dense"), clients=c, seconds=seconds),
                 ),
             ]
             for block in _rotated(blocks, number):

@@ -32,7 +32,9 @@ def targets(results: dict[str, Any]) -> list[Target]:
     at = f"at {largest['chunks']} chunks"
     level = results["concurrency"][str(max(results["concurrency_levels"]))]
     return [
-        Target(f"search p95 / raw p95 {at}", largest["latency"]["search_p95_ratio"], "<=", 1.5),
+        Target(
+            f"dense search p95 / raw p95 {at}", largest["latency"]["search_p95_ratio"], "<=", 1.5
+        ),
         Target(
             f"query p95 / raw search p95 {at}", largest["latency"]["query_p95_ratio"], "<=", 2.5
         ),
@@ -48,7 +50,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
             ">=",
             0.85,
         ),
-        Target("32 clients search req/s / raw req/s", level["rps_ratio"], ">=", 0.7),
+        Target("32 clients dense search req/s / raw req/s", level["rps_ratio"], ">=", 0.7),
         Target("32 clients search errors", level["http_errors"], "<=", 0),
         Target("health req/s full stack / bare", results["health"]["rps_ratio"], ">=", 0.6),
         Target(
