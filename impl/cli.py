@@ -471,6 +471,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="the server's key (read scope); default $RAGAPI_API_KEY")
     p.add_argument("--modes", type=retrieval_modes, default="dense,lexical,hybrid")
     p.add_argument("--top-k", type=int, default=10, choices=range(1, 51), metavar="1..50")
+    from impl.rag.types import RetrievalOptions
+
     defaults = RetrievalOptions()
     p.add_argument(
         "--weights",
