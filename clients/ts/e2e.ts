@@ -145,6 +145,17 @@ await check("search ranks the right document first", async () => {
   assert.equal(results[0]?.document_id, textId);
 });
 
+await check("every retrieval mode finds it, each hit explained by its signals", async () => {
+  for (const mode of ["dense", "lexical", "hybrid"] as const) {
+    const query = "Which moon has a thick nitrogen atmosphere?";
+    const body = { query, top_k: 3, filters: ours, retrieval: { mode } };
+    const [first] = ok(await api.POST("/api/v1/search", { body })).results;
+    assert.equal(first?.document_id, textId, mode);
+    const signals = Object.keys(first?.explain ?? {});
+    assert.ok(signals.length > 0 && signals.every((s) => mode === "hybrid" || s === mode), mode);
+  }
+});
+
 await check("an answer cites the passage it comes from", async () => {
   const question = "What happens to a value in Rust when its owner goes out of scope?";
   const answer = ok(await api.POST("/api/v1/query", { body: { question, filters: ours } }));

@@ -29,9 +29,11 @@ from generated.client.models import (
     Metadata,
     Problem,
     QueryRequest,
+    Retrieval,
     SearchFilters,
     SearchRequest,
 )
+from generated.client.models.retrieval_mode import RETRIEVAL_MODE_VALUES
 from generated.client.types import File, Response
 from tests.conftest import Server
 from tests.documents import CORPUS, make_pdf
@@ -117,6 +119,16 @@ def test_ingest_list_search_query_and_delete(api: AuthenticatedClient) -> None:
     search = SearchRequest(query=saturn.question, top_k=3, filters=ours)
     results = parsed(search_chunks.sync_detailed(client=api, body=search)).results
     assert results[0].document_id == typed.id
+    # Each retrieval mode through the generated models, each hit explained by its signals.
+    for mode in sorted(RETRIEVAL_MODE_VALUES):
+        by_mode = SearchRequest(
+            query=saturn.question, top_k=3, filters=ours, retrieval=Retrieval(mode=mode)
+        )
+        found = parsed(search_chunks.sync_detailed(client=api, body=by_mode)).results
+        assert found[0].document_id == typed.id, mode
+        signals = set(found[0].explain.to_dict())
+        expected = {"dense", "lexical"} if mode == "hybrid" else {mode}
+        assert signals and signals <= expected, (mode, signals)
     question = QueryRequest(question=rust.question, filters=ours)
     answer = parsed(query_documents.sync_detailed(client=api, body=question))
     assert answer.found and answer.citations
