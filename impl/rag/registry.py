@@ -1,8 +1,8 @@
 """The registry: documents, ingestion jobs, chunk rows and store-wide facts, in SQL.
 
-SQLite by default, any SQLAlchemy URL (PostgreSQL) later, so queries stay portable: no
-SQLite-only SQL outside the connection set-up. Every method is one unit of work in its own
-session, which makes the class safe to share between threads.
+SQLite by default, PostgreSQL by URL (the engine, sessions and schema are impl/db.py's). Every
+method is one unit of work in its own session, which makes the class safe to share between
+threads.
 
 Document statuses are the public ones (pending, ready, failed) plus ``deleting``: a document
 whose removal has begun is invisible to every read, and ``RagService.start`` finishes removing it
@@ -11,44 +11,20 @@ after a crash.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import uuid
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import (
-    Boolean,
-    CursorResult,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    and_,
-    create_engine,
-    delete,
-    event,
-    func,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy import CursorResult, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.orm import Session
 
+from impl.db import decode_cursor, encode_cursor, open_database, utcnow
 from impl.errors import ConfigurationError, InvalidInput
 from impl.rag import lexical
-from impl.rag.db import Base, utcnow
+from impl.rag.tables import ChunkRow, DocumentRow, JobDocumentRow, JobRow, MetaRow
 from impl.rag.types import (
     Chunk,
     Document,
@@ -61,7 +37,6 @@ from impl.rag.types import (
     StoreCounts,
 )
 
-SCHEMA_VERSION = "1"
 DELETING = "deleting"
 # A document whose content a tenant already holds is returned instead of stored again, unless
 # the earlier one failed (so the same file can be tried again) or is being deleted.
@@ -70,92 +45,6 @@ _LIVE_STATUSES = ("pending", "ready")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
-
-
-class MetaRow(Base):
-    __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
-class DocumentRow(Base):
-    __tablename__ = "documents"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(256))
-    title: Mapped[str] = mapped_column(Text)
-    filename: Mapped[str | None] = mapped_column(Text)
-    media_type: Mapped[str] = mapped_column(String(128))
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
-    original_key: Mapped[str] = mapped_column(String(128))
-    extracted_key: Mapped[str] = mapped_column(String(128))
-    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16))
-    error: Mapped[str | None] = mapped_column(Text)
-    # "metadata" is taken by the declarative base, hence the attribute name.
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
-    created_at: Mapped[datetime]
-    updated_at: Mapped[datetime]
-
-    __table_args__ = (
-        Index("ix_documents_tenant_created", "tenant", "created_at", "id"),
-        Index("ix_documents_status", "status"),
-        Index("ix_documents_original_key", "original_key"),
-        Index("ix_documents_extracted_key", "extracted_key"),
-        # Guards deduplication against a second process registering the same bytes at once.
-        Index(
-            "ux_documents_tenant_sha256_live",
-            "tenant",
-            "sha256",
-            unique=True,
-            sqlite_where=text("status IN ('pending', 'ready')"),
-            postgresql_where=text("status IN ('pending', 'ready')"),
-        ),
-    )
-
-
-class JobRow(Base):
-    __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(256))
-    status: Mapped[str] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expires_at: Mapped[datetime | None]
-    chunks_done: Mapped[int] = mapped_column(Integer, default=0)
-    chunks_total: Mapped[int] = mapped_column(Integer, default=0)
-    error_title: Mapped[str | None] = mapped_column(Text)
-    error_detail: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime]
-    updated_at: Mapped[datetime]
-
-    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
-
-
-class JobDocumentRow(Base):
-    """Which documents a job covers. No foreign key to documents: a job keeps naming the
-    documents it reported even after they are deleted."""
-
-    __tablename__ = "job_documents"
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    document_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(256))
-    position: Mapped[int] = mapped_column(Integer)
-    duplicate: Mapped[bool] = mapped_column(Boolean)
-
-
-class ChunkRow(Base):
-    __tablename__ = "chunks"
-    id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
-    tenant: Mapped[str] = mapped_column(String(256))
-    chunk_index: Mapped[int] = mapped_column(Integer)
-    text: Mapped[str] = mapped_column(Text)
-    page: Mapped[int | None] = mapped_column(Integer)
-    start_char: Mapped[int] = mapped_column(Integer)
-    end_char: Mapped[int] = mapped_column(Integer)
-
-    __table_args__ = (UniqueConstraint("document_id", "chunk_index"),)
 
 
 @dataclass(frozen=True)
@@ -211,22 +100,6 @@ class LeaseLost(Exception):
     """The worker no longer owns the job it is running (another worker reclaimed it)."""
 
 
-def _encode_cursor(payload: dict[str, Any]) -> str:
-    raw = json.dumps(payload, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def _decode_cursor(cursor: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        payload = json.loads(raw)
-    except (binascii.Error, ValueError):
-        payload = None
-    if not isinstance(payload, dict):
-        raise InvalidInput("the cursor is not valid")
-    return payload
-
-
 def _document(row: DocumentRow) -> Document:
     return Document(
         id=row.id,
@@ -266,54 +139,23 @@ def _delete_chunks(session: Session, document_ids: Sequence[str]) -> None:
     session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
 
 
-def _prepare_sqlite(engine: Engine) -> None:
-    """WAL (readers never wait for the writer), a busy timeout, foreign keys, and explicit
-    BEGIN statements: pysqlite's implicit transactions would start every write transaction as a
-    reader that later fails to upgrade under concurrency instead of waiting for the lock."""
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Connection) -> None:
-        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
-        connection.exec_driver_sql(f"BEGIN {mode}")
-
-
 class Registry:
-    def __init__(self, url: str) -> None:
-        parsed = make_url(url)
-        is_sqlite = parsed.get_backend_name() == "sqlite"
-        if is_sqlite and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        connect_args = {"timeout": 30} if is_sqlite else {}
-        self._engine = create_engine(url, connect_args=connect_args, pool_pre_ping=not is_sqlite)
-        if is_sqlite:
-            _prepare_sqlite(self._engine)
-        self._reads = sessionmaker(self._engine, expire_on_commit=False)
-        # SQLite: take the write lock up front, so concurrent writers queue on the busy timeout.
-        self._writes = sessionmaker(
-            self._engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
-        )
-        Base.metadata.create_all(self._engine)
-        recorded = self._record_meta("schema_version", SCHEMA_VERSION)
-        if recorded != SCHEMA_VERSION:
-            raise ConfigurationError(
-                f"the registry has schema version {recorded}; this server uses {SCHEMA_VERSION}"
-            )
-        self._index_earlier_chunks()
+    def __init__(self, url: str, *, upgrade: bool) -> None:
+        """The registry at ``url``; ``upgrade``: apply the migrations it lacks, else refuse a
+        schema older than this code's (see ``Database.ensure_schema``)."""
+        self._db = open_database(url)
+        try:
+            self._db.ensure_schema(upgrade=upgrade)
+            self._index_earlier_chunks()
+        except BaseException:
+            self._db.close()
+            raise
 
     def _index_earlier_chunks(self) -> None:
         """Once per registry: index the chunks stored before the lexical index existed (from
         then on, every chunk row is indexed in the transaction that writes it)."""
         try:
-            with self._write() as session:
+            with self._db.write() as session:
                 # Claimed first: of several processes starting at once, one indexes.
                 session.add(MetaRow(key="lexical_index", value="bm25"))
                 session.flush()
@@ -325,27 +167,16 @@ class Registry:
             return  # indexed already, or by the process that claimed it first
 
     def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._reads() as session, session.begin():
-            yield session
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._writes() as session, session.begin():
-            yield session
+        self._db.close()
 
     def ping(self) -> None:
-        with self._read() as session:
-            session.execute(select(1))
+        self._db.ping()
 
     # -- store-wide facts ---------------------------------------------------------------------
 
     def _record_meta(self, key: str, value: str) -> str:
         """Record ``value`` under ``key`` the first time; return what is recorded."""
-        with self._write() as session:
+        with self._db.write() as session:
             row = session.get(MetaRow, key)
             if row is None:
                 session.add(MetaRow(key=key, value=value))
@@ -367,7 +198,7 @@ class Registry:
 
     def find_live(self, tenant: str, sha256s: Sequence[str]) -> dict[str, str]:
         """Document ids by sha256 for the given contents the tenant already holds."""
-        with self._read() as session:
+        with self._db.read() as session:
             return self._find_live(session, tenant, sha256s)
 
     @staticmethod
@@ -400,7 +231,7 @@ class Registry:
     def _register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
         now = utcnow()
         job_id = new_id("job")
-        with self._write() as session:
+        with self._db.write() as session:
             existing = self._find_live(session, tenant, [item.sha256 for item in items])
             created: dict[str, str] = {}
             links: dict[str, bool] = {}  # document id -> duplicate, in item order
@@ -460,14 +291,26 @@ class Registry:
     def claim_job(self, job_id: str | None, owner: str, lease: timedelta) -> ClaimedJob | None:
         """Move a queued job to running under ``owner``'s lease: the given one, or the oldest
         queued one when ``job_id`` is None. None when there is nothing (left) to claim."""
-        if job_id is None:
+        if job_id is None and self._db.is_sqlite:
             # A read first: idle workers poll, and must not take SQLite's write lock to do it.
             oldest = self.queued_job_ids(1)
             if not oldest:
                 return None
             job_id = oldest[0]
         now = utcnow()
-        with self._write() as session:
+        with self._db.write() as session:
+            if job_id is None:
+                # PostgreSQL: claimers at once each lock a different queued row instead of
+                # queueing behind (or losing to) the first one.
+                job_id = session.scalar(
+                    select(JobRow.id)
+                    .where(JobRow.status == "queued")
+                    .order_by(JobRow.created_at, JobRow.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                if job_id is None:
+                    return None
             # The status condition makes the claim atomic on any backend: of two claimers,
             # one updates a row and the other none.
             claimed = session.execute(
@@ -488,7 +331,7 @@ class Registry:
 
     def job_work(self, job_id: str) -> list[DocumentWork]:
         """The job's documents that still await indexing, in the order they were given."""
-        with self._read() as session:
+        with self._db.read() as session:
             rows = session.scalars(
                 select(DocumentRow)
                 .join(JobDocumentRow, JobDocumentRow.document_id == DocumentRow.id)
@@ -522,14 +365,14 @@ class Registry:
             raise LeaseLost(job_id)
 
     def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None:
-        with self._write() as session:
+        with self._db.write() as session:
             self._renew(session, job_id, owner, lease)
 
     def start_progress(
         self, job_id: str, owner: str, lease: timedelta, total: int, document_ids: Sequence[str]
     ) -> None:
         """Drop chunk rows a crashed run left for these documents and reset the progress."""
-        with self._write() as session:
+        with self._db.write() as session:
             _delete_chunks(session, document_ids)
             self._renew(session, job_id, owner, lease, chunks_done=0, chunks_total=total)
 
@@ -538,7 +381,7 @@ class Registry:
     ) -> bool:
         """Record indexed chunks and the job's progress. False, writing nothing, when the
         document is no longer pending (deletion began): the caller then removes its vectors."""
-        with self._write() as session:
+        with self._db.write() as session:
             # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
             doc = session.execute(
                 select(DocumentRow.status, DocumentRow.tenant)
@@ -566,12 +409,12 @@ class Registry:
 
     def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None:
         """Take chunks that will not be indexed (their document went away) out of the total."""
-        with self._write() as session:
+        with self._db.write() as session:
             self._renew(session, job_id, owner, lease, chunks_total=JobRow.chunks_total - count)
 
     def mark_ready(self, document_id: str, chunk_count: int) -> bool:
         """Pending -> ready; False when the document is being deleted (or gone)."""
-        with self._write() as session:
+        with self._db.write() as session:
             changed = session.execute(
                 update(DocumentRow)
                 .where(DocumentRow.id == document_id, DocumentRow.status == "pending")
@@ -582,7 +425,7 @@ class Registry:
     def mark_failed(self, document_id: str, reason: str) -> bool:
         """Pending -> failed with ``reason``, dropping its chunk rows (the caller has already
         removed the vectors). False when the document was no longer pending."""
-        with self._write() as session:
+        with self._db.write() as session:
             _delete_chunks(session, [document_id])
             changed = session.execute(
                 update(DocumentRow)
@@ -592,7 +435,7 @@ class Registry:
             return _rowcount(changed) == 1
 
     def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None:
-        with self._write() as session:
+        with self._db.write() as session:
             now = utcnow()
             finished = session.execute(
                 update(JobRow)
@@ -611,7 +454,7 @@ class Registry:
 
     def release_job(self, job_id: str, owner: str) -> None:
         """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed."""
-        with self._write() as session:
+        with self._db.write() as session:
             session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
@@ -627,7 +470,7 @@ class Registry:
     def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]:
         """Running jobs no worker is running: all of them when only this process may run jobs
         (``every_running``), else those whose lease expired."""
-        with self._read() as session:
+        with self._db.read() as session:
             query = select(JobRow).where(JobRow.status == "running")
             if not every_running:
                 query = query.where(
@@ -656,7 +499,7 @@ class Registry:
             return found
 
     def requeue(self, job_id: str) -> None:
-        with self._write() as session:
+        with self._db.write() as session:
             session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running")
@@ -667,7 +510,7 @@ class Registry:
 
     def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None:
         """Fail an interrupted job and its unfinished documents (their vectors already gone)."""
-        with self._write() as session:
+        with self._db.write() as session:
             now = utcnow()
             session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
             session.execute(
@@ -689,7 +532,7 @@ class Registry:
             )
 
     def queued_job_ids(self, limit: int) -> list[str]:
-        with self._read() as session:
+        with self._db.read() as session:
             return list(
                 session.scalars(
                     select(JobRow.id)
@@ -702,7 +545,7 @@ class Registry:
     def counts(self) -> StoreCounts:
         """What every tenant holds, for the metrics: documents and jobs by status, and the
         chunks of ready documents."""
-        with self._read() as session:
+        with self._db.read() as session:
             documents = session.execute(
                 select(DocumentRow.status, func.count()).group_by(DocumentRow.status)
             )
@@ -719,7 +562,7 @@ class Registry:
             )
 
     def get_job(self, tenant: str, job_id: str) -> Job | None:
-        with self._read() as session:
+        with self._db.read() as session:
             row = session.get(JobRow, job_id)
             if row is None or row.tenant != tenant:
                 return None
@@ -750,7 +593,7 @@ class Registry:
     # -- reading documents --------------------------------------------------------------------
 
     def get_document(self, tenant: str, document_id: str) -> Document | None:
-        with self._read() as session:
+        with self._db.read() as session:
             row = session.get(DocumentRow, document_id)
             if row is None or row.tenant != tenant or row.status == DELETING:
                 return None
@@ -792,18 +635,18 @@ class Registry:
         query = query.order_by(DocumentRow.created_at.desc(), DocumentRow.id.desc()).limit(
             limit + 1
         )
-        with self._read() as session:
+        with self._db.read() as session:
             rows = list(session.scalars(query))
         next_cursor = None
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            next_cursor = _encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
+            next_cursor = encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
         return Page(items=[_document(row) for row in rows], next_cursor=next_cursor)
 
     @staticmethod
     def _document_cursor(cursor: str) -> tuple[datetime, str]:
-        payload = _decode_cursor(cursor)
+        payload = decode_cursor(cursor)
         created, doc_id = payload.get("t"), payload.get("i")
         if not isinstance(created, str) or not isinstance(doc_id, str):
             raise InvalidInput("the cursor is not valid")
@@ -821,11 +664,11 @@ class Registry:
         """The document's chunk rows by index; None when the document is not the tenant's."""
         after = -1
         if cursor is not None:
-            index = _decode_cursor(cursor).get("n")
+            index = decode_cursor(cursor).get("n")
             if not isinstance(index, int) or isinstance(index, bool):
                 raise InvalidInput("the cursor is not valid")
             after = index
-        with self._read() as session:
+        with self._db.read() as session:
             doc = session.get(DocumentRow, document_id)
             if doc is None or doc.tenant != tenant or doc.status == DELETING:
                 return None
@@ -840,7 +683,7 @@ class Registry:
         next_cursor = None
         if len(rows) > limit:
             rows = rows[:limit]
-            next_cursor = _encode_cursor({"n": rows[-1].chunk_index})
+            next_cursor = encode_cursor({"n": rows[-1].chunk_index})
         return Page(items=[_chunk(row) for row in rows], next_cursor=next_cursor)
 
     def ready_titles(self, tenant: str, document_ids: Sequence[str]) -> dict[str, str]:
@@ -849,7 +692,7 @@ class Registry:
             return {}
         # By primary key only: given the status too, SQLite prefers the status index and reads
         # every ready document (3.4 ms at 4.5k documents, against 0.03 ms by key).
-        with self._read() as session:
+        with self._db.read() as session:
             rows = session.execute(
                 select(
                     DocumentRow.id, DocumentRow.title, DocumentRow.tenant, DocumentRow.status
@@ -870,7 +713,7 @@ class Registry:
         document_ids: Collection[str] | None,
         exclude_documents: Collection[str],
     ) -> list[lexical.LexicalHit]:
-        with self._read() as session:
+        with self._db.read() as session:
             return lexical.search(
                 session,
                 tenant,
@@ -884,7 +727,7 @@ class Registry:
         """The tenant's chunks of these ids, by id."""
         if not chunk_ids:
             return {}
-        with self._read() as session:
+        with self._db.read() as session:
             rows = session.scalars(
                 select(ChunkRow).where(ChunkRow.id.in_(set(chunk_ids)), ChunkRow.tenant == tenant)
             )
@@ -899,7 +742,7 @@ class Registry:
         )
         if document_ids is not None:
             statement = statement.where(DocumentRow.id.in_(list(document_ids)))
-        with self._read() as session:
+        with self._db.read() as session:
             return {doc_id: metadata for doc_id, metadata in session.execute(statement)}
 
     # -- deleting -----------------------------------------------------------------------------
@@ -907,7 +750,7 @@ class Registry:
     def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
         """First step of a deletion: from here on the document is invisible, and a crash before
         the last step is finished by the next start."""
-        with self._write() as session:
+        with self._db.write() as session:
             row = session.get(DocumentRow, document_id)
             if row is None or row.tenant != tenant or row.status == DELETING:
                 return None
@@ -916,7 +759,7 @@ class Registry:
             return StoredObjects(row.id, row.tenant, (row.original_key, row.extracted_key))
 
     def being_deleted(self) -> list[StoredObjects]:
-        with self._read() as session:
+        with self._db.read() as session:
             rows = session.scalars(select(DocumentRow).where(DocumentRow.status == DELETING))
             return [
                 StoredObjects(row.id, row.tenant, (row.original_key, row.extracted_key))
@@ -926,7 +769,7 @@ class Registry:
     def keys_in_use(self, keys: Sequence[str], excluding: str) -> set[str]:
         """Which of ``keys`` a document other than ``excluding`` still uses (any tenant: the
         storage is content-addressed, so tenants share bytes)."""
-        with self._read() as session:
+        with self._db.read() as session:
             used: set[str] = set()
             for column in (DocumentRow.original_key, DocumentRow.extracted_key):
                 used.update(
@@ -939,6 +782,6 @@ class Registry:
     def delete_document_row(self, document_id: str) -> None:
         """Last step of a deletion, chunk rows included (explicitly: a backend without foreign
         key enforcement would not cascade)."""
-        with self._write() as session:
+        with self._db.write() as session:
             _delete_chunks(session, [document_id])
             session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))

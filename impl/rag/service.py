@@ -196,7 +196,9 @@ class RagService:
         model_id, dimension = self._embeddings.model_id, self._embeddings.dimension
         with contextlib.ExitStack() as cleanup:
             # Whatever fails below closes what was already opened.
-            self._registry = Registry(settings.resolved_registry_url)
+            self._registry = Registry(
+                settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start
+            )
             cleanup.callback(self._registry.close)
             self._registry.check_model(model_id, dimension)
             self._store = VectorStore(settings, model_id, dimension)
