@@ -31,12 +31,13 @@ from impl.errors import (
 )
 from impl.rag.answers import AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
+from impl.rag.documents import NewDocument, StoredObjects
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText, ParseLimits, detect_media_type, extract_text
 from impl.rag.originals import LocalOriginalStore
-from impl.rag.registry import NewDocument, Registry, StoredObjects
+from impl.rag.registry import Registry
 from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
 from impl.rag.types import (
     NO_OBSERVER,

@@ -1,16 +1,41 @@
-"""The registry's tables: documents, ingestion jobs and the documents each covers, chunk rows,
-and store-wide facts. The migrations (impl/migrations) build them; the lexical index's tables
-are in lexical.py, the API keys' in impl/security/keys.py."""
+"""The registry's tables (documents, ingestion jobs and the documents each covers, chunk rows,
+store-wide facts) and what its parts share about their rows. The migrations (impl/migrations)
+build them; the lexical index's tables are in lexical.py, the API keys' in
+impl/security/keys.py."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import (
+    Boolean,
+    CursorResult,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    text,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from impl.db import Base
+from impl.rag import lexical
+from impl.rag.types import Chunk, Document, DocumentStatus
+
+DELETING = "deleting"
+# A document whose content a tenant already holds is returned instead of stored again, unless
+# the earlier one failed (so the same file can be tried again) or is being deleted.
+LIVE_STATUSES = ("pending", "ready")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 class MetaRow(Base):
@@ -97,3 +122,42 @@ class ChunkRow(Base):
     end_char: Mapped[int] = mapped_column(Integer)
 
     __table_args__ = (UniqueConstraint("document_id", "chunk_index"),)
+
+
+def document_from_row(row: DocumentRow) -> Document:
+    return Document(
+        id=row.id,
+        title=row.title,
+        filename=row.filename,
+        media_type=row.media_type,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        chunk_count=row.chunk_count,
+        status=cast(DocumentStatus, row.status),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        metadata=dict(row.metadata_),
+        error=row.error,
+    )
+
+
+def chunk_from_row(row: ChunkRow) -> Chunk:
+    return Chunk(
+        id=row.id,
+        document_id=row.document_id,
+        index=row.chunk_index,
+        text=row.text,
+        page=row.page,
+        start_char=row.start_char,
+        end_char=row.end_char,
+    )
+
+
+def rowcount(result: Any) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+def delete_chunks(session: Session, document_ids: Sequence[str]) -> None:
+    """The documents' chunk rows and their postings, in one transaction."""
+    lexical.remove_documents(session, document_ids)
+    session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))

@@ -15,7 +15,9 @@ from sqlalchemy import create_engine, text
 
 from impl.db import open_database
 from impl.errors import ConfigurationError, InvalidInput
-from impl.rag.registry import LeaseLost, NewDocument, Registry
+from impl.rag.documents import NewDocument
+from impl.rag.job_queue import LeaseLost
+from impl.rag.registry import Registry
 from impl.rag.types import Chunk, Document, JobError
 
 LEASE = timedelta(minutes=1)
