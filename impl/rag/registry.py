@@ -56,12 +56,18 @@ class Registry(Documents, JobQueue, Chunks):
 
     def _record_meta(self, key: str, value: str) -> str:
         """Record ``value`` under ``key`` the first time; return what is recorded."""
-        with self._db.write() as session:
-            row = session.get(MetaRow, key)
-            if row is None:
+        try:
+            with self._db.write() as session:
+                row = session.get(MetaRow, key)
+                if row is not None:
+                    return row.value
                 session.add(MetaRow(key=key, value=value))
-                return value
-            return row.value
+        except IntegrityError:
+            # Another process recorded it between our read and our insert (PostgreSQL reads
+            # do not take SQLite's write lock): what it recorded stands.
+            with self._db.read() as session:
+                return session.scalars(select(MetaRow.value).where(MetaRow.key == key)).one()
+        return value
 
     def check_model(self, model_id: str, dimension: int) -> None:
         """Record the embedding model on first use; refuse another one after that."""

@@ -341,3 +341,26 @@ def test_a_claim_on_postgresql_skips_a_row_another_claimer_holds(postgres_url: s
     finally:
         holder.dispose()
         registry.close()
+
+
+def test_processes_starting_at_once_record_the_model_once(registry: Registry) -> None:
+    """What every server process does at start, all at once on a new registry: the first
+    records the model, the others find it recorded (none fails on the duplicate)."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def check() -> None:
+        try:
+            start.wait()
+            registry.check_model("model-a", 384)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with pytest.raises(ConfigurationError, match="built with model model-a"):
+        registry.check_model("model-b", 384)
