@@ -177,13 +177,15 @@ def fresh_databases(postgres: Postgres) -> Iterator[list[str]]:
         postgres.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
-# What a server process does at start with RAGAPI_REGISTRY_AUTO_UPGRADE=true.
+# What a server process does with the registry at start, RAGAPI_REGISTRY_AUTO_UPGRADE=true.
 OPEN_AND_UPGRADE = """
 import sys
 from impl.rag.registry import Registry
 from impl.security.keys import KeyStore
 from impl.settings import Settings
-Registry(sys.argv[1], upgrade=True).close()
+registry = Registry(sys.argv[1], upgrade=True)
+registry.check_model("model-a", 384)
+registry.close()
 KeyStore(Settings(registry_url=sys.argv[1], registry_auto_upgrade=True)).close()
 """
 
