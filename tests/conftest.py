@@ -236,6 +236,13 @@ class Postgres:
     """A PostgreSQL cluster of the test session's own; each test gets a fresh database."""
 
     port: int
+    pg_ctl: list[str]  # pg_ctl -D <data> -o <options> -l <log>, run as the postgres user
+
+    def restart(self) -> None:
+        """Stop the server, dropping every connection, and start it again."""
+        subprocess.run(
+            [*self.pg_ctl, "-m", "fast", "-w", "restart"], check=True, capture_output=True
+        )
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://ragapi@127.0.0.1:{self.port}/{database}"
@@ -272,22 +279,15 @@ def postgres() -> Iterator[Postgres]:
         timeout=120,
     )
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg_ctl = postgres_bin("pg_ctl")
     log = folder / "postgres.log"
-    subprocess.run(
-        as_postgres_user([pg_ctl, "-D", str(data), "-o", options, "-l", str(log), "-w", "start"]),
-        check=True,
-        capture_output=True,
-        timeout=120,
+    pg_ctl = as_postgres_user(
+        [postgres_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(log)]
     )
+    subprocess.run([*pg_ctl, "-w", "start"], check=True, capture_output=True, timeout=120)
     try:
-        yield Postgres(port)
+        yield Postgres(port, pg_ctl)
     finally:
-        subprocess.run(
-            as_postgres_user([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True,
-            timeout=60,
-        )
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
         shutil.rmtree(folder, ignore_errors=True)
 
 

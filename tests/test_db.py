@@ -215,6 +215,26 @@ def test_processes_upgrading_a_fresh_postgresql_at_once_all_succeed(
         registry.close()
 
 
+def test_the_keys_and_the_registry_survive_a_postgresql_restart(
+    postgres: Postgres, postgres_url: str
+) -> None:
+    """Pooled connections die with the server; pre-ping replaces them, so the first request
+    after a restart is served, not failed."""
+    settings = settings_for(postgres_url, registry_auto_upgrade=True)
+    keys = KeyStore(settings)
+    registry = Registry(postgres_url, upgrade=True)
+    try:
+        secret = keys.create("t", "k", ["read"]).secret
+        assert keys.verify(secret) is not None
+        registry.check_model("model-a", 384)
+        postgres.restart()
+        assert keys.verify(secret) is not None
+        assert registry.list_documents("t", limit=5, cursor=None).items == []
+    finally:
+        registry.close()
+        keys.close()
+
+
 def test_the_registry_and_the_keys_share_one_engine(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url, upgrade=True)
