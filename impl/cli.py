@@ -73,6 +73,9 @@ def serve(args: argparse.Namespace) -> int:
             "would grant the whole budget; set RAGAPI_RATE_LIMIT_STORAGE_URL=redis://host:6379"
         )
     app = create_app(settings)  # checks the spec against the handler map before serving
+    # Once, before any worker starts: the embedded registry is upgraded here, and a server's
+    # registry left at an older schema stops the start with the command that upgrades it.
+    prepare_registry(settings)
     if settings.auth_enabled:
         bootstrap_admin_key(settings)
     common = {
@@ -99,6 +102,29 @@ def serve(args: argparse.Namespace) -> int:
             workers=settings.workers,
             **common,  # type: ignore[arg-type]
         )
+    return 0
+
+
+def prepare_registry(settings: Settings) -> None:
+    from impl.db import open_database
+
+    database = open_database(settings.resolved_registry_url)
+    try:
+        database.ensure_schema(upgrade=settings.registry_upgrades_on_start)
+    finally:
+        database.close()
+
+
+def db(args: argparse.Namespace) -> int:
+    """Apply the registry's migrations (every one it lacks), whatever the URL."""
+    from impl.db import open_database
+
+    database = open_database(Settings().resolved_registry_url)
+    try:
+        database.upgrade()
+        print(f"registry schema at {database.revision()}")
+    finally:
+        database.close()
     return 0
 
 
@@ -140,7 +166,7 @@ def open_registry(settings: Settings) -> Iterator[Registry]:
     """The document registry alone: listing and showing documents needs no model or vectors."""
     from impl.rag.registry import Registry
 
-    registry = Registry(settings.resolved_registry_url)
+    registry = Registry(settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start)
     try:
         yield registry
     finally:
@@ -443,6 +469,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--log-level", dest="log_level")
     p.set_defaults(run=serve)
+
+    p = commands.add_parser("db", help="the registry's schema")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("upgrade", help="apply the migrations the registry lacks")
+    p.set_defaults(run=db)
 
     p = commands.add_parser("ingest", help="ingest files and folders (recursively)")
     p.add_argument("paths", nargs="+")

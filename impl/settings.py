@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         None,
         description="SQLAlchemy URL of the registry; default sqlite:///<data_dir>/registry.db.",
     )
+    registry_auto_upgrade: bool | None = Field(
+        None,
+        description="Apply the registry's schema migrations when a process starts. Default: "
+        "yes for SQLite (one machine's file), no for a server such as PostgreSQL, where "
+        "`ragapi db upgrade` applies them once per release and a process refuses to start on "
+        "an older schema.",
+    )
     chroma_url: str | None = Field(
         None,
         description="URL of a Chroma server (http://host:8000); default: embedded Chroma "
@@ -218,3 +225,9 @@ class Settings(BaseSettings):
     @property
     def resolved_registry_url(self) -> str:
         return self.registry_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def registry_upgrades_on_start(self) -> bool:
+        if self.registry_auto_upgrade is not None:
+            return self.registry_auto_upgrade
+        return self.resolved_registry_url.startswith("sqlite")

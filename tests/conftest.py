@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -210,3 +213,96 @@ def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One Chroma server for the session's ragapi servers (all with the packaged model)."""
     with chroma_server(tmp_path_factory.mktemp("chroma")) as url:
         yield url
+
+
+def postgres_bin(program: str) -> str:
+    """Debian's PostgreSQL programs (.ci/run installs the package), newest version first."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{program}"),
+        key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0,
+    )
+    if not found:
+        raise RuntimeError(f"{program} not found: install Debian's postgresql package")
+    return str(found[-1])
+
+
+def as_postgres_user(command: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL cluster of the test session's own; each test gets a fresh database."""
+
+    port: int
+    pg_ctl: list[str]  # pg_ctl -D <data> -o <options> -l <log>, run as the postgres user
+
+    def restart(self) -> None:
+        """Stop the server, dropping every connection, and start it again."""
+        subprocess.run(
+            [*self.pg_ctl, "-m", "fast", "-w", "restart"], check=True, capture_output=True
+        )
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://ragapi@127.0.0.1:{self.port}/{database}"
+
+    def execute(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=ragapi dbname=postgres", autocommit=True
+        ) as connection:
+            connection.execute(statement.encode())
+
+    def create_database(self) -> str:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        self.execute(f"CREATE DATABASE {name}")
+        return name
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """initdb and pg_ctl on a free loopback port in a temporary folder (not pytest's: the
+    postgres user must be able to enter it), fsync off: the tests' data need not survive."""
+    folder = Path(tempfile.mkdtemp(prefix="ragapi-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    data = folder / "data"
+    port = free_port()
+    subprocess.run(
+        as_postgres_user(
+            [postgres_bin("initdb"), "-D", str(data), "-U", "ragapi", "-A", "trust", "--no-sync"]
+        ),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    log = folder / "postgres.log"
+    pg_ctl = as_postgres_user(
+        [postgres_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(log)]
+    )
+    subprocess.run([*pg_ctl, "-w", "start"], check=True, capture_output=True, timeout=120)
+    try:
+        yield Postgres(port, pg_ctl)
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres: Postgres) -> Iterator[str]:
+    """The URL of a new, empty database in the session's cluster."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    postgres.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty registry database: SQLite in the test's folder, or PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

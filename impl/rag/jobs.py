@@ -28,9 +28,10 @@ from datetime import timedelta
 from impl.errors import RagapiError, UnreadableDocument
 from impl.rag.chunking import Chunker, ChunkSpan
 from impl.rag.embeddings import EmbeddingModel
+from impl.rag.job_queue import ClaimedJob, DocumentWork, LeaseLost
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
-from impl.rag.registry import ClaimedJob, DocumentWork, LeaseLost, Registry
+from impl.rag.registry import Registry
 from impl.rag.store import VectorStore
 from impl.rag.types import Chunk, JobError, StageObserver
 

@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from impl.rag.db import Base
+from impl.db import Base
 from impl.rag.terms import terms
 from impl.rag.types import Chunk
 

@@ -32,13 +32,14 @@ from impl.errors import (
 )
 from impl.rag.answers import NO_ANSWER, AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
+from impl.rag.documents import NewDocument, StoredObjects
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import LocalOriginalStore
 from impl.rag.parsing import ParserProcesses
-from impl.rag.registry import NewDocument, Registry, StoredObjects
+from impl.rag.registry import Registry
 from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
 from impl.rag.types import (
     NO_OBSERVER,
@@ -198,7 +199,9 @@ class RagService:
         model_id, dimension = self._embeddings.model_id, self._embeddings.dimension
         with contextlib.ExitStack() as cleanup:
             # Whatever fails below closes what was already opened.
-            self._registry = Registry(settings.resolved_registry_url)
+            self._registry = Registry(
+                settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start
+            )
             cleanup.callback(self._registry.close)
             self._registry.check_model(model_id, dimension)
             self._store = VectorStore(settings, model_id, dimension)

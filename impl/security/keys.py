@@ -7,10 +7,8 @@ enough: a slow password hash protects guessable secrets, and these are not guess
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
 import secrets
 import threading
 import time
@@ -20,31 +18,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, cast
 
-from sqlalchemy import (
-    JSON,
-    DateTime,
-    MetaData,
-    String,
-    create_engine,
-    event,
-    func,
-    select,
-    update,
-)
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import JSON, DateTime, String, func, select, update
+from sqlalchemy.orm import Mapped, mapped_column
 
+from impl.db import Base, decode_cursor, encode_cursor, open_database
 from impl.errors import InvalidInput, NotFound
 from impl.settings import Settings
 
 Scope = Literal["read", "write", "admin"]
 SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
 KEY_PREFIX = "rk_"
-
-
-class Base(DeclarativeBase):
-    # Its own metadata: the key table lives in the registry database but belongs to security.
-    metadata = MetaData()
 
 
 class KeyRow(Base):
@@ -142,16 +125,19 @@ class VerifiedKeys:
 
 
 class KeyStore:
+    """The keys, in the registry's database (the process's one engine for it)."""
+
     def __init__(self, settings: Settings) -> None:
-        self.engine: Engine = create_engine(settings.resolved_registry_url)
-        if self.engine.dialect.name == "sqlite":
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._db = open_database(settings.resolved_registry_url)
+        try:
+            self._db.ensure_schema(upgrade=settings.registry_upgrades_on_start)
+        except BaseException:
+            self._db.close()
+            raise
         self._verified = VerifiedKeys(settings.key_cache_seconds)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self._db.close()
 
     def create(
         self, tenant: str, name: str, scopes: list[Scope], rate_limits: dict[str, str] | None = None
@@ -173,7 +159,7 @@ class KeyStore:
             created_at=datetime.now(UTC),
             revoked_at=None,
         )
-        with Session(self.engine) as session, session.begin():
+        with self._db.write() as session:
             session.add(row)
             session.flush()
             return CreatedKey(to_key(row), secret)
@@ -189,7 +175,7 @@ class KeyStore:
             return None
         prefix = presented[: presented.index("_", len(KEY_PREFIX))]
         presented_sha256 = digest(presented)
-        with Session(self.engine) as session:
+        with self._db.read() as session:
             row = session.scalars(select(KeyRow).where(KeyRow.prefix == prefix)).first()
             if row is None or row.revoked_at is not None:
                 return None
@@ -205,26 +191,26 @@ class KeyStore:
         """Newest first; the cursor is the last key's (created_at, id)."""
         query = select(KeyRow).where(KeyRow.tenant == tenant)
         if cursor is not None:
-            created, last_id = decode_cursor(cursor)
+            created, last_id = key_cursor(cursor)
             query = query.where(
                 (KeyRow.created_at < created)
                 | ((KeyRow.created_at == created) & (KeyRow.id < last_id))
             )
         query = query.order_by(KeyRow.created_at.desc(), KeyRow.id.desc()).limit(limit + 1)
-        with Session(self.engine) as session:
+        with self._db.read() as session:
             rows = list(session.scalars(query))
         keys = [to_key(r) for r in rows[:limit]]
         more = len(rows) > limit
-        return keys, encode_cursor(rows[limit - 1]) if more else None
+        return keys, cursor_after(rows[limit - 1]) if more else None
 
     def count(self) -> int:
-        with Session(self.engine) as session:
+        with self._db.read() as session:
             return session.scalar(select(func.count()).select_from(KeyRow)) or 0
 
     def revoke(self, tenant: str, key_id: str) -> None:
         """Revokes the key; a key already revoked stays as it was (revoking is idempotent, as
         a DELETE is), so its revoked_at keeps the first revocation's time."""
-        with Session(self.engine) as session, session.begin():
+        with self._db.write() as session:
             done = session.execute(
                 update(KeyRow)
                 .where(KeyRow.id == key_id, KeyRow.tenant == tenant, KeyRow.revoked_at.is_(None))
@@ -240,22 +226,16 @@ class KeyStore:
         self._verified.forget(key_id)
 
 
-def encode_cursor(row: KeyRow) -> str:
-    payload = json.dumps([cast(datetime, aware(row.created_at)).isoformat(), row.id])
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+def cursor_after(row: KeyRow) -> str:
+    return encode_cursor({"t": cast(datetime, aware(row.created_at)).isoformat(), "i": row.id})
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+def key_cursor(cursor: str) -> tuple[datetime, str]:
+    payload = decode_cursor(cursor)
+    created, key_id = payload.get("t"), payload.get("i")
+    if not isinstance(created, str) or not isinstance(key_id, str):
+        raise InvalidInput("the cursor is not valid")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, key_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(key_id)
-    except (ValueError, TypeError):
+        return datetime.fromisoformat(created), key_id
+    except ValueError:
         raise InvalidInput("the cursor is not valid") from None
-
-
-def _sqlite_pragmas(connection: object, _record: object) -> None:
-    cursor = connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()

@@ -164,8 +164,10 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
     service = make_service()
     ids = ingest_notes(service)
     service.close()
-    # A registry as the release before the lexical index left it: chunk rows, no postings.
+    # A registry as the release before the lexical index left it: chunk rows, no postings (and
+    # no migrations: they came later).
     with sqlite3.connect(data_dir / "registry.db") as db:
+        db.execute("DROP TABLE alembic_version")
         db.execute("DROP TABLE lexical_postings")
         db.execute("DROP TABLE lexical_stats")
         db.execute("DELETE FROM meta WHERE key = 'lexical_index'")

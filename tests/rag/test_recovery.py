@@ -151,7 +151,7 @@ def test_a_deletion_cut_short_is_finished_at_start(
     service.close()
     originals = {p for p in (data_dir / "originals").rglob("*") if p.is_file()}
     # A crash right after the first step of a deletion.
-    registry = Registry(make_settings(data_dir).resolved_registry_url)
+    registry = Registry(make_settings(data_dir).resolved_registry_url, upgrade=True)
     assert registry.mark_deleting(TENANT, doomed_id) is not None
     registry.close()
 

@@ -1,5 +1,5 @@
-"""The registry on its own (SQLite): pagination, filters, cursors, deduplication, job claims and
-leases, and writes from many threads at once."""
+"""The registry on its own, on SQLite and on PostgreSQL alike: pagination, filters, cursors,
+deduplication, job claims and leases, and writes and claims from many threads at once."""
 
 from __future__ import annotations
 
@@ -11,18 +11,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
+from impl.db import open_database
 from impl.errors import ConfigurationError, InvalidInput
-from impl.rag.registry import LeaseLost, NewDocument, Registry
+from impl.rag.documents import NewDocument
+from impl.rag.job_queue import LeaseLost
+from impl.rag.registry import Registry
 from impl.rag.types import Chunk, Document, JobError
 
 LEASE = timedelta(minutes=1)
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+def registry(registry_url: str) -> Iterator[Registry]:
+    registry = Registry(registry_url, upgrade=True)
     yield registry
     registry.close()
 
@@ -52,11 +55,13 @@ def all_pages(registry: Registry, tenant: str, limit: int, **filters: object) ->
         cursor = page.next_cursor
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(registry: Registry) -> None:
-    with registry._engine.connect() as connection:
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    database = open_database(f"sqlite:///{tmp_path / 'registry.db'}")
+    with database.engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+    database.close()
 
 
 def test_pagination_is_newest_first_without_overlap_or_gaps(registry: Registry) -> None:
@@ -288,3 +293,74 @@ def test_concurrent_writers_wait_instead_of_failing(registry: Registry) -> None:
         thread.join()
     assert errors == []
     assert len(registry.being_deleted()) == 90
+
+
+def test_many_claimers_at_once_never_run_a_job_twice(registry: Registry) -> None:
+    """Threads claim the oldest queued job, again and again, all at once (FOR UPDATE SKIP
+    LOCKED on PostgreSQL, a conditional update on SQLite): each job is claimed exactly once."""
+    jobs = [registry.register_ingest("t", [new_document(f"job {n}")]).id for n in range(60)]
+    claims: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def claim(worker: int) -> None:
+        try:
+            start.wait()
+            while True:
+                claimed = registry.claim_job(None, f"w{worker}", LEASE)
+                if claimed is not None:
+                    claims.append(claimed.id)
+                elif not registry.queued_job_ids(1):  # not a race lost: nothing is left
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(claims) == sorted(jobs)
+    assert registry.queued_job_ids(100) == []
+
+
+def test_a_claim_on_postgresql_skips_a_row_another_claimer_holds(postgres_url: str) -> None:
+    registry = Registry(postgres_url, upgrade=True)
+    first = registry.register_ingest("t", [new_document("1")])
+    second = registry.register_ingest("t", [new_document("2")])
+    holder = create_engine(postgres_url)
+    try:
+        with holder.begin() as connection:
+            # Another claimer's transaction has the oldest job locked and has not committed.
+            connection.execute(
+                text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": first.id}
+            )
+            claimed = registry.claim_job(None, "worker-b", LEASE)
+            assert claimed is not None and claimed.id == second.id
+    finally:
+        holder.dispose()
+        registry.close()
+
+
+def test_processes_starting_at_once_record_the_model_once(registry: Registry) -> None:
+    """What every server process does at start, all at once on a new registry: the first
+    records the model, the others find it recorded (none fails on the duplicate)."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def check() -> None:
+        try:
+            start.wait()
+            registry.check_model("model-a", 384)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with pytest.raises(ConfigurationError, match="built with model model-a"):
+        registry.check_model("model-b", 384)

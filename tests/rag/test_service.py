@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from impl.errors import (
     ConfigurationError,
@@ -614,3 +615,41 @@ def test_documents_being_indexed_never_appear_in_search(
     service.wait_for_job(TENANT, job.id, 120)
     hits = service.search(TENANT, question, top_k=3, retrieval=retrieval)
     assert job.document_ids[0] in {hit.chunk.document_id for hit in hits}
+
+
+def test_ingest_search_and_delete_on_postgresql(
+    make_service: ServiceFactory, postgres_url: str
+) -> None:
+    """The registry and the lexical index in PostgreSQL: every retrieval mode finds what was
+    ingested, and a deletion removes it from every one and from the database."""
+    service = make_service(registry_url=postgres_url, registry_auto_upgrade=True)
+    saturn, bread = CORPUS["saturn"], CORPUS["sourdough"]
+    job = ingest(
+        service,
+        TENANT,
+        [
+            text_item("\n\n".join(saturn.paragraphs), title=saturn.title),
+            text_item("\n\n".join(bread.paragraphs), title=bread.title),
+        ],
+    )
+    saturn_id, bread_id = job.document_ids
+    for retrieval in MODES:
+        hits = service.search(TENANT, saturn.question, top_k=3, retrieval=retrieval)
+        assert hits and hits[0].chunk.document_id == saturn_id, retrieval
+
+    service.delete_document(TENANT, saturn_id)
+
+    for retrieval in MODES:
+        question = f"Titan {saturn.question} bread"
+        hits = service.search(TENANT, question, top_k=50, retrieval=retrieval)
+        assert hits and all(hit.chunk.document_id == bread_id for hit in hits), retrieval
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            held = connection.execute(text("SELECT DISTINCT document_id FROM chunks")).scalars()
+            indexed = connection.execute(
+                text("SELECT DISTINCT document_id FROM lexical_postings")
+            ).scalars()
+            assert set(held) == set(indexed) == {bread_id}
+    finally:
+        engine.dispose()

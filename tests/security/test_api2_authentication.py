@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from impl.errors import InvalidInput
 from impl.security.keys import KeyStore, VerifiedKeys
 from impl.settings import Settings
 from tests.conftest import ROOT, Server, create_key
@@ -150,8 +152,17 @@ def test_a_key_revoked_by_another_process_stops_working_within_the_cache_time(
         assert_unauthenticated(http.get(f"{API}/documents"))
 
 
-def test_only_keys_that_verified_are_remembered(tmp_path: Path) -> None:
-    store = KeyStore(Settings(_env_file=None, data_dir=tmp_path, key_cache_seconds=60))
+def key_store(registry_url: str, **settings: object) -> KeyStore:
+    """A key store on SQLite or PostgreSQL (the registry_url fixture runs a test on both)."""
+    return KeyStore(
+        Settings(  # type: ignore[call-arg]
+            _env_file=None, registry_url=registry_url, registry_auto_upgrade=True, **settings
+        )
+    )
+
+
+def test_only_keys_that_verified_are_remembered(registry_url: str) -> None:
+    store = key_store(registry_url, key_cache_seconds=60)
     try:
         secret = store.create("t", "k", ["read"]).secret
         wrong = secret[:-4] + "AAAA"
@@ -161,6 +172,25 @@ def test_only_keys_that_verified_are_remembered(tmp_path: Path) -> None:
         assert verified is not None and store.recall(secret) == verified
         store.revoke("t", verified.id)
         assert store.recall(secret) is None and store.verify(secret) is None
+    finally:
+        store.close()
+
+
+def test_keys_page_newest_first_per_tenant(registry_url: str) -> None:
+    store = key_store(registry_url)
+    try:
+        made = [store.create("t", f"k{i}", ["read"]).key.id for i in range(5)]
+        store.create("other", "theirs", ["admin"])
+        seen, cursor = [], None
+        while True:
+            page, cursor = store.list("t", limit=2, cursor=cursor)
+            seen.extend(key.id for key in page)
+            if cursor is None:
+                break
+        assert seen == made[::-1]
+        assert store.count() == 6
+        with pytest.raises(InvalidInput):
+            store.list("t", limit=2, cursor="not-a-cursor")
     finally:
         store.close()
 

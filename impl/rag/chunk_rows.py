@@ -1,0 +1,77 @@
+"""The registry's chunk rows as the service reads them: pages of a document's chunks, chunks
+by id, and the lexical index over them."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from sqlalchemy import select
+
+from impl.db import Database, decode_cursor, encode_cursor
+from impl.errors import InvalidInput
+from impl.rag import lexical
+from impl.rag.tables import DELETING, ChunkRow, DocumentRow, chunk_from_row
+from impl.rag.types import Chunk, Page
+
+
+class Chunks:
+    """The registry's chunk rows, read (a part of ``Registry``; jobs write them)."""
+
+    _db: Database
+
+    def list_chunks(
+        self, tenant: str, document_id: str, *, limit: int, cursor: str | None
+    ) -> Page[Chunk] | None:
+        """The document's chunk rows by index; None when the document is not the tenant's."""
+        after = -1
+        if cursor is not None:
+            index = decode_cursor(cursor).get("n")
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise InvalidInput("the cursor is not valid")
+            after = index
+        with self._db.read() as session:
+            doc = session.get(DocumentRow, document_id)
+            if doc is None or doc.tenant != tenant or doc.status == DELETING:
+                return None
+            rows = list(
+                session.scalars(
+                    select(ChunkRow)
+                    .where(ChunkRow.document_id == document_id, ChunkRow.chunk_index > after)
+                    .order_by(ChunkRow.chunk_index)
+                    .limit(limit + 1)
+                )
+            )
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = encode_cursor({"n": rows[-1].chunk_index})
+        return Page(items=[chunk_from_row(row) for row in rows], next_cursor=next_cursor)
+
+    def get_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> dict[str, Chunk]:
+        """The tenant's chunks of these ids, by id."""
+        if not chunk_ids:
+            return {}
+        with self._db.read() as session:
+            rows = session.scalars(
+                select(ChunkRow).where(ChunkRow.id.in_(set(chunk_ids)), ChunkRow.tenant == tenant)
+            )
+            return {row.id: chunk_from_row(row) for row in rows}
+
+    def lexical_search(
+        self,
+        tenant: str,
+        query: str,
+        *,
+        limit: int,
+        document_ids: Collection[str] | None,
+        exclude_documents: Collection[str],
+    ) -> list[lexical.LexicalHit]:
+        with self._db.read() as session:
+            return lexical.search(
+                session,
+                tenant,
+                query,
+                limit=limit,
+                document_ids=document_ids,
+                exclude_documents=exclude_documents,
+            )

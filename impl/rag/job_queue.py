@@ -1,0 +1,314 @@
+"""The registry's ingestion jobs: claims under a lease (FOR UPDATE SKIP LOCKED on PostgreSQL, a
+conditional update on SQLite), progress, completion, release, and what a crash left running."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from impl.db import Database, utcnow
+from impl.rag import lexical
+from impl.rag.tables import ChunkRow, DocumentRow, JobDocumentRow, JobRow, delete_chunks, rowcount
+from impl.rag.types import Chunk, Job, JobError, JobStatus, Metadata
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    attempt: int  # 1 for the first run; interrupted runs count, shutdowns do not
+
+
+@dataclass(frozen=True)
+class DocumentWork:
+    """What a worker needs to index one document."""
+
+    id: str
+    tenant: str
+    extracted_key: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A running job with no live worker behind it, and its documents still pending."""
+
+    job_id: str
+    tenant: str
+    document_ids: list[str]
+    gives_up: bool  # True: it ran out of attempts and is to be failed, not queued again
+
+
+class LeaseLost(Exception):
+    """The worker no longer owns the job it is running (another worker reclaimed it)."""
+
+
+def job_from_row(session: Session, row: JobRow) -> Job:
+    links = session.execute(
+        select(JobDocumentRow.document_id, JobDocumentRow.duplicate)
+        .where(JobDocumentRow.job_id == row.id)
+        .order_by(JobDocumentRow.position)
+    ).all()
+    error = None
+    if row.error_title is not None:
+        error = JobError(title=row.error_title, detail=row.error_detail or "")
+    return Job(
+        id=row.id,
+        status=cast(JobStatus, row.status),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        chunks_done=row.chunks_done,
+        chunks_total=row.chunks_total,
+        document_ids=[doc_id for doc_id, _ in links],
+        duplicate_document_ids=[doc_id for doc_id, duplicate in links if duplicate],
+        error=error,
+    )
+
+
+class JobQueue:
+    """The registry's job rows (a part of ``Registry``)."""
+
+    _db: Database
+
+    def claim_job(self, job_id: str | None, owner: str, lease: timedelta) -> ClaimedJob | None:
+        """Move a queued job to running under ``owner``'s lease: the given one, or the oldest
+        queued one when ``job_id`` is None. None when there is nothing (left) to claim."""
+        if job_id is None and self._db.is_sqlite:
+            # A read first: idle workers poll, and must not take SQLite's write lock to do it.
+            oldest = self.queued_job_ids(1)
+            if not oldest:
+                return None
+            job_id = oldest[0]
+        now = utcnow()
+        with self._db.write() as session:
+            if job_id is None:
+                # PostgreSQL: claimers at once each lock a different queued row instead of
+                # queueing behind (or losing to) the first one.
+                job_id = session.scalar(
+                    select(JobRow.id)
+                    .where(JobRow.status == "queued")
+                    .order_by(JobRow.created_at, JobRow.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                if job_id is None:
+                    return None
+            # The status condition makes the claim atomic on any backend: of two claimers,
+            # one updates a row and the other none.
+            claimed = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "queued")
+                .values(
+                    status="running",
+                    attempts=JobRow.attempts + 1,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease,
+                    updated_at=now,
+                )
+            )
+            if rowcount(claimed) != 1:
+                return None
+            attempts = session.scalar(select(JobRow.attempts).where(JobRow.id == job_id))
+            return ClaimedJob(id=job_id, attempt=attempts or 0)
+
+    def job_work(self, job_id: str) -> list[DocumentWork]:
+        """The job's documents that still await indexing, in the order they were given."""
+        with self._db.read() as session:
+            rows = session.scalars(
+                select(DocumentRow)
+                .join(JobDocumentRow, JobDocumentRow.document_id == DocumentRow.id)
+                .where(
+                    JobDocumentRow.job_id == job_id,
+                    JobDocumentRow.duplicate.is_(False),
+                    DocumentRow.status == "pending",
+                )
+                .order_by(JobDocumentRow.position)
+            )
+            return [
+                DocumentWork(
+                    id=row.id,
+                    tenant=row.tenant,
+                    extracted_key=row.extracted_key,
+                    metadata=dict(row.metadata_),
+                )
+                for row in rows
+            ]
+
+    def _renew(
+        self, session: Session, job_id: str, owner: str, lease: timedelta, **values: Any
+    ) -> None:
+        now = utcnow()
+        renewed = session.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
+            .values(lease_expires_at=now + lease, updated_at=now, **values)
+        )
+        if rowcount(renewed) != 1:
+            raise LeaseLost(job_id)
+
+    def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None:
+        with self._db.write() as session:
+            self._renew(session, job_id, owner, lease)
+
+    def start_progress(
+        self, job_id: str, owner: str, lease: timedelta, total: int, document_ids: Sequence[str]
+    ) -> None:
+        """Drop chunk rows a crashed run left for these documents and reset the progress."""
+        with self._db.write() as session:
+            delete_chunks(session, document_ids)
+            self._renew(session, job_id, owner, lease, chunks_done=0, chunks_total=total)
+
+    def add_chunks(
+        self, job_id: str, owner: str, lease: timedelta, document_id: str, chunks: Sequence[Chunk]
+    ) -> bool:
+        """Record indexed chunks and the job's progress. False, writing nothing, when the
+        document is no longer pending (deletion began): the caller then removes its vectors."""
+        with self._db.write() as session:
+            # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
+            doc = session.execute(
+                select(DocumentRow.status, DocumentRow.tenant)
+                .where(DocumentRow.id == document_id)
+                .with_for_update()
+            ).one_or_none()
+            if doc is None or doc.status != "pending":
+                return False
+            session.add_all(
+                ChunkRow(
+                    id=chunk.id,
+                    document_id=document_id,
+                    tenant=doc.tenant,
+                    chunk_index=chunk.index,
+                    text=chunk.text,
+                    page=chunk.page,
+                    start_char=chunk.start_char,
+                    end_char=chunk.end_char,
+                )
+                for chunk in chunks
+            )
+            lexical.index_chunks(session, doc.tenant, chunks)
+            self._renew(session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(chunks))
+            return True
+
+    def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None:
+        """Take chunks that will not be indexed (their document went away) out of the total."""
+        with self._db.write() as session:
+            self._renew(session, job_id, owner, lease, chunks_total=JobRow.chunks_total - count)
+
+    def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None:
+        with self._db.write() as session:
+            now = utcnow()
+            finished = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
+                .values(
+                    status="failed" if error else "succeeded",
+                    error_title=error.title if error else None,
+                    error_detail=error.detail if error else None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            if rowcount(finished) != 1:
+                raise LeaseLost(job_id)
+
+    def release_job(self, job_id: str, owner: str) -> None:
+        """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed."""
+        with self._db.write() as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
+                .values(
+                    status="queued",
+                    attempts=JobRow.attempts - 1,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=utcnow(),
+                )
+            )
+
+    def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]:
+        """Running jobs no worker is running: all of them when only this process may run jobs
+        (``every_running``), else those whose lease expired."""
+        with self._db.read() as session:
+            query = select(JobRow).where(JobRow.status == "running")
+            if not every_running:
+                query = query.where(
+                    or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < utcnow())
+                )
+            found = []
+            for job in session.scalars(query):
+                document_ids = session.scalars(
+                    select(DocumentRow.id)
+                    .join(JobDocumentRow, JobDocumentRow.document_id == DocumentRow.id)
+                    .where(
+                        JobDocumentRow.job_id == job.id,
+                        JobDocumentRow.duplicate.is_(False),
+                        DocumentRow.status == "pending",
+                    )
+                    .order_by(JobDocumentRow.position)
+                )
+                found.append(
+                    Interrupted(
+                        job_id=job.id,
+                        tenant=job.tenant,
+                        document_ids=list(document_ids),
+                        gives_up=job.attempts >= max_attempts,
+                    )
+                )
+            return found
+
+    def requeue(self, job_id: str) -> None:
+        with self._db.write() as session:
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running")
+                .values(
+                    status="queued", lease_owner=None, lease_expires_at=None, updated_at=utcnow()
+                )
+            )
+
+    def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None:
+        """Fail an interrupted job and its unfinished documents (their vectors already gone)."""
+        with self._db.write() as session:
+            now = utcnow()
+            session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
+            session.execute(
+                update(DocumentRow)
+                .where(DocumentRow.id.in_(document_ids), DocumentRow.status == "pending")
+                .values(status="failed", error=error.detail, chunk_count=0, updated_at=now)
+            )
+            session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == "running")
+                .values(
+                    status="failed",
+                    error_title=error.title,
+                    error_detail=error.detail,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+            )
+
+    def queued_job_ids(self, limit: int) -> list[str]:
+        with self._db.read() as session:
+            return list(
+                session.scalars(
+                    select(JobRow.id)
+                    .where(JobRow.status == "queued")
+                    .order_by(JobRow.created_at, JobRow.id)
+                    .limit(limit)
+                )
+            )
+
+    def get_job(self, tenant: str, job_id: str) -> Job | None:
+        with self._db.read() as session:
+            row = session.get(JobRow, job_id)
+            if row is None or row.tenant != tenant:
+                return None
+            return job_from_row(session, row)
