@@ -119,7 +119,7 @@ def db(args: argparse.Namespace) -> int:
     """Apply the registry's migrations (every one it lacks), whatever the URL."""
     from impl.db import open_database
 
-    database = open_database(Settings().resolved_registry_url)
+    database = open_database(load_settings().resolved_registry_url)
     try:
         database.upgrade()
         print(f"registry schema at {database.revision()}")
