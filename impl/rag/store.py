@@ -62,6 +62,17 @@ def chroma_settings() -> ChromaSettings:
     return ChromaSettings(anonymized_telemetry=False)
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
+def _stored(value: MetadataValue) -> MetadataValue:
+    """The value as Chroma can hold it: an integer past 64 bits as the float of the same JSON
+    number (Chroma refuses such an integer, in a where clause as in a record)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        return float(value)
+    return value
+
+
 def validate_metadata(metadata: Metadata) -> None:
     """Keys Chroma can filter on and values it can store; raises InvalidInput naming the key."""
     if len(metadata) > _MAX_METADATA_KEYS:
@@ -207,7 +218,7 @@ class VectorStore:
         """Write the chunks' vectors; writing the same chunk ids again replaces them."""
         collection = self._collection(tenant, create=True)
         assert collection is not None
-        user = {USER_PREFIX + key: value for key, value in metadata.items()}
+        user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
         for start in range(0, len(chunks), self._batch):
             part = chunks[start : start + self._batch]
             metadatas: list[dict[str, Any]] = []
@@ -304,7 +315,7 @@ def build_where(
                 "$lt": condition.lt,
                 "$lte": condition.lte,
             }
-            given = {op: value for op, value in bounds.items() if value is not None}
+            given = {op: _stored(value) for op, value in bounds.items() if value is not None}
             if not given:
                 raise InvalidInput(f"metadata filter {key!r}: a range needs at least one bound")
             # Chroma takes one operator per field, so each bound is a clause of its own.
@@ -312,12 +323,12 @@ def build_where(
         elif isinstance(condition, list):
             if not condition:
                 raise InvalidInput(f"metadata filter {key!r}: the list of values is empty")
-            groups = _by_type(condition)
+            groups = _by_type([_stored(value) for value in condition])
             # Chroma's $in takes values of one type, so a mixed list is one $in per type.
             alternatives = [{field: {"$in": group}} for group in groups]
             clauses.append(alternatives[0] if len(alternatives) == 1 else {"$or": alternatives})
         else:
-            clauses.append({field: {"$eq": condition}})
+            clauses.append({field: {"$eq": _stored(condition)}})
     if not clauses:
         return None
     return clauses[0] if len(clauses) == 1 else {"$and": clauses}

@@ -653,3 +653,19 @@ def test_ingest_search_and_delete_on_postgresql(
             assert set(held) == set(indexed) == {bread_id}
     finally:
         engine.dispose()
+
+
+@every_mode
+def test_integers_past_64_bits_are_stored_and_filtered_as_the_same_number(
+    service: RagService, retrieval: RetrievalOptions
+) -> None:
+    big = 10**30  # JSON has no integer limit; Chroma refuses integers past 64 bits
+    job = ingest(service, TENANT, [text_item("Crates of widgets.", metadata={"serial": big})])
+
+    def found(condition: object) -> bool:
+        filters = SearchFilters(metadata={"serial": condition})  # type: ignore[dict-item]
+        hits = service.search(TENANT, "widgets", top_k=5, filters=filters, retrieval=retrieval)
+        return [hit.chunk.document_id for hit in hits] == job.document_ids
+
+    assert found(big) and found([big, "other"]) and found(MetadataRange(gte=big))
+    assert not found(2 * big) and not found(MetadataRange(gt=big))
