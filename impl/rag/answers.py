@@ -12,8 +12,11 @@ deltas concatenated. Closing it stops the generation. ``generate`` is the same s
   cost more than the search itself. A heading is quoted only with the text under it, a lead-in
   ending in ":" with the line it introduces, the best sentence with the one after it. When no
   quoted passage holds the question's key terms (weighted by rarity among the hits) and none
-  comes from a chunk at least ``answer_min_score`` similar to the question, or when a name the
-  question asks about is in no retrieved chunk, the answer is NO_ANSWER, citing nothing. It
+  comes from a chunk at least ``answer_min_score`` similar to the question or from a chunk that
+  holds the names the question asks about and that both signals of a hybrid search rank at the
+  top, or when a name the question asks about is in no retrieved chunk, the answer is
+  NO_ANSWER, citing nothing. A setting's value that is a common word ("synchronous=OFF") counts
+  as a term, and the parts of a hyphenated word ("write-ahead") weigh as one term. It
   streams one quote at a time.
 - ``openai``: any OpenAI-compatible chat endpoint through ``ChatOpenAI``.
 - ``llamacpp``: a local GGUF model through llama-cpp-python (the optional ``llamacpp`` extra).
@@ -329,6 +332,7 @@ _CAMEL_CASE = re.compile(r"[a-z][A-Z]")
 _CODE_WORD = re.compile(r"[A-Za-z]+\d+\w*")  # E1234, utf8, sha256, x86_64
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:(?:\.|::)\w+)+")  # os.path.join, setup.py, std::fs
 _PATH = re.compile(r"(?:~|\.{1,2})?/[\w.-]+(?:/[\w.-]*)*")  # /etc/passwd, ./configure
+_HYPHENATED = re.compile(r"\w+(?:-\w+)+")
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
 _QUANTITY = re.compile(
     r"\d|\b(?:once|twice|daily|weekly|monthly|hourly|every|one|two|three|four|five|six|seven"
@@ -373,6 +377,19 @@ def _identifiers(question: str) -> frozenset[str]:
     return frozenset(found - {""})
 
 
+def _setting_values(question: str) -> frozenset[str]:
+    """The values a question sets that are common words ("synchronous=OFF", "mode=on"): they
+    are what it asks about, though plain text would drop them as stop words. Other values are
+    content words already."""
+    values = set()
+    for raw in question.replace("`", " ").split():
+        setting = _SETTING.fullmatch(raw.strip(_EDGE_PUNCTUATION).rstrip("."))
+        value = setting.group()[len(setting.group(1)) + 1 :].lower() if setting else ""
+        if len(value) > 1 and value.isalpha() and not word_terms(value):
+            values.add(value)
+    return frozenset(values)
+
+
 def _identifier_pattern(identifier: str) -> re.Pattern[str]:
     # Whole: "--color" is not in "--colors", "os.path" is in "os.path.join(a)".
     return re.compile(rf"(?<![\w-]){re.escape(identifier)}(?![\w-])")
@@ -383,7 +400,9 @@ class _Question:
     terms: frozenset[str]  # stemmed content terms, and the identifiers whole
     identifiers: frozenset[str]
     quantity: bool  # asks "how often", "how many", ...: the answer states a number
-    patterns: tuple[tuple[str, re.Pattern[str]], ...]  # how each identifier is found in text
+    # How each identifier, and each common-word setting value, is found in text.
+    patterns: tuple[tuple[str, re.Pattern[str]], ...]
+    shares: dict[str, float]  # the parts of hyphenated words, and the share each weighs
 
 
 def _question(text: str) -> _Question:
@@ -397,13 +416,24 @@ def _question(text: str) -> _Question:
         and not (index > 0 and words[index - 1] == "how" and word in _QUANTITY_WORDS)
     ]
     identifiers = _identifiers(text)
+    values = _setting_values(text)
+    # The parts of a hyphenated word ("write-ahead", "read-only") name one thing: together they
+    # weigh as one term, not as two.
+    shares: dict[str, float] = {}
+    for compound in _HYPHENATED.findall(text):
+        parts = [part for part in word_terms(compound) if len(part) > 2]  # not "re-", "e-"
+        for part in parts:
+            shares[part] = min(shares.get(part, 1.0), 1 / len(parts))
+    for term in word_terms(_HYPHENATED.sub(" ", text)):
+        shares.pop(term, None)  # also a word of its own
     return _Question(
-        terms=frozenset(word_terms(" ".join(kept))) | identifiers,
+        terms=frozenset(word_terms(" ".join(kept))) | identifiers | values,
         identifiers=identifiers,
         quantity=any(
             words[i - 1] == "how" and words[i] in _QUANTITY_WORDS for i in range(1, len(words))
         ),
-        patterns=tuple((i, _identifier_pattern(i)) for i in sorted(identifiers)),
+        patterns=tuple((i, _identifier_pattern(i)) for i in sorted(identifiers | values)),
+        shares=shares,
     )
 
 
@@ -587,6 +617,9 @@ _FOLLOWER_SHARE = 0.5
 # The share of the question's idf-weighted terms that a quoted passage (with its document's
 # title) must hold to answer on words alone, whatever its cosine.
 _MIN_COVERAGE = 0.6
+# A chunk that both the dense and the lexical signal rank this high, holding the names the
+# question asks about, answers whatever its cosine.
+_AGREED_RANK = 2
 
 
 @dataclass
@@ -594,6 +627,7 @@ class _Passage:
     """Adjacent units quoted from one chunk, cited with one marker."""
 
     hit: SearchHit
+    rank: int  # of the hit
     first: int
     last: int
     start: int
@@ -621,13 +655,25 @@ def _coverage(question: _Question, passage: _Passage, weights: dict[str, float])
     return sum(weights[t] for t in question.terms & held) / total if total else 0.0
 
 
+def _agreed(hit: SearchHit) -> bool:
+    """Whether both signals of a hybrid search rank the hit among their best over the whole
+    collection: the words and the meaning of the question, judged independently, point at the
+    same chunk, which is stronger evidence than either score alone (a cosine or a BM25 score
+    says little by itself, and differs between collections). Not enough alone: asked about a
+    name the documents lack ("the UID of dave"), both signals still rank first the page that
+    lists the other names."""
+    signals = hit.explain.values()
+    return len(signals) == 2 and all(signal.rank <= _AGREED_RANK for signal in signals)
+
+
 def _answers(
     question: _Question, passages: Sequence[_Passage], candidates: _Candidates, min_cosine: float
 ) -> bool:
     """Whether the chosen passages answer the question. Not when a name the question asks
     about (an identifier) is in no retrieved chunk: the documents do not cover it, whatever
-    their other words share. Else when a passage holds the question's key terms, or comes from
-    a chunk at least ``min_cosine`` similar to the question."""
+    their other words share. Else when a passage holds the question's key terms, comes from
+    a chunk at least ``min_cosine`` similar to the question, or comes from a chunk that holds
+    the names the question asks about and that both signals of the search rank at the top."""
     if not question.identifiers <= set().union(*candidates.chunk_terms):
         return False
     # Rarity is counted over the retrieved chunks, so a term they all share weighs little, and a
@@ -640,8 +686,11 @@ def _answers(
     }
     for passage in passages:
         cosine = dense_score(passage.hit)
-        if (cosine is not None and cosine >= min_cosine) or (
-            _coverage(question, passage, weights) >= _MIN_COVERAGE
+        held = candidates.chunk_terms[passage.rank]
+        if (
+            (cosine is not None and cosine >= min_cosine)
+            or (question.identifiers and _agreed(passage.hit) and question.identifiers <= held)
+            or _coverage(question, passage, weights) >= _MIN_COVERAGE
         ):
             return True
     return False
@@ -658,7 +707,8 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         return []
     unit_idf = _idf([unit.terms for unit in units])
     weights = {
-        t: unit_idf[t] * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
+        t: unit_idf[t]
+        * (_IDENTIFIER_BOOST if t in question.identifiers else question.shares.get(t, 1.0))
         for t in question.terms
         if t in unit_idf
     }
@@ -692,7 +742,7 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         passage = passages.get(unit.rank)
         if passage is None:
             passages[unit.rank] = _Passage(
-                hits[unit.rank], unit.first, unit.last, unit.start, unit.end, set()
+                hits[unit.rank], unit.rank, unit.first, unit.last, unit.start, unit.end, set()
             )
         elif _continues(candidates.spans[unit.rank], passage, unit):
             passage.first, passage.last = (
