@@ -53,6 +53,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from impl.errors import ConfigurationError, UpstreamError
+from impl.rag.terms import terms as index_terms
 from impl.rag.terms import word_terms
 from impl.rag.types import Citation, SearchHit
 from impl.settings import Settings
@@ -248,12 +249,14 @@ def _spans(text: str) -> list[_Span]:
         for start, end in _cut_long(text, *_strip(text, raw_start, raw_end)):
             if end > start:
                 sentence = text[start:end]
+                # A name's parts count as words, as in the lexical index: the sentence naming
+                # sqlite3_last_insert_rowid() is about inserted rows.
                 spans.append(
                     _Span(
                         start,
                         end,
                         sentence,
-                        frozenset(word_terms(sentence)),
+                        frozenset(word_terms(sentence)) | frozenset(index_terms(sentence)),
                         heading=_is_heading(sentence, whole_block),
                         block=block,
                     )
