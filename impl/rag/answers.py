@@ -16,7 +16,9 @@ deltas concatenated. Closing it stops the generation. ``generate`` is the same s
   holds the names the question asks about and that both signals of a hybrid search rank at the
   top, or when a name the question asks about is in no retrieved chunk, the answer is
   NO_ANSWER, citing nothing. A setting's value that is a common word ("synchronous=OFF") counts
-  as a term, and the parts of a hyphenated word ("write-ahead") weigh as one term. It
+  as a term, and the parts of a hyphenated word ("write-ahead") weigh as one term. A question
+  that asks "how often" prefers sentences that state a number, one that asks "how do I" those
+  that name a function, command or setting it does not name itself. It
   streams one quote at a time.
 - ``openai``: any OpenAI-compatible chat endpoint through ``ChatOpenAI``.
 - ``llamacpp``: a local GGUF model through llama-cpp-python (the optional ``llamacpp`` extra).
@@ -318,6 +320,9 @@ NO_ANSWER = "No passage in the documents answers this question."
 # After "how", these words ask for a quantity ("how often", "how many") that the answer states
 # ("twice a day") without repeating them.
 _QUANTITY_WORDS = frozenset("often many much long far old big large fast".split())  # noqa: SIM905
+# Two words after "how", these ask for a way to do something ("how do I", "how can we"): the
+# answer names the command, function or setting that does it.
+_ASKERS = frozenset("i we you one".split())  # noqa: SIM905
 # Words that frame a request rather than name its subject ("what does X mean", "how do I get
 # X", "is there a way to"): the passage that answers need not repeat them.
 _REQUEST_WORDS = frozenset(
@@ -405,6 +410,7 @@ class _Question:
     quantity: bool  # asks "how often", "how many", ...: the answer states a number
     # How each identifier, and each common-word setting value, is found in text.
     patterns: tuple[tuple[str, re.Pattern[str]], ...]
+    way: bool  # asks "how do I ...": the answer names the command, function or setting
     shares: dict[str, float]  # the parts of hyphenated words, and the share each weighs
 
 
@@ -437,6 +443,7 @@ def _question(text: str) -> _Question:
         ),
         patterns=tuple((i, _identifier_pattern(i)) for i in sorted(identifiers | values)),
         shares=shares,
+        way=any(words[i] == "how" and words[i + 2] in _ASKERS for i in range(len(words) - 2)),
     )
 
 
@@ -453,7 +460,9 @@ class _Unit:
     terms: frozenset[str]  # including the question's identifiers it holds
     about: frozenset[str]  # the terms of the heading of its section (in its chunk)
     nearness: float  # how close under that heading it starts
-    quantity: bool  # states a number or a frequency (looked for in quantity questions only)
+    # States what the question asks for: a number or a frequency for a quantity question, a
+    # name (a function, a command, a setting) the question does not already hold for a way.
+    states_asked: bool
     words: int
     prior: float
 
@@ -547,8 +556,14 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
                     about=sections[body][0],
                     # 1 for the sentence right under the heading, 1/2 for the next, ...
                     nearness=1 / max(1, body - sections[body][1]),
-                    quantity=question.quantity
-                    and _QUANTITY.search(text, spans[body].start, end) is not None,
+                    states_asked=(
+                        question.quantity
+                        and _QUANTITY.search(text, spans[body].start, end) is not None
+                    )
+                    or (
+                        question.way
+                        and bool(_identifiers(text[spans[body].start : end]) - question.identifiers)
+                    ),
                     # A heading names the body; only the body's length dilutes its match.
                     words=len(_WORD.findall(text, spans[body].start, end)),
                     prior=spans[body].prior,
@@ -572,7 +587,7 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
 
 def _bm25(
     weights: dict[str, float],
-    quantity_weight: float,
+    asked_weight: float,
     units: Sequence[_Unit],
     k1: float = 1.2,
     b: float = 0.5,
@@ -582,7 +597,8 @@ def _bm25(
     by _HEADING_SHARE and the unit's nearness to it, so the text under "sqlite3_open()" is
     about it, its first sentence most. The length normalisation is milder than BM25's usual
     b = 0.75: among sentences, the one that answers is often the longer one. A unit that states
-    a number matches ``quantity_weight`` more."""
+    a number, or a name, as the question asks (``states_asked``) matches ``asked_weight``
+    more."""
     mean = sum(unit.words for unit in units) / len(units)
     scores = []
     for unit in units:
@@ -590,8 +606,8 @@ def _bm25(
         matched = sum(w for t, w in weights.items() if t in unit.terms) + (
             _HEADING_SHARE * unit.nearness * sum(w for t, w in weights.items() if t in unit.about)
         )
-        if unit.quantity:
-            matched += quantity_weight
+        if unit.states_asked:
+            matched += asked_weight
         scores.append(matched * (k1 + 1) / (1 + norm))
     return scores
 
@@ -715,10 +731,10 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         for t in question.terms
         if t in unit_idf
     }
-    # A question that asks how often or how many is answered by a number: it weighs as much as
-    # the question's weightiest term.
-    quantity_weight = max(weights.values(), default=1.0) if question.quantity else 0.0
-    lexical = _bm25(weights, quantity_weight, units)
+    # A question that asks how often or how many is answered by a number, one that asks how to
+    # do something by a name: either weighs as much as the question's weightiest term.
+    asked_weight = max(weights.values(), default=1.0) if question.quantity or question.way else 0.0
+    lexical = _bm25(weights, asked_weight, units)
     top_lexical = max(lexical)
     top_retrieval = max(hit.score for hit in hits)
     scores = []
