@@ -12,8 +12,13 @@ deltas concatenated. Closing it stops the generation. ``generate`` is the same s
   cost more than the search itself. A heading is quoted only with the text under it, a lead-in
   ending in ":" with the line it introduces, the best sentence with the one after it. When no
   quoted passage holds the question's key terms (weighted by rarity among the hits) and none
-  comes from a chunk at least ``answer_min_score`` similar to the question, or when a name the
-  question asks about is in no retrieved chunk, the answer is NO_ANSWER, citing nothing. It
+  comes from a chunk at least ``answer_min_score`` similar to the question or from a chunk that
+  holds the names the question asks about and that both signals of a hybrid search rank at the
+  top, or when a name the question asks about is in no retrieved chunk, the answer is
+  NO_ANSWER, citing nothing. A setting's value that is a common word ("synchronous=OFF") counts
+  as a term, and the parts of a hyphenated word ("write-ahead") weigh as one term. A question
+  that asks "how often" prefers sentences that state a number, one that asks "how do I" those
+  that name a function, command or setting it does not name itself. It
   streams one quote at a time.
 - ``openai``: any OpenAI-compatible chat endpoint through ``ChatOpenAI``.
 - ``llamacpp``: a local GGUF model through llama-cpp-python (the optional ``llamacpp`` extra).
@@ -50,6 +55,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from impl.errors import ConfigurationError, UpstreamError
+from impl.rag.terms import terms as index_terms
 from impl.rag.terms import word_terms
 from impl.rag.types import Citation, SearchHit
 from impl.settings import Settings
@@ -245,12 +251,14 @@ def _spans(text: str) -> list[_Span]:
         for start, end in _cut_long(text, *_strip(text, raw_start, raw_end)):
             if end > start:
                 sentence = text[start:end]
+                # A name's parts count as words, as in the lexical index: the sentence naming
+                # sqlite3_last_insert_rowid() is about inserted rows.
                 spans.append(
                     _Span(
                         start,
                         end,
                         sentence,
-                        frozenset(word_terms(sentence)),
+                        frozenset(word_terms(sentence)) | frozenset(index_terms(sentence)),
                         heading=_is_heading(sentence, whole_block),
                         block=block,
                     )
@@ -312,6 +320,9 @@ NO_ANSWER = "No passage in the documents answers this question."
 # After "how", these words ask for a quantity ("how often", "how many") that the answer states
 # ("twice a day") without repeating them.
 _QUANTITY_WORDS = frozenset("often many much long far old big large fast".split())  # noqa: SIM905
+# Two words after "how", these ask for a way to do something ("how do I", "how can we"): the
+# answer names the command, function or setting that does it.
+_ASKERS = frozenset("i we you one".split())  # noqa: SIM905
 # Words that frame a request rather than name its subject ("what does X mean", "how do I get
 # X", "is there a way to"): the passage that answers need not repeat them.
 _REQUEST_WORDS = frozenset(
@@ -329,6 +340,7 @@ _CAMEL_CASE = re.compile(r"[a-z][A-Z]")
 _CODE_WORD = re.compile(r"[A-Za-z]+\d+\w*")  # E1234, utf8, sha256, x86_64
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:(?:\.|::)\w+)+")  # os.path.join, setup.py, std::fs
 _PATH = re.compile(r"(?:~|\.{1,2})?/[\w.-]+(?:/[\w.-]*)*")  # /etc/passwd, ./configure
+_HYPHENATED = re.compile(r"\w+(?:-\w+)+")
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
 _QUANTITY = re.compile(
     r"\d|\b(?:once|twice|daily|weekly|monthly|hourly|every|one|two|three|four|five|six|seven"
@@ -373,6 +385,19 @@ def _identifiers(question: str) -> frozenset[str]:
     return frozenset(found - {""})
 
 
+def _setting_values(question: str) -> frozenset[str]:
+    """The values a question sets that are common words ("synchronous=OFF", "mode=on"): they
+    are what it asks about, though plain text would drop them as stop words. Other values are
+    content words already."""
+    values = set()
+    for raw in question.replace("`", " ").split():
+        setting = _SETTING.fullmatch(raw.strip(_EDGE_PUNCTUATION).rstrip("."))
+        value = setting.group()[len(setting.group(1)) + 1 :].lower() if setting else ""
+        if len(value) > 1 and value.isalpha() and not word_terms(value):
+            values.add(value)
+    return frozenset(values)
+
+
 def _identifier_pattern(identifier: str) -> re.Pattern[str]:
     # Whole: "--color" is not in "--colors", "os.path" is in "os.path.join(a)".
     return re.compile(rf"(?<![\w-]){re.escape(identifier)}(?![\w-])")
@@ -383,7 +408,10 @@ class _Question:
     terms: frozenset[str]  # stemmed content terms, and the identifiers whole
     identifiers: frozenset[str]
     quantity: bool  # asks "how often", "how many", ...: the answer states a number
-    patterns: tuple[tuple[str, re.Pattern[str]], ...]  # how each identifier is found in text
+    # How each identifier, and each common-word setting value, is found in text.
+    patterns: tuple[tuple[str, re.Pattern[str]], ...]
+    way: bool  # asks "how do I ...": the answer names the command, function or setting
+    shares: dict[str, float]  # the parts of hyphenated words, and the share each weighs
 
 
 def _question(text: str) -> _Question:
@@ -397,13 +425,25 @@ def _question(text: str) -> _Question:
         and not (index > 0 and words[index - 1] == "how" and word in _QUANTITY_WORDS)
     ]
     identifiers = _identifiers(text)
+    values = _setting_values(text)
+    # The parts of a hyphenated word ("write-ahead", "read-only") name one thing: together they
+    # weigh as one term, not as two.
+    shares: dict[str, float] = {}
+    for compound in _HYPHENATED.findall(text):
+        parts = [part for part in word_terms(compound) if len(part) > 2]  # not "re-", "e-"
+        for part in parts:
+            shares[part] = min(shares.get(part, 1.0), 1 / len(parts))
+    for term in word_terms(_HYPHENATED.sub(" ", text)):
+        shares.pop(term, None)  # also a word of its own
     return _Question(
-        terms=frozenset(word_terms(" ".join(kept))) | identifiers,
+        terms=frozenset(word_terms(" ".join(kept))) | identifiers | values,
         identifiers=identifiers,
         quantity=any(
             words[i - 1] == "how" and words[i] in _QUANTITY_WORDS for i in range(1, len(words))
         ),
-        patterns=tuple((i, _identifier_pattern(i)) for i in sorted(identifiers)),
+        patterns=tuple((i, _identifier_pattern(i)) for i in sorted(identifiers | values)),
+        shares=shares,
+        way=any(words[i] == "how" and words[i + 2] in _ASKERS for i in range(len(words) - 2)),
     )
 
 
@@ -420,7 +460,9 @@ class _Unit:
     terms: frozenset[str]  # including the question's identifiers it holds
     about: frozenset[str]  # the terms of the heading of its section (in its chunk)
     nearness: float  # how close under that heading it starts
-    quantity: bool  # states a number or a frequency (looked for in quantity questions only)
+    # States what the question asks for: a number or a frequency for a quantity question, a
+    # name (a function, a command, a setting) the question does not already hold for a way.
+    states_asked: bool
     words: int
     prior: float
 
@@ -514,8 +556,14 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
                     about=sections[body][0],
                     # 1 for the sentence right under the heading, 1/2 for the next, ...
                     nearness=1 / max(1, body - sections[body][1]),
-                    quantity=question.quantity
-                    and _QUANTITY.search(text, spans[body].start, end) is not None,
+                    states_asked=(
+                        question.quantity
+                        and _QUANTITY.search(text, spans[body].start, end) is not None
+                    )
+                    or (
+                        question.way
+                        and bool(_identifiers(text[spans[body].start : end]) - question.identifiers)
+                    ),
                     # A heading names the body; only the body's length dilutes its match.
                     words=len(_WORD.findall(text, spans[body].start, end)),
                     prior=spans[body].prior,
@@ -539,7 +587,7 @@ def _candidates(hits: Sequence[SearchHit], question: _Question) -> _Candidates:
 
 def _bm25(
     weights: dict[str, float],
-    quantity_weight: float,
+    asked_weight: float,
     units: Sequence[_Unit],
     k1: float = 1.2,
     b: float = 0.5,
@@ -549,7 +597,8 @@ def _bm25(
     by _HEADING_SHARE and the unit's nearness to it, so the text under "sqlite3_open()" is
     about it, its first sentence most. The length normalisation is milder than BM25's usual
     b = 0.75: among sentences, the one that answers is often the longer one. A unit that states
-    a number matches ``quantity_weight`` more."""
+    a number, or a name, as the question asks (``states_asked``) matches ``asked_weight``
+    more."""
     mean = sum(unit.words for unit in units) / len(units)
     scores = []
     for unit in units:
@@ -557,8 +606,8 @@ def _bm25(
         matched = sum(w for t, w in weights.items() if t in unit.terms) + (
             _HEADING_SHARE * unit.nearness * sum(w for t, w in weights.items() if t in unit.about)
         )
-        if unit.quantity:
-            matched += quantity_weight
+        if unit.states_asked:
+            matched += asked_weight
         scores.append(matched * (k1 + 1) / (1 + norm))
     return scores
 
@@ -587,6 +636,9 @@ _FOLLOWER_SHARE = 0.5
 # The share of the question's idf-weighted terms that a quoted passage (with its document's
 # title) must hold to answer on words alone, whatever its cosine.
 _MIN_COVERAGE = 0.6
+# A chunk that both the dense and the lexical signal rank this high, holding the names the
+# question asks about, answers whatever its cosine.
+_AGREED_RANK = 2
 
 
 @dataclass
@@ -594,6 +646,7 @@ class _Passage:
     """Adjacent units quoted from one chunk, cited with one marker."""
 
     hit: SearchHit
+    rank: int  # of the hit
     first: int
     last: int
     start: int
@@ -621,13 +674,25 @@ def _coverage(question: _Question, passage: _Passage, weights: dict[str, float])
     return sum(weights[t] for t in question.terms & held) / total if total else 0.0
 
 
+def _agreed(hit: SearchHit) -> bool:
+    """Whether both signals of a hybrid search rank the hit among their best over the whole
+    collection: the words and the meaning of the question, judged independently, point at the
+    same chunk, which is stronger evidence than either score alone (a cosine or a BM25 score
+    says little by itself, and differs between collections). Not enough alone: asked about a
+    name the documents lack ("the UID of dave"), both signals still rank first the page that
+    lists the other names."""
+    signals = hit.explain.values()
+    return len(signals) == 2 and all(signal.rank <= _AGREED_RANK for signal in signals)
+
+
 def _answers(
     question: _Question, passages: Sequence[_Passage], candidates: _Candidates, min_cosine: float
 ) -> bool:
     """Whether the chosen passages answer the question. Not when a name the question asks
     about (an identifier) is in no retrieved chunk: the documents do not cover it, whatever
-    their other words share. Else when a passage holds the question's key terms, or comes from
-    a chunk at least ``min_cosine`` similar to the question."""
+    their other words share. Else when a passage holds the question's key terms, comes from
+    a chunk at least ``min_cosine`` similar to the question, or comes from a chunk that holds
+    the names the question asks about and that both signals of the search rank at the top."""
     if not question.identifiers <= set().union(*candidates.chunk_terms):
         return False
     # Rarity is counted over the retrieved chunks, so a term they all share weighs little, and a
@@ -640,8 +705,11 @@ def _answers(
     }
     for passage in passages:
         cosine = dense_score(passage.hit)
-        if (cosine is not None and cosine >= min_cosine) or (
-            _coverage(question, passage, weights) >= _MIN_COVERAGE
+        held = candidates.chunk_terms[passage.rank]
+        if (
+            (cosine is not None and cosine >= min_cosine)
+            or (question.identifiers and _agreed(passage.hit) and question.identifiers <= held)
+            or _coverage(question, passage, weights) >= _MIN_COVERAGE
         ):
             return True
     return False
@@ -658,14 +726,15 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         return []
     unit_idf = _idf([unit.terms for unit in units])
     weights = {
-        t: unit_idf[t] * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
+        t: unit_idf[t]
+        * (_IDENTIFIER_BOOST if t in question.identifiers else question.shares.get(t, 1.0))
         for t in question.terms
         if t in unit_idf
     }
-    # A question that asks how often or how many is answered by a number: it weighs as much as
-    # the question's weightiest term.
-    quantity_weight = max(weights.values(), default=1.0) if question.quantity else 0.0
-    lexical = _bm25(weights, quantity_weight, units)
+    # A question that asks how often or how many is answered by a number, one that asks how to
+    # do something by a name: either weighs as much as the question's weightiest term.
+    asked_weight = max(weights.values(), default=1.0) if question.quantity or question.way else 0.0
+    lexical = _bm25(weights, asked_weight, units)
     top_lexical = max(lexical)
     top_retrieval = max(hit.score for hit in hits)
     scores = []
@@ -692,7 +761,7 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         passage = passages.get(unit.rank)
         if passage is None:
             passages[unit.rank] = _Passage(
-                hits[unit.rank], unit.first, unit.last, unit.start, unit.end, set()
+                hits[unit.rank], unit.rank, unit.first, unit.last, unit.start, unit.end, set()
             )
         elif _continues(candidates.spans[unit.rank], passage, unit):
             passage.first, passage.last = (
