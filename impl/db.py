@@ -16,13 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import (
     JSON,
     Connection,
@@ -33,16 +28,24 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 from impl.errors import ConfigurationError, InvalidInput
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 UPGRADE_COMMAND = "ragapi db upgrade"
+# The newest migration's revision (tests/test_db.py holds it to alembic's head): a database at
+# it needs nothing, and finding that out needs no alembic.
+SCHEMA_HEAD = "0002"
 # Held (pg_advisory_xact_lock) while migrations run, so that processes starting at once on a
 # fresh PostgreSQL migrate one after the other instead of racing on CREATE TABLE.
 _MIGRATION_LOCK = 0x72616761  # "raga"
@@ -168,6 +171,9 @@ class Database:
 
     def upgrade(self) -> None:
         """Apply the migrations the database lacks, one process at a time."""
+        from alembic import command
+        from alembic.util import CommandError
+
         with self._write_engine.begin() as connection:
             if not self.is_sqlite:
                 connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
@@ -181,36 +187,47 @@ class Database:
 
     def revision(self) -> str | None:
         """The migration the database is at; None when it has none (new, or made before
-        migrations)."""
+        migrations). Read with plain SQL: a database already at SCHEMA_HEAD, the usual case at
+        every start and CLI command, costs no import of alembic."""
         with self.engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            if not inspect(connection).has_table("alembic_version"):
+                return None
+            version = connection.execute(text("SELECT version_num FROM alembic_version"))
+            found: str | None = version.scalar()
+            return found
 
     def ensure_schema(self, *, upgrade: bool) -> None:
         """Upgrade the schema (``upgrade``), or refuse a database whose schema is not the one
         this code uses, naming the command that upgrades it."""
         if self._schema_checked:
             return
+        current = self.revision()
+        if current == SCHEMA_HEAD:
+            self._schema_checked = True
+            return
         if upgrade:
             self.upgrade()
             return
-        scripts = ScriptDirectory.from_config(alembic_config())
-        head = scripts.get_current_head()
-        current = self.revision()
-        if current != head:
-            known = {script.revision for script in scripts.walk_revisions()}
-            if current is not None and current not in known:
-                raise ConfigurationError(
-                    f"the registry's schema ({current}) was made by a newer ragapi than this "
-                    f"one (which knows up to {head})"
-                )
+        from alembic.script import ScriptDirectory
+
+        known = {
+            script.revision
+            for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+        }
+        if current is not None and current not in known:
             raise ConfigurationError(
-                f"the registry's schema is at {current or 'no migration'}, older than this "
-                f"server's ({head}); run `{UPGRADE_COMMAND}` with the same RAGAPI_REGISTRY_URL"
+                f"the registry's schema ({current}) was made by a newer ragapi than this "
+                f"one (which knows up to {SCHEMA_HEAD})"
             )
-        self._schema_checked = True
+        raise ConfigurationError(
+            f"the registry's schema is at {current or 'no migration'}, older than this "
+            f"server's ({SCHEMA_HEAD}); run `{UPGRADE_COMMAND}` with the same RAGAPI_REGISTRY_URL"
+        )
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config

@@ -14,16 +14,23 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
-from impl.db import Base, alembic_config, open_database
+from impl.db import SCHEMA_HEAD, Base, alembic_config, open_database
 from impl.errors import ConfigurationError
 from impl.rag.registry import Registry
 from impl.security.keys import KeyStore
 from impl.settings import Settings
 from tests.conftest import ROOT, Postgres
 
-HEAD = "0002"
+HEAD = SCHEMA_HEAD
+
+
+def test_the_schema_head_is_the_newest_migration() -> None:
+    """Start-up reads the version with plain SQL and compares it with SCHEMA_HEAD, so that
+    constant must name the migration alembic would apply last."""
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == SCHEMA_HEAD
 
 
 def settings_for(url: str, **overrides: object) -> Settings:
