@@ -1,0 +1,31 @@
+"""The interface every answer provider implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+
+from impl.rag.types import Citation, SearchHit
+
+AnswerStream = Generator[str, None, tuple[str, list[Citation]]]
+"""An answer as it is made: yields non-empty deltas of the text, returns ``(text, citations)``
+where ``text`` is the deltas concatenated. Errors are impl.errors exceptions (UpstreamError when
+the model fails), raised from next(); close() stops the generation."""
+
+
+class AnswerProvider(ABC):
+    name: str
+
+    @abstractmethod
+    def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
+        """The answer to ``question`` from ``hits`` (best first, never empty), as it is made."""
+
+    def generate(self, question: str, hits: list[SearchHit]) -> tuple[str, list[Citation]]:
+        """The whole answer at once."""
+        answer = self.stream(question, hits)
+        while True:
+            try:
+                next(answer)
+            except StopIteration as end:
+                result: tuple[str, list[Citation]] = end.value
+                return result
