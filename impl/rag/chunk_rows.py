@@ -11,7 +11,7 @@ from impl.db import Database, decode_cursor, encode_cursor
 from impl.errors import InvalidInput
 from impl.rag import lexical
 from impl.rag.tables import DELETING, ChunkRow, DocumentRow, chunk_from_row
-from impl.rag.types import Chunk, Page
+from impl.rag.types import Chunk, Page, TermStatistics
 
 
 class Chunks:
@@ -75,3 +75,7 @@ class Chunks:
                 document_ids=document_ids,
                 exclude_documents=exclude_documents,
             )
+
+    def term_statistics(self, tenant: str, terms: Collection[str]) -> TermStatistics:
+        with self._db.read() as session:
+            return lexical.term_statistics(session, tenant, terms)

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from impl.db import Base
 from impl.rag.terms import terms
-from impl.rag.types import Chunk
+from impl.rag.types import Chunk, TermStatistics
 
 K1 = 1.2
 B = 0.75
@@ -193,3 +193,17 @@ def search(
         LexicalHit(chunk_id=chunk_id, document_id=document_id, score=float(value))
         for chunk_id, document_id, value in session.execute(statement)
     ]
+
+
+def term_statistics(session: Session, tenant: str, query_terms: Collection[str]) -> TermStatistics:
+    """The tenant's chunk count and the document frequency of each of ``query_terms`` it holds:
+    the figures BM25's idf is made of, for weighing terms by their rarity in the collection."""
+    stats = session.get(LexicalStatsRow, tenant)
+    if stats is None or not query_terms:
+        return TermStatistics(chunks=stats.chunks if stats else 0, frequencies={})
+    frequencies = session.execute(
+        select(PostingRow.term, func.count())
+        .where(PostingRow.tenant == tenant, PostingRow.term.in_(sorted(set(query_terms))))
+        .group_by(PostingRow.term)
+    ).all()
+    return TermStatistics(chunks=stats.chunks, frequencies=dict(frequencies))

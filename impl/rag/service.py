@@ -552,7 +552,13 @@ class RagService:
         )
         retrieved = time.perf_counter()
         yield RetrievalEvent(hits)
-        answer = self._answers.stream(question, hits) if hits else _nothing_found()
+        answer = (
+            self._answers.stream(
+                question, hits, functools.partial(self._registry.term_statistics, tenant)
+            )
+            if hits
+            else _nothing_found()
+        )
         text, citations = yield from _token_events(answer)
         finished = time.perf_counter()
         self._observer.observe("generation", finished - retrieved)

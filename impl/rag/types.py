@@ -3,6 +3,7 @@ contract, so the web layer turns each into its generated model with ``from_attri
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, Literal, Protocol, TypeVar
@@ -122,6 +123,19 @@ class SignalScore:
 
     score: float
     rank: int
+
+
+@dataclass(frozen=True)
+class TermStatistics:
+    """How rare some terms are in a tenant's whole collection: the chunks it holds, and how many
+    of them hold each term (a term it holds nowhere is left out)."""
+
+    chunks: int
+    frequencies: dict[str, int]
+
+
+TermStatisticsLookup = Callable[[Collection[str]], TermStatistics]
+"""The collection statistics of the given terms (as impl.rag.terms analyses text)."""
 
 
 @dataclass(frozen=True)

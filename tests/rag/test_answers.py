@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +25,15 @@ from impl.rag.answers import (
     says_it_does_not_know,
 )
 from impl.rag.embeddings import EmbeddingModel, build_embeddings
-from impl.rag.types import Chunk, Citation, IngestItem, SearchFilters, SearchHit, SignalScore
+from impl.rag.types import (
+    Chunk,
+    Citation,
+    IngestItem,
+    SearchFilters,
+    SearchHit,
+    SignalScore,
+    TermStatistics,
+)
 from impl.settings import Settings
 from tests.conftest import free_port
 from tests.documents import CORPUS, make_docx, make_markdown
@@ -236,6 +245,64 @@ def test_extractive_reads_the_cosine_of_a_fused_hit_from_its_dense_signal() -> N
     assert "330 metres tall" in answer and citations
 
 
+def test_extractive_weighs_question_terms_by_their_rarity_in_the_collection() -> None:
+    """A question word the retrieved passages lack but the collection holds in many chunks is
+    not the subject the documents lack; one the collection holds nowhere is. Without the
+    collection's statistics, rarity is counted among the hits alone."""
+    question = "How tall is the Eiffel Tower measured in feet during the summer heat?"
+    hits = [  # found by words alone: no cosine vouches for them
+        replace(h, explain={"lexical": SignalScore(7.5, rank + 1)})
+        for rank, h in enumerate(ranked([CHUNKS["eiffel"][0]]))
+    ]
+    named = {"eiffel": 2, "tower": 4, "tall": 20}  # chunks holding each, of 1,000
+
+    def common(terms: Collection[str]) -> TermStatistics:
+        return TermStatistics(1000, {t: named.get(t, 400) for t in terms})
+
+    def nowhere(terms: Collection[str]) -> TermStatistics:
+        return TermStatistics(1000, {t: named[t] for t in terms if t in named})
+
+    answer, citations = extractive().generate(question, hits, common)
+    assert citations and citations[0].document_id == "eiffel"
+    assert_valid_citations(answer, citations, hits)
+    assert extractive().generate(question, hits, nowhere) == (NO_ANSWER, [])
+    assert extractive().generate(question, hits) == (NO_ANSWER, [])
+
+
+def reference_hit(text: str, cosine: float, ranks: tuple[int, int] | None = None) -> SearchHit:
+    chunk = Chunk("ref-0", "ref", 0, text, None, 0, len(text))
+    if ranks is None:  # a dense-only search: the score is the cosine
+        return SearchHit(chunk=chunk, document_title="C reference", score=cosine)
+    explain = {"dense": SignalScore(cosine, ranks[0]), "lexical": SignalScore(9.0, ranks[1])}
+    return SearchHit(chunk=chunk, document_title="C reference", score=0.03, explain=explain)
+
+
+def test_extractive_takes_a_wildcard_family_as_naming_its_members() -> None:
+    """ "The sqlite3_bind_*() routines" names sqlite3_bind_int(); a family of other names does
+    not, so a question about it stays unanswered however close the passage."""
+    question = "What does sqlite3_bind_int() return on success?"
+    family = reference_hit("The sqlite3_bind_*() routines return SQLITE_OK on success.", 0.7)
+    answer, citations = extractive().generate(question, [family])
+    assert "sqlite3_bind_*() routines return SQLITE_OK" in answer
+    assert_valid_citations(answer, citations, [family], {"ref": family.chunk.text})
+    other = reference_hit("The sqlite3_open_*() routines return SQLITE_OK on success.", 0.7)
+    assert extractive().generate(question, [other]) == (NO_ANSWER, [])
+
+
+def test_extractive_answers_a_how_question_from_a_top_passage_that_names_the_way() -> None:
+    """Asked how to do something, in words the reference does not use, a passage that both
+    signals rank first answers when it names a function the question does not; a passage
+    naming nothing, or ranked lower by one signal, does not."""
+    question = "How do I stop a long query when the user presses Cancel?"
+    names = "Call sqlite3_interrupt() from another thread; the running statement halts soon."
+    answer, citations = extractive().generate(question, [reference_hit(names, 0.3, (1, 1))])
+    assert "sqlite3_interrupt()" in answer and citations
+    plain = "A running statement halts soon once it is interrupted from another thread."
+    assert extractive().generate(question, [reference_hit(plain, 0.3, (1, 1))]) == (NO_ANSWER, [])
+    lower = reference_hit(names, 0.3, (1, 5))
+    assert extractive().generate(question, [lower]) == (NO_ANSWER, [])
+
+
 def test_extractive_cuts_overlong_sentences_into_exact_quotes() -> None:
     preface = "Rivers carry sand. "
     text = preface + " ".join(f"they carry sediment number {i} downstream" for i in range(60))
@@ -338,11 +405,12 @@ SEARCH_TOOL_IGNORE = [
 
 def ask(service: Any, question: str, document_ids: list[str] | None = None) -> Any:
     """The extractive answer to a question from what the search finds for it, as the service
-    gives it: found when it cites a passage."""
+    gives it (the collection's term statistics included): found when it cites a passage."""
     filters = SearchFilters(document_ids=document_ids) if document_ids else None
     hits = service.search(TENANT, question, top_k=5, filters=filters)
-    answer, citations = extractive().generate(question, hits)
-    return answer, citations, hits
+    given = service.answer(TENANT, question, top_k=5, filters=filters)
+    assert given.provider == "extractive"
+    return given.answer, given.citations, hits
 
 
 def indexed(service: Any, *items: IngestItem) -> list[str]:

@@ -160,10 +160,9 @@ def test_hybrid_ranks_at_least_as_well_as_each_single_mode(shipped: Report) -> N
 def test_the_default_answers_hold_the_answer_and_admit_what_the_documents_lack(
     shipped: Report,
 ) -> None:
-    """The extractive answerer on hybrid hits, as `ragapi eval` reports it. The issue asks for
-    "not found" on at least 90% of the unanswerable questions, and for the expected answer in
-    at least 70% of the others; the answerer holds the first and reaches 0.69 on the second,
-    so the second is gated at 0.62, its figure before the rules that brought it there: no
-    change may fall below it."""
-    assert shipped.answers.not_found >= 0.9
-    assert shipped.answers.contains_answer >= 0.62
+    """The extractive answerer on hybrid hits, as `ragapi eval` reports it, gated at the
+    issue's targets: the expected answer in at least 70% of the answerable questions (it
+    reaches 0.741, three questions above), and "not found" for at least 90% of the
+    unanswerable ones (it reaches 1.000)."""
+    assert shipped.answers.contains_answer >= 0.70
+    assert shipped.answers.not_found >= 0.90

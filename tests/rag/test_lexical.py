@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from impl.rag.registry import Registry
 from impl.rag.service import RagService
 from impl.rag.terms import terms
 from impl.rag.types import RetrievalOptions
@@ -175,3 +176,37 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
     hits = reopened.search(TENANT, "E1234", top_k=1, retrieval=LEXICAL)
     assert [hit.chunk.document_id for hit in hits] == [ids["errors"]]
     assert stats(data_dir)[0] == len(DATABASE_NOTES)
+
+
+def test_term_statistics_count_the_chunks_that_hold_each_term(
+    service: RagService, data_dir: Path
+) -> None:
+    """What the extractive answerer weighs a question's terms by: the tenant's chunk count and,
+    per term, how many chunks hold it, as the index keeps them (deleted chunks not counted)."""
+    ids = ingest_notes(service)
+    registry = Registry(f"sqlite:///{data_dir / 'registry.db'}", upgrade=False)
+    try:
+        asked = ["reader", "busy_timeout", "databas", "replication"]
+
+        def expected(notes: dict[str, str]) -> dict[str, int]:
+            held = {t: sum(t in set(terms(text)) for text in notes.values()) for t in asked}
+            return {term: count for term, count in held.items() if count}
+
+        found = registry.term_statistics(TENANT, asked)
+        assert found.chunks == len(DATABASE_NOTES)
+        assert (
+            found.frequencies
+            == expected(DATABASE_NOTES)
+            == {
+                "reader": 2,
+                "busy_timeout": 1,
+                "databas": 2,
+            }
+        )
+        service.delete_document(TENANT, ids["busy"])
+        found = registry.term_statistics(TENANT, asked)
+        remaining = {k: v for k, v in DATABASE_NOTES.items() if k != "busy"}
+        assert (found.chunks, found.frequencies) == (len(remaining), expected(remaining))
+        assert registry.term_statistics("another-tenant", asked).frequencies == {}
+    finally:
+        registry.close()

@@ -1,8 +1,9 @@
 """Answer generation: a question and its ranked search hits in, answer text with citations out.
 
-Every provider streams: ``stream(question, hits)`` is an ``AnswerStream``, a generator that
-yields the answer text in deltas and returns ``(text, citations)``, where ``text`` is the
-deltas concatenated. Closing it stops the generation. ``generate`` is the same stream, drained.
+Every provider streams: ``stream(question, hits, statistics)`` is an ``AnswerStream``, a
+generator that yields the answer text in deltas and returns ``(text, citations)``, where
+``text`` is the deltas concatenated. Closing it stops the generation. ``generate`` is the same
+stream, drained. ``statistics`` (optional) looks up the collection's document frequencies.
 
 - ``extractive`` (default): quotes the retrieved sentences that best answer the question. No
   model runs: sentences are scored lexically (BM25 over the question's stemmed terms, its
@@ -10,12 +11,15 @@ deltas concatenated. Closing it stops the generation. ``generate`` is the same s
   above a sentence counting for the sentences right under it) together with their chunk's rank
   in the search, so an answer costs about a millisecond. Embedding every sentence instead would
   cost more than the search itself. A heading is quoted only with the text under it, a lead-in
-  ending in ":" with the line it introduces, the best sentence with the one after it. When no
-  quoted passage holds the question's key terms (weighted by rarity among the hits) and none
-  comes from a chunk at least ``answer_min_score`` similar to the question or from a chunk that
-  holds the names the question asks about and that both signals of a hybrid search rank at the
-  top, or when a name the question asks about is in no retrieved chunk, the answer is
-  NO_ANSWER, citing nothing. A setting's value that is a common word ("synchronous=OFF") counts
+  ending in ":" with the line it introduces, each quoted passage with the sentence after it in
+  its paragraph. When no quoted passage holds the question's key terms (weighted by rarity in
+  the whole collection, from the lexical index's document frequencies, or among the hits when
+  the caller gives none) and none comes from a chunk at least ``answer_min_score`` similar to
+  the question or from a chunk that both signals of a hybrid search rank at the top and that
+  holds the names the question asks about (or states the name or number a question naming
+  none asks for), or when a name the question asks about is in no retrieved chunk (a
+  wildcard family, ``sqlite3_bind_*``, names its members), the answer is NO_ANSWER, citing
+  nothing. A setting's value that is a common word ("synchronous=OFF") counts
   as a term, and the parts of a hyphenated word ("write-ahead") weigh as one term. A question
   that asks "how often" prefers sentences that state a number, one that asks "how do I" those
   that name a function, command or setting it does not name itself. It

@@ -25,7 +25,7 @@ from impl.rag.answers.citations import (
     renumber,
     settled,
 )
-from impl.rag.types import SearchHit
+from impl.rag.types import SearchHit, TermStatisticsLookup
 from impl.settings import Settings
 
 
@@ -69,7 +69,12 @@ class ChatAnswerProvider(AnswerProvider):
         # pull the whole answer from the model before close() returned.
         self._chain = RunnableLambda(_request_inputs) | ANSWER_PROMPT | model
 
-    def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
+    def stream(
+        self,
+        question: str,
+        hits: list[SearchHit],
+        statistics: TermStatisticsLookup | None = None,  # the model weighs the words itself
+    ) -> AnswerStream:
         request = AnswerRequest(question, hits)
         if self._fit is not None:
             request = self._fit.invoke(request)

@@ -3,6 +3,7 @@ says that no passage answers it. No model runs (see the package's docstring)."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from impl.rag.answers.text import (
     sentence_spans,
 )
 from impl.rag.terms import word_terms
-from impl.rag.types import Citation, SearchHit
+from impl.rag.types import Citation, SearchHit, TermStatisticsLookup
 
 MAX_EXTRACTIVE_SENTENCES = 3
 
@@ -35,11 +36,12 @@ _QUANTITY_WORDS = frozenset("often many much long far old big large fast".split(
 # answer names the command, function or setting that does it.
 _ASKERS = frozenset("i we you one".split())  # noqa: SIM905
 # Words that frame a request rather than name its subject ("what does X mean", "how do I get
-# X", "is there a way to"): the passage that answers need not repeat them.
+# X", "how do I find out X", "is there a way to"): the passage that answers need not repeat
+# them.
 _REQUEST_WORDS = frozenset(
-    """able already anything get gets getting got happen happened happens instead know lot lots
-    make makes making mean meaning means meant need needs possible see something still tell
-    thing things use used uses using want wants way ways""".split()  # noqa: SIM905
+    """able already anything find finding get gets getting got happen happened happens instead
+    know lot lots make makes making mean meaning means meant need needs possible see something
+    still tell thing things use used uses using want wants way ways""".split()  # noqa: SIM905
 )
 # What surrounds a word of a question without being part of it.
 _EDGE_PUNCTUATION = "\"',;:!?()[]{}<>\u201c\u201d\u2018\u2019"
@@ -51,6 +53,9 @@ _CAMEL_CASE = re.compile(r"[a-z][A-Z]")
 _CODE_WORD = re.compile(r"[A-Za-z]+\d+\w*")  # E1234, utf8, sha256, x86_64
 _DOTTED = re.compile(r"[A-Za-z_]\w*(?:(?:\.|::)\w+)+")  # os.path.join, setup.py, std::fs
 _PATH = re.compile(r"(?:~|\.{1,2})?/[\w.-]+(?:/[\w.-]*)*")  # /etc/passwd, ./configure
+# A name of two or more parts, and all of it but its last part: "sqlite3_bind_" of
+# "sqlite3_bind_int", "os.path." of "os.path.join".
+_FAMILY = re.compile(r"([\w.:]+(?:_|\.|::))[a-z0-9]+\Z")
 _HYPHENATED = re.compile(r"\w+(?:-\w+)+")
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
 _QUANTITY = re.compile(
@@ -110,8 +115,14 @@ def _setting_values(question: str) -> frozenset[str]:
 
 
 def _identifier_pattern(identifier: str) -> re.Pattern[str]:
-    # Whole: "--color" is not in "--colors", "os.path" is in "os.path.join(a)".
-    return re.compile(rf"(?<![\w-]){re.escape(identifier)}(?![\w-])")
+    # Whole: "--color" is not in "--colors", "os.path" is in "os.path.join(a)". Documentation
+    # names a family of functions with a wildcard for the last part ("the sqlite3_bind_*()
+    # routines", "os.path.*"): that names each member too.
+    whole = rf"{re.escape(identifier)}(?![\w-])"
+    family = _FAMILY.match(identifier)
+    if family:
+        whole += rf"|{re.escape(family.group(1))}\*"
+    return re.compile(rf"(?<![\w-])(?:{whole})")
 
 
 @dataclass(frozen=True)
@@ -363,6 +374,7 @@ class _Passage:
     start: int
     end: int
     terms: set[str]  # the question's terms it holds
+    states_asked: bool = False  # one of its units states what the question asks for
 
 
 def _continues(spans: Sequence[Span], passage: _Passage, unit: _Unit) -> bool:
@@ -396,40 +408,74 @@ def _agreed(hit: SearchHit) -> bool:
     return len(signals) == 2 and all(signal.rank <= _AGREED_RANK for signal in signals)
 
 
+def _rarity(
+    question: _Question, candidates: _Candidates, statistics: TermStatisticsLookup | None
+) -> dict[str, float]:
+    """The idf of each of the question's terms. Over the whole collection when ``statistics``
+    can say it: a term missing from the retrieved chunks but common in the documents ("table",
+    "database") is not the subject they lack, while one the documents hold nowhere is. Without
+    it, over the retrieved chunks, so a term they all share weighs little, and a term none
+    holds weighs most."""
+    retrieved = candidates.chunk_terms
+    collection = statistics(question.terms) if statistics is not None else None
+    if collection is not None and collection.chunks > 0:
+        chunks = max(collection.chunks, len(retrieved))
+        rarity = {}
+        for term in question.terms:
+            # The collection holds the retrieved chunks: a name the index keeps in another form
+            # (".schema" is indexed as "schema") is held at least where they hold it.
+            held = max(collection.frequencies.get(term, 0), sum(term in c for c in retrieved))
+            rarity[term] = math.log(1 + (chunks - held + 0.5) / (held + 0.5))
+        return rarity
+    idf = bm25_idf(retrieved)
+    absent = absent_idf(len(retrieved))
+    return {t: idf.get(t, absent) for t in question.terms}
+
+
 def _answers(
-    question: _Question, passages: Sequence[_Passage], candidates: _Candidates, min_cosine: float
+    question: _Question,
+    passages: Sequence[_Passage],
+    candidates: _Candidates,
+    min_cosine: float,
+    rarity: dict[str, float],
 ) -> bool:
     """Whether the chosen passages answer the question. Not when a name the question asks
     about (an identifier) is in no retrieved chunk: the documents do not cover it, whatever
-    their other words share. Else when a passage holds the question's key terms, comes from
-    a chunk at least ``min_cosine`` similar to the question, or comes from a chunk that holds
-    the names the question asks about and that both signals of the search rank at the top."""
+    their other words share. Else when a passage holds the question's key terms (weighed by
+    ``rarity``), comes from a chunk at least ``min_cosine`` similar to the question, or comes
+    from a chunk that both signals of the search rank at the top and that holds the names the
+    question asks about (or, when it names none, states the name or number it asks for)."""
     if not question.identifiers <= set().union(*candidates.chunk_terms):
         return False
-    # Rarity is counted over the retrieved chunks, so a term they all share weighs little, and a
-    # term none holds (the name of what the documents do not cover) weighs most.
-    idf = bm25_idf(candidates.chunk_terms)
-    absent = absent_idf(len(candidates.chunk_terms))
     weights = {
-        t: idf.get(t, absent) * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
-        for t in question.terms
+        t: idf * (_IDENTIFIER_BOOST if t in question.identifiers else 1.0)
+        for t, idf in rarity.items()
     }
     for passage in passages:
         cosine = dense_score(passage.hit)
         held = candidates.chunk_terms[passage.rank]
+        # Agreement needs the passage to hold what the question names, so that a page listing
+        # other names does not answer; a question that names nothing ("how do I stop a
+        # long-running query") asks for a name or a number, so the passage must state one.
+        holds_asked = question.identifiers <= held if question.identifiers else passage.states_asked
         if (
             (cosine is not None and cosine >= min_cosine)
-            or (question.identifiers and _agreed(passage.hit) and question.identifiers <= held)
+            or (_agreed(passage.hit) and holds_asked)
             or _coverage(question, passage, weights) >= _MIN_COVERAGE
         ):
             return True
     return False
 
 
-def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -> list[Citation]:
+def _extract(
+    question_text: str,
+    hits: Sequence[SearchHit],
+    min_cosine: float,
+    statistics: TermStatisticsLookup | None,
+) -> list[Citation]:
     """The quotes that answer the question, in reading order, numbered 1, 2, ...; none when no
-    passage answers it: when the best passages neither hold the question's key terms nor come
-    from a chunk at least ``min_cosine`` similar to the question."""
+    passage answers it (see _answers). ``statistics`` weighs the question's terms by their
+    rarity in the whole collection, when given."""
     question = _question(question_text)
     candidates = _candidates(hits, question)
     units = candidates.units
@@ -483,27 +529,32 @@ def _extract(question_text: str, hits: Sequence[SearchHit], min_cosine: float) -
         else:
             continue  # a distant unit of the same chunk could not share its quote
         passages[unit.rank].terms |= unit.terms & question.terms
+        passages[unit.rank].states_asked |= unit.states_asked
         sentences += 1
         if sentences == MAX_EXTRACTIVE_SENTENCES:
             break
 
-    # Enough context: the sentence after the best passage, when it goes on in the same
-    # paragraph, often holds the value or the consequence the best one leads to.
-    best = passages[units[order[0]].rank]
-    spans = candidates.spans[units[order[0]].rank]
-    after = best.last + 1
-    if (
-        after < len(spans)
-        and (
-            spans[after].block == spans[best.last].block
-            or not ends_sentence(spans[best.last].text)  # a signature, a label: say more
-        )
-        and spans[after].end - best.start <= MAX_QUOTE_CHARS
-    ):
-        best.last, best.end = after, spans[after].end
-        best.terms |= spans[after].terms & question.terms
+    # Enough context: the sentence after a quoted passage, when it goes on in the same
+    # paragraph, often holds the value, the name or the consequence the passage leads to ("The
+    # VACUUM command with an INTO clause is an alternative to the backup API ..." is followed
+    # by the sentence that shows "VACUUM INTO"). Every passage gets it, not only the best: the
+    # best-scored one is often a paraphrase of the question, the answer in another.
+    for passage in passages.values():
+        spans = candidates.spans[passage.rank]
+        after = passage.last + 1
+        if (
+            after < len(spans)
+            and (
+                spans[after].block == spans[passage.last].block
+                or not ends_sentence(spans[passage.last].text)  # a signature, a label: say more
+            )
+            and spans[after].end - passage.start <= MAX_QUOTE_CHARS
+        ):
+            passage.last, passage.end = after, spans[after].end
+            passage.terms |= spans[after].terms & question.terms
 
-    if not _answers(question, list(passages.values()), candidates, min_cosine):
+    rarity = _rarity(question, candidates, statistics)
+    if not _answers(question, list(passages.values()), candidates, min_cosine, rarity):
         return []
 
     # Reading order: documents in the order their best passage was chosen, passages within a
@@ -534,8 +585,13 @@ class ExtractiveAnswerProvider(AnswerProvider):
     def __init__(self, min_cosine: float) -> None:
         self._min_cosine = min_cosine
 
-    def stream(self, question: str, hits: list[SearchHit]) -> AnswerStream:
-        citations = _extract(question, hits, self._min_cosine)
+    def stream(
+        self,
+        question: str,
+        hits: list[SearchHit],
+        statistics: TermStatisticsLookup | None = None,
+    ) -> AnswerStream:
+        citations = _extract(question, hits, self._min_cosine, statistics)
         if not citations:
             yield NO_ANSWER
             return NO_ANSWER, []
