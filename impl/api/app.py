@@ -18,6 +18,7 @@ from impl.api import problems
 from impl.api.docs import mount_docs
 from impl.api.handlers import HANDLERS
 from impl.api.middleware import RATE_LIMIT_HEADERS, RequestContext
+from impl.api.readiness import Readiness
 from impl.api.routing import Handler, add_routes
 from impl.errors import RagapiError
 from impl.observability.logs import configure_logging
@@ -36,6 +37,7 @@ class State(TypedDict):
     metrics: Metrics
     keys: KeyStore
     limiter: RateLimiter
+    readiness: Readiness
 
 
 def create_app(
@@ -56,13 +58,15 @@ def create_app(
         service = await run_in_threadpool(RagService, settings, None, metrics)
         metrics.store_counts = service.store_counts
         await run_in_threadpool(service.start)
+        limiter = RateLimiter(settings)
         try:
             yield {
                 "settings": settings,
                 "service": service,
                 "metrics": metrics,
                 "keys": keys,
-                "limiter": RateLimiter(settings),
+                "limiter": limiter,
+                "readiness": Readiness({**service.probes(), **limiter.probes()}),
             }
         finally:
             await run_in_threadpool(service.close)

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
-from impl.errors import RagapiError, UnreadableDocument
+from impl.errors import DependencyUnavailable, RagapiError, UnreadableDocument
 from impl.rag.chunking import Chunker, ChunkSpan
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.job_queue import ClaimedJob, DocumentWork, LeaseLost
@@ -168,6 +168,10 @@ class IngestWorkers:
                 claimed = self._registry.claim_job(job_id, owner, LEASE)
                 if claimed is not None:
                     self._run(claimed, owner)
+            except DependencyUnavailable:
+                # A store is down: its Dependency logged the outage once. The job stays running
+                # under a lease that will expire; it is retried then.
+                pass
             except Exception:
                 # The job stays running under a lease that will expire; it is retried then.
                 logger.exception("ingestion worker failed")
@@ -216,6 +220,8 @@ class IngestWorkers:
                 raise _Stopping
             try:
                 spans = self._chunk(document)
+            except DependencyUnavailable:
+                raise  # not the document's fault: the whole job waits for the store
             except Exception as exc:
                 self._fail(document, exc, failures)
                 continue
@@ -235,7 +241,7 @@ class IngestWorkers:
                 # The job goes back without counting an attempt: leave it no vectors to clean.
                 self._store.delete_documents(document.tenant, [document.id])
                 raise
-            except LeaseLost:
+            except (LeaseLost, DependencyUnavailable):
                 raise
             except Exception as exc:
                 self._fail(document, exc, failures)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
@@ -65,8 +64,6 @@ from impl.rag.types import (
     TokenEvent,
 )
 from impl.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 50
 MAX_PAGE_SIZE = 100
@@ -262,22 +259,15 @@ class RagService:
         """Documents and jobs by status and chunks held, over every tenant (for metrics)."""
         return self._registry.counts()
 
-    def readiness(self) -> dict[str, bool]:
-        checks = {
+    def probes(self) -> dict[str, Callable[[], None]]:
+        """A readiness probe for each component the service uses: each returns when the
+        component works and raises when it does not."""
+        return {
             "registry": self._registry.ping,
             "vector_store": self._store.heartbeat,
+            "originals": self._originals.check,
             "embeddings": self._check_embeddings,
         }
-        ready: dict[str, bool] = {}
-        for name, check in checks.items():
-            try:
-                check()
-            except Exception:
-                logger.warning("readiness check %s failed", name, exc_info=True)
-                ready[name] = False
-            else:
-                ready[name] = True
-        return ready
 
     def _check_embeddings(self) -> None:
         if len(self._embeddings.embed_query("ready")) != self._embeddings.dimension:

@@ -269,12 +269,11 @@ def test_tenants_are_isolated(corpus: Corpus) -> None:
     assert len(vector_metadata(corpus.data_dir, TENANT, doc_id)) > 0
 
 
-def test_readiness_checks_every_component(corpus: Corpus) -> None:
-    assert corpus.service.readiness() == {
-        "registry": True,
-        "vector_store": True,
-        "embeddings": True,
-    }
+def test_readiness_probes_every_component(corpus: Corpus) -> None:
+    probes = corpus.service.probes()
+    assert set(probes) == {"registry", "vector_store", "originals", "embeddings"}
+    for probe in probes.values():
+        probe()  # raises when its component is down
 
 
 # -- tests that change what is stored ------------------------------------------------------------
