@@ -24,7 +24,7 @@ from impl.errors import RagapiError
 from impl.observability.logs import configure_logging
 from impl.observability.metrics import Metrics
 from impl.rag.service import RagService
-from impl.security.keys import KeyStore
+from impl.security.keys import KeyStore, SqlKeyStore
 from impl.security.limits import RateLimiter
 from impl.settings import Settings
 
@@ -54,7 +54,7 @@ def create_app(
                 "AUTHENTICATION IS OFF (RAGAPI_AUTH_ENABLED=false): anyone who can reach this "
                 "server can read, change and delete every document of the default tenant"
             )
-        keys = await run_in_threadpool(KeyStore, settings)
+        keys = await run_in_threadpool(SqlKeyStore, settings)
         service = await run_in_threadpool(RagService, settings, None, metrics)
         metrics.store_counts = service.store_counts
         await run_in_threadpool(service.start)

@@ -31,8 +31,7 @@ from impl.rag.embeddings import EmbeddingModel
 from impl.rag.job_queue import ClaimedJob, DocumentWork, LeaseLost
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
-from impl.rag.registry import Registry
-from impl.rag.store import VectorStore
+from impl.rag.stores import JobQueue, VectorIndex
 from impl.rag.types import Chunk, JobError, StageObserver
 
 logger = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def chunk_id(document_id: str, index: int) -> str:
     return f"{document_id}-{index}"
 
 
-def recover_interrupted(registry: Registry, store: VectorStore, *, every_running: bool) -> None:
+def recover_interrupted(registry: JobQueue, store: VectorIndex, *, every_running: bool) -> None:
     """Queue again the running jobs no worker runs, or fail those out of attempts (their
     unfinished documents' vectors removed first, so a crash here is repaired next time)."""
     for job in registry.find_interrupted(every_running=every_running, max_attempts=MAX_ATTEMPTS):
@@ -89,8 +88,8 @@ class IngestWorkers:
     def __init__(
         self,
         *,
-        registry: Registry,
-        store: VectorStore,
+        registry: JobQueue,
+        store: VectorIndex,
         originals: OriginalStore,
         embeddings: EmbeddingModel,
         chunker: Chunker,
