@@ -14,6 +14,7 @@ re-run starts by removing whatever an earlier run of the same documents left beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -168,9 +169,7 @@ class IngestWorkers:
                 if claimed is not None:
                     self._run(claimed, owner)
             except DependencyUnavailable:
-                # A store is down: its Dependency logged the outage once. The job stays running
-                # under a lease that will expire; it is retried then.
-                pass
+                pass  # a store is down; its Dependency logged the outage once
             except Exception:
                 # The job stays running under a lease that will expire; it is retried then.
                 logger.exception("ingestion worker failed")
@@ -196,6 +195,14 @@ class IngestWorkers:
         except LeaseLost:
             logger.warning("job %s: lease lost to another worker; abandoned", job.id)
             return
+        except DependencyUnavailable:
+            # A store is down (its Dependency logged it): the job goes back to the queue, not
+            # counted as an attempt, and is claimed again once the store answers. Its re-run
+            # rewrites the same chunk ids, so whatever this run wrote is replaced. With the
+            # registry itself down, the lease runs out instead.
+            with contextlib.suppress(DependencyUnavailable):
+                self._registry.release_job(job.id, owner)
+            raise
         error = None
         if failures:
             error = JobError(

@@ -6,7 +6,9 @@ store does, without a restart. Real servers on loopback, stopped and started on 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,8 +70,17 @@ def ingest_one(http: httpx.Client) -> str:
 def assert_served(http: httpx.Client, document_id: str) -> None:
     listed, searched, answered = retrieval_requests(http)
     assert [r.status_code for r in (listed, searched, answered)] == [200, 200, 200]
-    assert [d["id"] for d in listed.json()["items"]] == [document_id]
+    assert document_id in [d["id"] for d in listed.json()["items"]]
     assert searched.json()["results"][0]["document_id"] == document_id
+
+
+def wait_for_job(http: httpx.Client, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        job: dict[str, Any] = http.get(f"{API}/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
 
 
 def test_a_chroma_server_that_stops_is_a_503_until_it_is_back(tmp_path: Path) -> None:
@@ -85,13 +96,23 @@ def test_a_chroma_server_that_stops_is_a_503_until_it_is_back(tmp_path: Path) ->
             chroma.close()  # `chroma run` is stopped
             listed, searched, answered = retrieval_requests(http)
             down = readiness(running)
+            queued = http.post(f"{API}/ingest", json={"text": "Copper kettles hold water."})
+            time.sleep(3)  # long enough for an ingestion worker to try it
+            waiting = http.get(f"{API}/jobs/{queued.json()['job']['id']}").json()["status"]
             chroma.enter_context(chroma_server(folder, port))
             assert_served(http, document_id)
             back = readiness(running)
+            ingested = wait_for_job(http, queued.json()["job"]["id"])
+            kettles = http.post(f"{API}/search", json={"query": "copper kettles"}).json()
     finally:
         running.stop()
         chroma.close()
     assert listed.status_code == 200  # the registry alone answers it
+    # Ingestion waits for the vector store, then finishes with no restart and no lost attempt.
+    assert queued.status_code == 202
+    assert waiting in ("queued", "running")
+    assert ingested["status"] == "succeeded", ingested
+    assert kettles["results"][0]["document_id"] == ingested["document_ids"][0]
     assert_unavailable(searched)
     assert_unavailable(answered)
     assert down == (503, {**ALL_UP, "vector_store": "down"})
