@@ -168,11 +168,13 @@ def test_postgresql_that_stops_is_a_503_until_it_is_back(
             finally:
                 postgres.start()
             assert_served(http, document_id)
+            keys = http.get(f"{API}/keys")  # the key store, on the same engine, is back too
             back = readiness(running)
     finally:
         running.stop()
     for response in answers:
         assert_unavailable(response)
+    assert keys.status_code == 200
     assert down == (503, {**ALL_UP, "registry": "down"})
     assert back == (200, ALL_UP)
     assert_logged_once(running, "registry postgresql+psycopg://")
