@@ -143,15 +143,13 @@ def _reaching(
     """A Chroma server that cannot be reached is the vector store being down: the method is
     tried once more on a new connection (one the server dropped when it restarted costs a
     retry, not a failed request; every call here is idempotent), then DependencyUnavailable.
-    Timeouts are not retried: the server is there but not answering."""
+    The embedded client makes no connections, so this never fires for it."""
 
     def reaching(self: VectorStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             try:
                 result = method(self, *args, **kwargs)
-            except httpx.TransportError as exc:
-                if isinstance(exc, httpx.TimeoutException):
-                    raise
+            except httpx.TransportError:
                 result = method(self, *args, **kwargs)
         except httpx.TransportError as exc:
             raise self.dependency.failed(exc) from None
