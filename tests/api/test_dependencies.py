@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import chromadb
 import httpx
 
+from impl.rag.store import collection_name
 from tests.conftest import (
     UNLIMITED,
     Postgres,
@@ -56,11 +58,10 @@ def retrieval_requests(http: httpx.Client) -> list[httpx.Response]:
     ]
 
 
-def ingest_one(http: httpx.Client) -> str:
-    answer = http.post(
-        f"{API}/ingest?wait=true",
-        json={"title": "Lamps", "text": "Brass lamps are polished with vinegar and salt."},
-    )
+def ingest_one(
+    http: httpx.Client, text: str = "Brass lamps are polished with vinegar and salt."
+) -> str:
+    answer = http.post(f"{API}/ingest?wait=true", json={"text": text})
     assert answer.status_code == 200, answer.text
     assert answer.json()["job"]["status"] == "succeeded"
     document_id: str = answer.json()["documents"][0]["id"]
@@ -72,6 +73,14 @@ def assert_served(http: httpx.Client, document_id: str) -> None:
     assert [r.status_code for r in (listed, searched, answered)] == [200, 200, 200]
     assert document_id in [d["id"] for d in listed.json()["items"]]
     assert searched.json()["results"][0]["document_id"] == document_id
+
+
+def vector_ids(chroma_url: str, document_id: str) -> list[str]:
+    host, port = chroma_url.removeprefix("http://").split(":")
+    collection = chromadb.HttpClient(host=host, port=int(port)).get_collection(
+        collection_name("default")
+    )
+    return list(collection.get(where={"document_id": document_id})["ids"])
 
 
 def wait_for_job(http: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -93,8 +102,10 @@ def test_a_chroma_server_that_stops_is_a_503_until_it_is_back(tmp_path: Path) ->
     try:
         with running.client() as http:
             document_id = ingest_one(http)
+            doomed_id = ingest_one(http, "Tea is brewed for three minutes.")
             chroma.close()  # `chroma run` is stopped
             listed, searched, answered = retrieval_requests(http)
+            deleted = http.delete(f"{API}/documents/{doomed_id}")
             down = readiness(running)
             queued = http.post(f"{API}/ingest", json={"text": "Copper kettles hold water."})
             time.sleep(3)  # long enough for an ingestion worker to try it
@@ -104,6 +115,8 @@ def test_a_chroma_server_that_stops_is_a_503_until_it_is_back(tmp_path: Path) ->
             back = readiness(running)
             ingested = wait_for_job(http, queued.json()["job"]["id"])
             kettles = http.post(f"{API}/search", json={"query": "copper kettles"}).json()
+            deleted_again = http.delete(f"{API}/documents/{doomed_id}")
+            doomed_vectors = vector_ids(url, doomed_id)
     finally:
         running.stop()
         chroma.close()
@@ -115,6 +128,10 @@ def test_a_chroma_server_that_stops_is_a_503_until_it_is_back(tmp_path: Path) ->
     assert kettles["results"][0]["document_id"] == ingested["document_ids"][0]
     assert_unavailable(searched)
     assert_unavailable(answered)
+    assert_unavailable(deleted)
+    # The DELETE retried once the store is back finishes what the first began.
+    assert deleted_again.status_code == 204, deleted_again.text
+    assert doomed_vectors == []
     assert down == (503, {**ALL_UP, "vector_store": "down"})
     assert back == (200, ALL_UP)
     assert_logged_once(running, f"vector store {url}")
