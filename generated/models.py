@@ -59,8 +59,25 @@ class Components(BaseModel):
         extra="forbid",
     )
     registry: ComponentState
+    """
+    The registry's database (documents, jobs, chunks, keys).
+    """
     vector_store: ComponentState
+    """
+    Chroma, embedded or the server of RAGAPI_CHROMA_URL.
+    """
+    originals: ComponentState
+    """
+    The store of uploaded originals (written to and removed again).
+    """
     embeddings: ComponentState
+    """
+    The embedding model (one query embedded).
+    """
+    rate_limit_storage: ComponentState | MISSING = MISSING
+    """
+    The shared rate-limit storage (RAGAPI_RATE_LIMIT_STORAGE_URL); absent when the counters live in the process (memory://).
+    """
 
 
 class Readiness(BaseModel):

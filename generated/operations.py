@@ -370,6 +370,7 @@ OPERATIONS: dict[str, Operation] = {
             "200": ("text/plain", None),
             "401": ("application/problem+json", models.Problem),
             "403": ("application/problem+json", models.Problem),
+            "503": ("application/problem+json", models.Problem),
             "500": ("application/problem+json", models.Problem),
         },
         security=("ApiKey",),

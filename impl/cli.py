@@ -131,9 +131,9 @@ def db(args: argparse.Namespace) -> int:
 def bootstrap_admin_key(settings: Settings) -> None:
     """On a first start there are no keys, so nobody could use the server: make an admin key
     and show it once. Done here, before the workers start, so several workers make one key."""
-    from impl.security.keys import SCOPES, KeyStore
+    from impl.security.keys import SCOPES, SqlKeyStore
 
-    keys = KeyStore(settings)
+    keys = SqlKeyStore(settings)
     try:
         if keys.count() == 0:
             created = keys.create(TENANT, "bootstrap admin", list(SCOPES))
@@ -423,13 +423,13 @@ def documents(args: argparse.Namespace) -> int:
 
 
 def keys(args: argparse.Namespace) -> int:
-    from impl.security.keys import KeyStore
+    from impl.security.keys import SqlKeyStore
 
     settings = load_settings()
     if args.action == "list" and not holds_data(settings):
         print("no keys")
         return 0
-    store = KeyStore(settings)
+    store = SqlKeyStore(settings)
     try:
         if args.action == "create":
             scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]

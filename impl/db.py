@@ -33,12 +33,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
+from impl.dependencies import Dependency
 from impl.errors import ConfigurationError, InvalidInput
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -46,6 +48,9 @@ UPGRADE_COMMAND = "ragapi db upgrade"
 # The newest migration's revision (tests/test_db.py holds it to alembic's head): a database at
 # it needs nothing, and finding that out needs no alembic.
 SCHEMA_HEAD = "0002"
+# A server that does not accept a connection within this is down: requests get a 503 instead
+# of waiting for the operating system's TCP timeout (minutes).
+CONNECT_TIMEOUT_SECONDS = 5
 # Held (pg_advisory_xact_lock) while migrations run, so that processes starting at once on a
 # fresh PostgreSQL migrate one after the other instead of racing on CREATE TABLE.
 _MIGRATION_LOCK = 0x72616761  # "raga"
@@ -122,7 +127,12 @@ class Database:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite and parsed.database not in (None, "", ":memory:"):
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        connect_args = {"timeout": 30} if self.is_sqlite else {}
+        connect_args = (
+            {"timeout": 30} if self.is_sqlite else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        )
+        self.dependency = Dependency(
+            "registry", f"registry {parsed.render_as_string(hide_password=True)}"
+        )
         try:
             # Pre-ping: a server restarted under a pooled connection costs a reconnect, not a
             # failed request.
@@ -154,13 +164,25 @@ class Database:
         self.engine.dispose()
 
     @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """A database that cannot be reached (refused, dropped, shut down, SQLite's file
+        locked past its busy timeout) is the registry being down, not a bug of the request:
+        DependencyUnavailable. Pre-ping has already replaced connections that died in the
+        pool, so a failure here is the server's, and the next call reconnects."""
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            raise self.dependency.failed(exc) from None
+        self.dependency.answered()
+
+    @contextmanager
     def read(self) -> Iterator[Session]:
-        with self._reads() as session, session.begin():
+        with self._reaching(), self._reads() as session, session.begin():
             yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        with self._writes() as session, session.begin():
+        with self._reaching(), self._writes() as session, session.begin():
             yield session
 
     def ping(self) -> None:

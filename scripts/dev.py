@@ -3,7 +3,7 @@
     python3 scripts/dev.py serve [ragapi serve flags]   start the server (embedded default)
     python3 scripts/dev.py test [pytest args]           run the test suite
     python3 scripts/dev.py test-llm [pytest args]       the tests with real language models
-    python3 scripts/dev.py lint                         ruff (lint, format check) and mypy
+    python3 scripts/dev.py lint                         ruff, mypy and the import contracts
     python3 scripts/dev.py ui [streamlit run flags]     the Streamlit UI on http://localhost:8501
     python3 scripts/dev.py setup                        only create or update .venv
 
@@ -91,8 +91,13 @@ def main() -> int:
             [str(BIN / "ruff"), "check", "."],
             [str(BIN / "ruff"), "format", "--check", "."],
             [str(BIN / "mypy")],
+            # The layer rules of ARCHITECTURE.md ([tool.importlinter] in pyproject.toml).
+            [str(BIN / "lint-imports")],
         ]
-        return max(subprocess.call(check) for check in checks)
+        # lint-imports finds the packages on sys.path: this checkout's, whichever checkout
+        # .venv was installed from.
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return max(subprocess.call(check, env=env) for check in checks)
     return 0
 
 

@@ -134,12 +134,13 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 
 @contextmanager
-def chroma_server(folder: Path) -> Iterator[str]:
-    """A real Chroma server (the chromadb package's own `chroma run`) on a free port."""
+def chroma_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real Chroma server (the chromadb package's own `chroma run`) on `port` or a free one,
+    its data in `folder` (so a second one on the same folder and port is the first restarted)."""
     # chromadb installs its `chroma` command beside the interpreter running the tests.
     executable = str(Path(sys.executable).parent / "chroma")
-    port = free_port()
-    with (folder / "chroma.log").open("wb") as log:
+    port = port or free_port()
+    with (folder / "chroma.log").open("ab") as log:
         process = subprocess.Popen(
             [executable, "run", "--path", str(folder / "data"), "--port", str(port)],
             stdout=log,
@@ -163,10 +164,11 @@ def chroma_server(folder: Path) -> Iterator[str]:
 
 
 @contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
-    """A real redis-server (Debian's; .ci/run installs it) on a free port, nothing persisted."""
-    port = free_port()
-    with (folder / "redis.log").open("wb") as log:
+def redis_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real redis-server (Debian's; .ci/run installs it) on `port` or a free one, nothing
+    persisted."""
+    port = port or free_port()
+    with (folder / "redis.log").open("ab") as log:
         process = subprocess.Popen(
             [
                 "redis-server",
@@ -243,6 +245,12 @@ class Postgres:
         subprocess.run(
             [*self.pg_ctl, "-m", "fast", "-w", "restart"], check=True, capture_output=True
         )
+
+    def stop(self) -> None:
+        subprocess.run([*self.pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run([*self.pg_ctl, "-w", "start"], check=True, capture_output=True)
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://ragapi@127.0.0.1:{self.port}/{database}"

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from impl.db import SCHEMA_HEAD, Base, alembic_config, open_database
 from impl.errors import ConfigurationError
 from impl.rag.registry import Registry
-from impl.security.keys import KeyStore
+from impl.security.keys import SqlKeyStore
 from impl.settings import Settings
 from tests.conftest import ROOT, Postgres
 
@@ -132,7 +132,7 @@ def test_a_server_refuses_an_older_schema_and_names_the_command(postgres_url: st
     settings = settings_for(postgres_url)
     assert not settings.registry_upgrades_on_start  # a server's schema is upgraded by command
     with pytest.raises(ConfigurationError, match="run `ragapi db upgrade`"):
-        KeyStore(settings)  # a new, empty database
+        SqlKeyStore(settings)  # a new, empty database
     migrate_to(postgres_url, "0001")
     with pytest.raises(ConfigurationError, match="at 0001, older than this server's"):
         Registry(postgres_url, upgrade=False)
@@ -143,7 +143,7 @@ def test_a_server_refuses_an_older_schema_and_names_the_command(postgres_url: st
     assert f"registry schema at {HEAD}" in output
 
     Registry(postgres_url, upgrade=False).close()
-    KeyStore(settings).close()
+    SqlKeyStore(settings).close()
 
 
 def test_ragapi_serve_on_an_older_schema_stops_and_names_the_command(
@@ -188,12 +188,12 @@ def fresh_databases(postgres: Postgres) -> Iterator[list[str]]:
 OPEN_AND_UPGRADE = """
 import sys
 from impl.rag.registry import Registry
-from impl.security.keys import KeyStore
+from impl.security.keys import SqlKeyStore
 from impl.settings import Settings
 registry = Registry(sys.argv[1], upgrade=True)
 registry.check_model("model-a", 384)
 registry.close()
-KeyStore(Settings(registry_url=sys.argv[1], registry_auto_upgrade=True)).close()
+SqlKeyStore(Settings(registry_url=sys.argv[1], registry_auto_upgrade=True)).close()
 """
 
 
@@ -228,7 +228,7 @@ def test_the_keys_and_the_registry_survive_a_postgresql_restart(
     """Pooled connections die with the server; pre-ping replaces them, so the first request
     after a restart is served, not failed."""
     settings = settings_for(postgres_url, registry_auto_upgrade=True)
-    keys = KeyStore(settings)
+    keys = SqlKeyStore(settings)
     registry = Registry(postgres_url, upgrade=True)
     try:
         secret = keys.create("t", "k", ["read"]).secret
@@ -245,7 +245,7 @@ def test_the_keys_and_the_registry_survive_a_postgresql_restart(
 def test_the_registry_and_the_keys_share_one_engine(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     registry = Registry(url, upgrade=True)
-    keys = KeyStore(settings_for(url))
+    keys = SqlKeyStore(settings_for(url))
     try:
         assert registry._db is keys._db
         assert open_database(url) is registry._db

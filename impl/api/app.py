@@ -18,12 +18,13 @@ from impl.api import problems
 from impl.api.docs import mount_docs
 from impl.api.handlers import HANDLERS
 from impl.api.middleware import RATE_LIMIT_HEADERS, RequestContext
+from impl.api.readiness import Readiness
 from impl.api.routing import Handler, add_routes
 from impl.errors import RagapiError
 from impl.observability.logs import configure_logging
 from impl.observability.metrics import Metrics
 from impl.rag.service import RagService
-from impl.security.keys import KeyStore
+from impl.security.keys import KeyStore, SqlKeyStore
 from impl.security.limits import RateLimiter
 from impl.settings import Settings
 
@@ -36,6 +37,7 @@ class State(TypedDict):
     metrics: Metrics
     keys: KeyStore
     limiter: RateLimiter
+    readiness: Readiness
 
 
 def create_app(
@@ -52,17 +54,19 @@ def create_app(
                 "AUTHENTICATION IS OFF (RAGAPI_AUTH_ENABLED=false): anyone who can reach this "
                 "server can read, change and delete every document of the default tenant"
             )
-        keys = await run_in_threadpool(KeyStore, settings)
+        keys = await run_in_threadpool(SqlKeyStore, settings)
         service = await run_in_threadpool(RagService, settings, None, metrics)
         metrics.store_counts = service.store_counts
         await run_in_threadpool(service.start)
+        limiter = RateLimiter(settings)
         try:
             yield {
                 "settings": settings,
                 "service": service,
                 "metrics": metrics,
                 "keys": keys,
-                "limiter": RateLimiter(settings),
+                "limiter": limiter,
+                "readiness": Readiness({**service.probes(), **limiter.probes()}),
             }
         finally:
             await run_in_threadpool(service.close)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import Request
 
+from impl.api.readiness import Readiness
 from impl.api.security import Principal
 from impl.observability.metrics import Metrics
 from impl.rag.service import RagService
@@ -55,3 +56,11 @@ def current_tenant(request: Request) -> str:
 Tenant = Annotated[str, Depends(current_tenant)]
 Keys = Annotated[KeyStore, Depends(get_keys)]
 Limiter = Annotated[RateLimiter, Depends(get_limiter)]
+
+
+def get_readiness(request: Request) -> Readiness:
+    readiness: Readiness = request.state.readiness
+    return readiness
+
+
+ReadinessProbes = Annotated[Readiness, Depends(get_readiness)]

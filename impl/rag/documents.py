@@ -272,10 +272,12 @@ class Documents:
 
     def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
         """First step of a deletion: from here on the document is invisible, and a crash before
-        the last step is finished by the next start."""
+        the last step is finished by the next start. A document whose deletion began already
+        is returned again, so that a DELETE retried after one a store's outage stopped
+        finishes it (every later step is idempotent)."""
         with self._db.write() as session:
             row = session.get(DocumentRow, document_id)
-            if row is None or row.tenant != tenant or row.status == DELETING:
+            if row is None or row.tenant != tenant:
                 return None
             row.status = DELETING
             row.updated_at = utcnow()

@@ -69,8 +69,8 @@ def job_from_row(session: Session, row: JobRow) -> Job:
     )
 
 
-class JobQueue:
-    """The registry's job rows (a part of ``Registry``)."""
+class JobRows:
+    """The registry's job rows (a part of ``Registry``; the JobQueue of impl/rag/stores.py)."""
 
     _db: Database
 

@@ -14,6 +14,7 @@ re-run starts by removing whatever an earlier run of the same documents left beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,14 +26,13 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
-from impl.errors import RagapiError, UnreadableDocument
+from impl.errors import DependencyUnavailable, RagapiError, UnreadableDocument
 from impl.rag.chunking import Chunker, ChunkSpan
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.job_queue import ClaimedJob, DocumentWork, LeaseLost
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
-from impl.rag.registry import Registry
-from impl.rag.store import VectorStore
+from impl.rag.stores import JobQueue, VectorIndex
 from impl.rag.types import Chunk, JobError, StageObserver
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def chunk_id(document_id: str, index: int) -> str:
     return f"{document_id}-{index}"
 
 
-def recover_interrupted(registry: Registry, store: VectorStore, *, every_running: bool) -> None:
+def recover_interrupted(registry: JobQueue, store: VectorIndex, *, every_running: bool) -> None:
     """Queue again the running jobs no worker runs, or fail those out of attempts (their
     unfinished documents' vectors removed first, so a crash here is repaired next time)."""
     for job in registry.find_interrupted(every_running=every_running, max_attempts=MAX_ATTEMPTS):
@@ -89,8 +89,8 @@ class IngestWorkers:
     def __init__(
         self,
         *,
-        registry: Registry,
-        store: VectorStore,
+        registry: JobQueue,
+        store: VectorIndex,
         originals: OriginalStore,
         embeddings: EmbeddingModel,
         chunker: Chunker,
@@ -168,6 +168,8 @@ class IngestWorkers:
                 claimed = self._registry.claim_job(job_id, owner, LEASE)
                 if claimed is not None:
                     self._run(claimed, owner)
+            except DependencyUnavailable:
+                pass  # a store is down; its Dependency logged the outage once
             except Exception:
                 # The job stays running under a lease that will expire; it is retried then.
                 logger.exception("ingestion worker failed")
@@ -193,6 +195,14 @@ class IngestWorkers:
         except LeaseLost:
             logger.warning("job %s: lease lost to another worker; abandoned", job.id)
             return
+        except DependencyUnavailable:
+            # A store is down (its Dependency logged it): the job goes back to the queue, not
+            # counted as an attempt, and is claimed again once the store answers. Its re-run
+            # rewrites the same chunk ids, so whatever this run wrote is replaced. With the
+            # registry itself down, the lease runs out instead.
+            with contextlib.suppress(DependencyUnavailable):
+                self._registry.release_job(job.id, owner)
+            raise
         error = None
         if failures:
             error = JobError(
@@ -216,6 +226,8 @@ class IngestWorkers:
                 raise _Stopping
             try:
                 spans = self._chunk(document)
+            except DependencyUnavailable:
+                raise  # not the document's fault: the whole job waits for the store
             except Exception as exc:
                 self._fail(document, exc, failures)
                 continue
@@ -235,7 +247,7 @@ class IngestWorkers:
                 # The job goes back without counting an attempt: leave it no vectors to clean.
                 self._store.delete_documents(document.tenant, [document.id])
                 raise
-            except LeaseLost:
+            except (LeaseLost, DependencyUnavailable):
                 raise
             except Exception as exc:
                 self._fail(document, exc, failures)

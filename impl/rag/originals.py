@@ -10,8 +10,12 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
+
+from impl.dependencies import Dependency
 
 _KEY = re.compile(r"[0-9a-f]{64}")
 
@@ -36,6 +40,10 @@ class OriginalStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def check(self) -> None:
+        """Raise DependencyUnavailable unless the store can be written (readiness)."""
+        ...
+
 
 class LocalOriginalStore:
     """A folder of files named by their sha256, fanned out as ``ab/cd/abcd…`` so that no one
@@ -45,6 +53,17 @@ class LocalOriginalStore:
     def __init__(self, root: Path) -> None:
         self._root = root
         self._root.mkdir(parents=True, exist_ok=True)
+        self.dependency = Dependency("originals store", f"originals folder {root}")
+
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """A folder that fails to read or write (a shared volume gone, a full disk) is the
+        store being down: DependencyUnavailable."""
+        try:
+            yield
+        except OSError as exc:
+            raise self.dependency.failed(exc) from None
+        self.dependency.answered()
 
     def _path(self, key: str) -> Path:
         # Keys name files: anything but a sha256 could climb out of the root.
@@ -53,6 +72,10 @@ class LocalOriginalStore:
         return self._root / key[:2] / key[2:4] / key
 
     def put(self, data: bytes) -> str:
+        with self._reaching():
+            return self._put(data)
+
+    def _put(self, data: bytes) -> str:
         key = content_key(data)
         path = self._path(key)
         if path.exists():
@@ -71,13 +94,22 @@ class LocalOriginalStore:
         return key
 
     def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise KeyError(key) from None
+        with self._reaching():
+            try:
+                return self._path(key).read_bytes()
+            except FileNotFoundError:
+                raise KeyError(key) from None  # a missing key, not a missing store
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with self._reaching():
+            self._path(key).unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with self._reaching():
+            return self._path(key).is_file()
+
+    def check(self) -> None:
+        with self._reaching():
+            fd, probe = tempfile.mkstemp(dir=self._root, prefix=".ready-")
+            os.close(fd)
+            os.unlink(probe)

@@ -16,12 +16,12 @@ from impl.errors import ConfigurationError
 from impl.rag import lexical
 from impl.rag.chunk_rows import Chunks
 from impl.rag.documents import Documents
-from impl.rag.job_queue import JobQueue
+from impl.rag.job_queue import JobRows
 from impl.rag.tables import ChunkRow, DocumentRow, JobRow, MetaRow, chunk_from_row
 from impl.rag.types import StoreCounts
 
 
-class Registry(Documents, JobQueue, Chunks):
+class Registry(Documents, JobRows, Chunks):
     def __init__(self, url: str, *, upgrade: bool) -> None:
         """The registry at ``url``; ``upgrade``: apply the migrations it lacks, else refuse a
         schema older than this code's (see ``Database.ensure_schema``)."""

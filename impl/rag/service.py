@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
@@ -37,10 +36,9 @@ from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, 
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
-from impl.rag.originals import LocalOriginalStore
 from impl.rag.parsing import ParserProcesses
-from impl.rag.registry import Registry
-from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
+from impl.rag.store import ScoredChunk, admits, build_where, validate_metadata
+from impl.rag.stores import Stores, build_stores
 from impl.rag.types import (
     NO_OBSERVER,
     Answer,
@@ -65,8 +63,6 @@ from impl.rag.types import (
     TokenEvent,
 )
 from impl.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 50
 MAX_PAGE_SIZE = 100
@@ -192,26 +188,29 @@ class RagService:
         settings: Settings,
         embeddings: EmbeddingModel | None = None,
         observer: StageObserver = NO_OBSERVER,
+        stores: Stores | None = None,
     ) -> None:
+        """The service on ``stores`` (built from the settings' URLs by ``build_stores`` when
+        not given); it closes them when it closes."""
         self._settings = settings
         self._observer = observer
         self._embeddings = embeddings or build_embeddings(settings)
-        model_id, dimension = self._embeddings.model_id, self._embeddings.dimension
+        self._stores = stores or build_stores(
+            settings, self._embeddings.model_id, self._embeddings.dimension
+        )
+        self._documents = self._stores.documents
+        self._jobs = self._stores.jobs
+        self._lexical = self._stores.lexical
+        self._vectors = self._stores.vectors
+        self._originals = self._stores.originals
         with contextlib.ExitStack() as cleanup:
-            # Whatever fails below closes what was already opened.
-            self._registry = Registry(
-                settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start
-            )
-            cleanup.callback(self._registry.close)
-            self._registry.check_model(model_id, dimension)
-            self._store = VectorStore(settings, model_id, dimension)
-            cleanup.callback(self._store.close)
-            self._originals = LocalOriginalStore(settings.data_dir / "originals")
+            # Whatever fails below closes the stores.
+            cleanup.callback(self._stores.close)
             self._parsers = ParserProcesses(settings)
             self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
             self._workers = IngestWorkers(
-                registry=self._registry,
-                store=self._store,
+                registry=self._jobs,
+                store=self._vectors,
                 originals=self._originals,
                 embeddings=self._embeddings,
                 chunker=Chunker(
@@ -242,9 +241,9 @@ class RagService:
         # With embedded Chroma no other process can be running jobs on this data, so every
         # running job is an interrupted one; with a server, only those whose lease expired.
         recover_interrupted(
-            self._registry, self._store, every_running=self._settings.chroma_url is None
+            self._jobs, self._vectors, every_running=self._settings.chroma_url is None
         )
-        for target in self._registry.being_deleted():
+        for target in self._documents.being_deleted():
             self._finish_delete(target)
         with self._ingest_lock:  # queues jobs: keeps submit_ingest's room check true
             self._workers.start()
@@ -255,29 +254,21 @@ class RagService:
                 return
             self._closed = True
         self._workers.stop(_STOP_TIMEOUT_SECONDS)
-        self._store.close()
-        self._registry.close()
+        self._stores.close()
 
     def store_counts(self) -> StoreCounts:
         """Documents and jobs by status and chunks held, over every tenant (for metrics)."""
-        return self._registry.counts()
+        return self._documents.counts()
 
-    def readiness(self) -> dict[str, bool]:
-        checks = {
-            "registry": self._registry.ping,
-            "vector_store": self._store.heartbeat,
+    def probes(self) -> dict[str, Callable[[], None]]:
+        """A readiness probe for each component the service uses: each returns when the
+        component works and raises when it does not."""
+        return {
+            "registry": self._documents.ping,
+            "vector_store": self._vectors.heartbeat,
+            "originals": self._originals.check,
             "embeddings": self._check_embeddings,
         }
-        ready: dict[str, bool] = {}
-        for name, check in checks.items():
-            try:
-                check()
-            except Exception:
-                logger.warning("readiness check %s failed", name, exc_info=True)
-                ready[name] = False
-            else:
-                ready[name] = True
-        return ready
 
     def _check_embeddings(self) -> None:
         if len(self._embeddings.embed_query("ready")) != self._embeddings.dimension:
@@ -295,11 +286,11 @@ class RagService:
         # Every item is checked before anything is stored: one bad file refuses the request.
         prepared = [self._prepare(number, item) for number, item in enumerate(items, start=1)]
         with self._ingest_lock:
-            existing = self._registry.find_live(tenant, [p.sha256 for p in prepared])
+            existing = self._documents.find_live(tenant, [p.sha256 for p in prepared])
             if any(p.sha256 not in existing for p in prepared) and not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
             new_documents = [self._store_original(p) for p in prepared]
-            job = self._registry.register_ingest(tenant, new_documents)
+            job = self._documents.register_ingest(tenant, new_documents)
             if job.status == "queued":
                 # Room was checked under the same lock, and only submissions fill the queue.
                 self._workers.offer(job.id)
@@ -343,7 +334,7 @@ class RagService:
         )
 
     def get_job(self, tenant: str, job_id: str) -> Job:
-        job = self._registry.get_job(tenant, job_id)
+        job = self._jobs.get_job(tenant, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
         return job
@@ -382,7 +373,7 @@ class RagService:
         for name, moment in (("created_after", created_after), ("created_before", created_before)):
             if moment is not None and moment.tzinfo is None:
                 raise InvalidInput(f"{name} must carry a time zone")
-        return self._registry.list_documents(
+        return self._documents.list_documents(
             tenant,
             limit=limit,
             cursor=cursor,
@@ -393,7 +384,7 @@ class RagService:
         )
 
     def get_document(self, tenant: str, doc_id: str) -> Document:
-        document = self._registry.get_document(tenant, doc_id)
+        document = self._documents.get_document(tenant, doc_id)
         if document is None:
             raise NotFound(f"document {doc_id} not found")
         return document
@@ -402,7 +393,7 @@ class RagService:
         self, tenant: str, doc_id: str, *, limit: int, cursor: str | None
     ) -> Page[Chunk]:
         self._check_limit(limit)
-        page = self._registry.list_chunks(tenant, doc_id, limit=limit, cursor=cursor)
+        page = self._documents.list_chunks(tenant, doc_id, limit=limit, cursor=cursor)
         if page is None:
             raise NotFound(f"document {doc_id} not found")
         return page
@@ -410,18 +401,18 @@ class RagService:
     def delete_document(self, tenant: str, doc_id: str) -> None:
         """Mark, then remove vectors, stored bytes and rows, in that order: a crash in between
         leaves a document marked for deletion, which the next start finishes removing."""
-        target = self._registry.mark_deleting(tenant, doc_id)
+        target = self._documents.mark_deleting(tenant, doc_id)
         if target is None:
             raise NotFound(f"document {doc_id} not found")
         self._finish_delete(target)
 
     def _finish_delete(self, target: StoredObjects) -> None:
-        self._store.delete_documents(target.tenant, [target.document_id])
+        self._vectors.delete_documents(target.tenant, [target.document_id])
         with self._ingest_lock:
-            in_use = self._registry.keys_in_use(target.keys, excluding=target.document_id)
+            in_use = self._documents.keys_in_use(target.keys, excluding=target.document_id)
             for key in set(target.keys) - in_use:
                 self._originals.delete(key)
-        self._registry.delete_document_row(target.document_id)
+        self._documents.delete_document_row(target.document_id)
 
     # -- retrieval ----------------------------------------------------------------------------
 
@@ -461,16 +452,16 @@ class RagService:
         for _ in range(_SEARCH_ROUNDS):
             dense = []
             if vector is not None:
-                dense = self._store.query(tenant, vector, depth, filters, excluded)
+                dense = self._vectors.query(tenant, vector, depth, filters, excluded)
             lexical_hits = []
             if use_lexical:
-                lexical_hits = self._registry.lexical_search(
+                lexical_hits = self._lexical.lexical_search(
                     tenant, query, limit=depth, document_ids=scope, exclude_documents=excluded
                 )
             found = {hit.chunk.document_id for hit in dense} | {
                 hit.document_id for hit in lexical_hits
             }
-            titles = self._registry.ready_titles(tenant, list(found))
+            titles = self._documents.ready_titles(tenant, list(found))
             not_ready = found - titles.keys()
             if not not_ready:
                 break
@@ -478,7 +469,7 @@ class RagService:
         ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
         chunks = {hit.chunk.id: hit.chunk for hit in dense}
         chunks.update(
-            self._registry.get_chunks(tenant, [c for c, _, _ in ranked if c not in chunks])
+            self._documents.get_chunks(tenant, [c for c, _, _ in ranked if c not in chunks])
         )
         self._observer.observe("retrieval", time.perf_counter() - retrieving)
         return [
@@ -504,7 +495,7 @@ class RagService:
                 if filters is None or filters.document_ids is None
                 else set(filters.document_ids)
             )
-        candidates = self._registry.ready_metadata(tenant, filters.document_ids)
+        candidates = self._documents.ready_metadata(tenant, filters.document_ids)
         return {doc_id for doc_id, metadata in candidates.items() if admits(filters, metadata)}
 
     def answer(

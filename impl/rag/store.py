@@ -16,19 +16,21 @@ import math
 import operator
 import re
 import threading
+from collections.abc import Callable, Sequence
 from collections.abc import Collection as AbstractSet
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 import chromadb
+import httpx
 import numpy as np
 from chromadb.api.client import Client
 from chromadb.api.models.Collection import Collection
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import NotFoundError
 
+from impl.dependencies import Dependency
 from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
 from impl.rag.types import Chunk, Metadata, MetadataRange, MetadataValue, SearchFilters
 from impl.settings import Settings
@@ -131,6 +133,32 @@ def _connect(settings: Settings) -> Client:
     return cast(Client, client)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reaching(
+    method: Callable[Concatenate[VectorStore, _P], _R],
+) -> Callable[Concatenate[VectorStore, _P], _R]:
+    """A Chroma server that cannot be reached is the vector store being down: the method is
+    tried once more on a new connection (one the server dropped when it restarted costs a
+    retry, not a failed request; every call here is idempotent), then DependencyUnavailable.
+    The embedded client makes no connections, so this never fires for it."""
+
+    def reaching(self: VectorStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            try:
+                result = method(self, *args, **kwargs)
+            except httpx.TransportError:
+                result = method(self, *args, **kwargs)
+        except httpx.TransportError as exc:
+            raise self.dependency.failed(exc) from None
+        self.dependency.answered()
+        return result
+
+    return reaching
+
+
 class VectorStore:
     """Thread-safe: one Chroma client shared by all threads, collection handles cached."""
 
@@ -147,6 +175,8 @@ class VectorStore:
                 "max_neighbors": settings.hnsw_m,
             }
         }
+        where = settings.chroma_url or f"embedded Chroma in {settings.data_dir / 'chroma'}"
+        self.dependency = Dependency("vector store", f"vector store {where}")
         self._client = _connect(settings)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.Lock()
@@ -165,6 +195,7 @@ class VectorStore:
             self._collections.clear()
         self._client.close()
 
+    @_reaching
     def heartbeat(self) -> None:
         self._client.heartbeat()
 
@@ -208,6 +239,7 @@ class VectorStore:
             self._collections[tenant] = collection
             return collection
 
+    @_reaching
     def add(
         self,
         tenant: str,
@@ -240,6 +272,7 @@ class VectorStore:
                 metadatas=cast(Any, metadatas),
             )
 
+    @_reaching
     def count(self, tenant: str, chunk_ids: Sequence[str]) -> int:
         """How many of these chunks have a vector; looked up by id, so no scan."""
         collection = self._collection(tenant, create=False)
@@ -247,6 +280,7 @@ class VectorStore:
             return 0
         return len(collection.get(ids=list(chunk_ids), include=[])["ids"])
 
+    @_reaching
     def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> None:
         """Remove every vector of these documents, whatever run of which job wrote it. Each
         call scans the collection's metadata, so callers pass all their documents at once."""
@@ -254,6 +288,7 @@ class VectorStore:
         if collection is not None and document_ids:
             collection.delete(where=cast(Any, {DOCUMENT_ID: {"$in": list(document_ids)}}))
 
+    @_reaching
     def query(
         self,
         tenant: str,

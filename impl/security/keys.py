@@ -16,7 +16,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 from sqlalchemy import JSON, DateTime, String, func, select, update
 from sqlalchemy.orm import Mapped, mapped_column
@@ -124,8 +124,35 @@ class VerifiedKeys:
                 del self._keys[secret_sha256]
 
 
-class KeyStore:
-    """The keys, in the registry's database (the process's one engine for it)."""
+class KeyStore(Protocol):
+    """What the web layer and the CLI need of the keys."""
+
+    def create(
+        self, tenant: str, name: str, scopes: list[Scope], rate_limits: dict[str, str] | None = None
+    ) -> CreatedKey: ...
+
+    def recall(self, presented: str) -> ApiKey | None:
+        """The key this secret was verified as within the last key_cache_seconds, without
+        asking the store; None when it was not."""
+        ...
+
+    def verify(self, presented: str) -> ApiKey | None:
+        """The live key this secret belongs to, or None (unknown, malformed or revoked)."""
+        ...
+
+    def list(
+        self, tenant: str, *, limit: int, cursor: str | None
+    ) -> tuple[list[ApiKey], str | None]: ...
+
+    def count(self) -> int: ...
+
+    def revoke(self, tenant: str, key_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqlKeyStore:
+    """The keys, in the registry's database (the process's one engine for it, impl/db.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self._db = open_database(settings.resolved_registry_url)

@@ -4,11 +4,11 @@ storage of the `limits` library, shared by every worker."""
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -17,16 +17,13 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from starlette.concurrency import run_in_threadpool
 
-from impl.errors import DependencyUnavailable
+from impl.dependencies import Dependency
 from impl.settings import Settings
-
-log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 60.0
 # A storage that takes longer than this to answer is treated as down, so that requests are
 # refused quickly instead of piling up behind it.
 STORAGE_TIMEOUT_SECONDS = 2.0
-STORAGE_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -91,16 +88,19 @@ class SharedWindows:
     """Moving windows in a `limits` storage that several workers share (redis://...).
 
     When the storage does not answer, requests are refused with a 503 (counting nothing is
-    not an option: the budgets would be off for everyone) and the outage is logged once, when
-    it starts and when it ends, not once per request."""
+    not an option: the budgets would be off for everyone); its Dependency logs the outage once,
+    when it starts and when it ends. The client reconnects by itself on the next call."""
 
     def __init__(self, url: str) -> None:
         timeout = STORAGE_TIMEOUT_SECONDS
-        storage = storage_from_string(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-        self._strategy = MovingWindowRateLimiter(storage)
+        self._storage = storage_from_string(
+            url, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
+        self._strategy = MovingWindowRateLimiter(self._storage)
         parts = urlsplit(url)
-        self.name = f"{parts.scheme}://{parts.hostname}:{parts.port}"  # no password in logs
-        self._reachable = True
+        # No password in logs.
+        address = f"{parts.scheme}://{parts.hostname}:{parts.port}"
+        self.dependency = Dependency("rate-limit storage", f"rate-limit storage {address}")
 
     def hit(self, item: RateLimitItem, budget: str, identity: str) -> tuple[bool, int, float]:
         """As LocalWindows.hit, with a network round trip."""
@@ -110,23 +110,15 @@ class SharedWindows:
         except Exception as exc:
             # Whatever the storage's client raises (connection refused, timeout, a protocol
             # error) means the storage failed, not the request.
-            if self._reachable:
-                self._reachable = False
-                log.error(
-                    "rate-limit storage %s is unreachable (%s: %s); rate-limited requests "
-                    "answer 503 until it is back",
-                    self.name,
-                    type(exc).__name__,
-                    exc,
-                )
-            raise DependencyUnavailable(
-                "The rate-limit storage does not answer; retry shortly.",
-                STORAGE_RETRY_AFTER_SECONDS,
-            ) from None
-        if not self._reachable:
-            self._reachable = True
-            log.warning("rate-limit storage %s is reachable again", self.name)
+            raise self.dependency.failed(exc) from None
+        self.dependency.answered()
         return allowed, stats.remaining, stats.reset_time - time.time()
+
+    def ping(self) -> None:
+        """Raise DependencyUnavailable unless the storage answers (readiness)."""
+        if not self._storage.check():
+            raise self.dependency.failed(ConnectionError("no answer to PING"))
+        self.dependency.answered()
 
 
 class RateLimiter:
@@ -140,6 +132,12 @@ class RateLimiter:
             "ingest": parse(settings.rate_limit_ingest),
         }
         self.max_override_factor = settings.rate_limit_max_override_factor
+
+    def probes(self) -> dict[str, Callable[[], None]]:
+        """Readiness probes of the stores this limiter needs: none when it counts in-process."""
+        if isinstance(self.windows, SharedWindows):
+            return {"rate_limit_storage": self.windows.ping}
+        return {}
 
     def refused_overrides(self, overrides: dict[str, str]) -> dict[str, str]:
         """{budget: why} for each per-key budget above what the server allows a key: its own

@@ -201,7 +201,10 @@ def test_chunks_are_refused_once_deletion_began(registry: Registry) -> None:
     job = registry.register_ingest("t", [new_document("x")])
     doc_id = job.document_ids[0]
     registry.claim_job(job.id, "owner", LEASE)
-    assert registry.mark_deleting("t", doc_id) is not None
+    target = registry.mark_deleting("t", doc_id)
+    assert target is not None
+    # Asked again (a DELETE retried after an outage stopped the first), it is still to finish.
+    assert registry.mark_deleting("t", doc_id) == target
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
     assert not registry.add_chunks(job.id, "owner", LEASE, doc_id, [chunk])
     assert not registry.mark_ready(doc_id, 1)

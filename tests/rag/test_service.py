@@ -4,9 +4,11 @@ and the model identity check."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -22,6 +24,8 @@ from impl.errors import (
 )
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.service import NO_ANSWER, RagService
+from impl.rag.store import ScoredChunk
+from impl.rag.stores import VectorIndex, build_stores
 from impl.rag.types import (
     Document,
     IngestItem,
@@ -269,12 +273,11 @@ def test_tenants_are_isolated(corpus: Corpus) -> None:
     assert len(vector_metadata(corpus.data_dir, TENANT, doc_id)) > 0
 
 
-def test_readiness_checks_every_component(corpus: Corpus) -> None:
-    assert corpus.service.readiness() == {
-        "registry": True,
-        "vector_store": True,
-        "embeddings": True,
-    }
+def test_readiness_probes_every_component(corpus: Corpus) -> None:
+    probes = corpus.service.probes()
+    assert set(probes) == {"registry", "vector_store", "originals", "embeddings"}
+    for probe in probes.values():
+        probe()  # raises when its component is down
 
 
 # -- tests that change what is stored ------------------------------------------------------------
@@ -669,3 +672,39 @@ def test_integers_past_64_bits_are_stored_and_filtered_as_the_same_number(
 
     assert found(big) and found([big, "other"]) and found(MetadataRange(gte=big))
     assert not found(2 * big) and not found(MetadataRange(gt=big))
+
+
+class RecordingIndex:
+    """The real vector index, with the tenants it was queried for recorded."""
+
+    def __init__(self, index: VectorIndex) -> None:
+        self.index = index
+        self.queried: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.index, name)
+
+    def query(self, tenant: str, *args: Any, **kwargs: Any) -> list[ScoredChunk]:
+        self.queried.append(tenant)
+        return self.index.query(tenant, *args, **kwargs)
+
+
+def test_the_service_works_on_the_stores_it_is_given(
+    data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    settings = make_settings(data_dir)
+    stores = build_stores(settings, embeddings.model_id, embeddings.dimension)
+    recording = RecordingIndex(stores.vectors)
+    given = dataclasses.replace(stores, vectors=recording)
+    service = RagService(settings, embeddings, stores=given)
+    try:
+        service.start()
+        job = ingest(service, TENANT, [text_item("Lamps are polished with vinegar.")])
+        [doc_id] = job.document_ids
+        hits = service.search(
+            TENANT, "polishing lamps", top_k=1, retrieval=RetrievalOptions(mode="dense")
+        )
+    finally:
+        service.close()
+    assert [hit.chunk.document_id for hit in hits] == [doc_id]
+    assert recording.queried == [TENANT]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from impl.errors import InvalidInput
-from impl.security.keys import KeyStore, VerifiedKeys
+from impl.security.keys import KeyStore, SqlKeyStore, VerifiedKeys
 from impl.settings import Settings
 from tests.conftest import ROOT, Server, create_key
 
@@ -154,7 +154,7 @@ def test_a_key_revoked_by_another_process_stops_working_within_the_cache_time(
 
 def key_store(registry_url: str, **settings: object) -> KeyStore:
     """A key store on SQLite or PostgreSQL (the registry_url fixture runs a test on both)."""
-    return KeyStore(
+    return SqlKeyStore(
         Settings(  # type: ignore[call-arg]
             _env_file=None, registry_url=registry_url, registry_auto_upgrade=True, **settings
         )
@@ -196,7 +196,7 @@ def test_keys_page_newest_first_per_tenant(registry_url: str) -> None:
 
 
 def test_the_verified_keys_are_bounded_and_expire(tmp_path: Path) -> None:
-    store = KeyStore(Settings(_env_file=None, data_dir=tmp_path))
+    store = SqlKeyStore(Settings(_env_file=None, data_dir=tmp_path))
     try:
         keys = [store.create("t", f"k{i}", ["read"]).key for i in range(3)]
     finally:

@@ -20,7 +20,8 @@ T = TypeVar("T", bound="Readiness")
 class Readiness:
     """
     Example:
-        {'status': 'ready', 'components': {'registry': 'up', 'vector_store': 'up', 'embeddings': 'up'}}
+        {'status': 'ready', 'components': {'registry': 'up', 'vector_store': 'up', 'originals': 'up', 'embeddings':
+            'up'}}
 
     Attributes:
         status (ReadinessStatus):

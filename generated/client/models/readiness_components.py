@@ -8,6 +8,7 @@ from typing import Any, Self, TypeVar
 from attrs import define as _attrs_define
 
 from ..models.component_state import ComponentState, check_component_state
+from ..types import UNSET, Unset
 
 T = TypeVar("T", bound="ReadinessComponents")
 
@@ -18,19 +19,29 @@ class ReadinessComponents:
     Attributes:
         registry (ComponentState):
         vector_store (ComponentState):
+        originals (ComponentState):
         embeddings (ComponentState):
+        rate_limit_storage (ComponentState | Unset):
     """
 
     registry: ComponentState
     vector_store: ComponentState
+    originals: ComponentState
     embeddings: ComponentState
+    rate_limit_storage: ComponentState | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
         registry: str = self.registry
 
         vector_store: str = self.vector_store
 
+        originals: str = self.originals
+
         embeddings: str = self.embeddings
+
+        rate_limit_storage: str | Unset = UNSET
+        if not isinstance(self.rate_limit_storage, Unset):
+            rate_limit_storage = self.rate_limit_storage
 
         field_dict: dict[str, Any] = {}
 
@@ -38,9 +49,12 @@ class ReadinessComponents:
             {
                 "registry": registry,
                 "vector_store": vector_store,
+                "originals": originals,
                 "embeddings": embeddings,
             }
         )
+        if rate_limit_storage is not UNSET:
+            field_dict["rate_limit_storage"] = rate_limit_storage
 
         return field_dict
 
@@ -51,12 +65,23 @@ class ReadinessComponents:
 
         vector_store = check_component_state(d.pop("vector_store"))
 
+        originals = check_component_state(d.pop("originals"))
+
         embeddings = check_component_state(d.pop("embeddings"))
+
+        _rate_limit_storage = d.pop("rate_limit_storage", UNSET)
+        rate_limit_storage: ComponentState | Unset
+        if isinstance(_rate_limit_storage, Unset):
+            rate_limit_storage = UNSET
+        else:
+            rate_limit_storage = check_component_state(_rate_limit_storage)
 
         readiness_components = cls(
             registry=registry,
             vector_store=vector_store,
+            originals=originals,
             embeddings=embeddings,
+            rate_limit_storage=rate_limit_storage,
         )
 
         return readiness_components

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from generated import models
-from impl.api.deps import Service
+from impl.api.deps import ReadinessProbes
 from impl.api.responses import reply
 
 
@@ -14,8 +13,8 @@ async def get_health() -> Response:
     return reply(models.Health(status="ok"))
 
 
-async def get_readiness(service: Service) -> Response:
-    states = await run_in_threadpool(service.readiness)
+async def get_readiness(readiness: ReadinessProbes) -> Response:
+    states = await readiness.check()
     ready = all(states.values())
     body = models.Readiness(
         status="ready" if ready else "not_ready",

@@ -63,7 +63,9 @@ def sync_detailed(
 ) -> Response[Problem | Readiness]:
     """Readiness
 
-     Checks each component the service needs; 503 while any of them is down.
+     Checks every component this process uses, each with its own deadline (2 s; one that has not answered
+    by then is down), and names each one's state; 503 while any of them is down. `GET /api/v1/health`
+    (liveness) checks none of them.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -88,7 +90,9 @@ def sync(
 ) -> Problem | Readiness | None:
     """Readiness
 
-     Checks each component the service needs; 503 while any of them is down.
+     Checks every component this process uses, each with its own deadline (2 s; one that has not answered
+    by then is down), and names each one's state; 503 while any of them is down. `GET /api/v1/health`
+    (liveness) checks none of them.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -109,7 +113,9 @@ async def asyncio_detailed(
 ) -> Response[Problem | Readiness]:
     """Readiness
 
-     Checks each component the service needs; 503 while any of them is down.
+     Checks every component this process uses, each with its own deadline (2 s; one that has not answered
+    by then is down), and names each one's state; 503 while any of them is down. `GET /api/v1/health`
+    (liveness) checks none of them.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -132,7 +138,9 @@ async def asyncio(
 ) -> Problem | Readiness | None:
     """Readiness
 
-     Checks each component the service needs; 503 while any of them is down.
+     Checks every component this process uses, each with its own deadline (2 s; one that has not answered
+    by then is down), and names each one's state; 503 while any of them is down. `GET /api/v1/health`
+    (liveness) checks none of them.
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.

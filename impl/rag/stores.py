@@ -1,0 +1,221 @@
+"""What the RAG service needs from its stores, as small typed interfaces, and the one factory
+that builds them from the settings' URLs.
+
+The service and the ingestion workers are written against these Protocols only, so another
+implementation (another database, vector index or object store) takes a store's place without
+touching them. Today one SQL registry (impl/rag/registry.py, SQLite or PostgreSQL by
+``registry_url``) is the document registry, the job queue and the lexical index; Chroma
+(embedded, or the server of ``chroma_url``) is the vector index; a folder holds the originals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from impl.rag.documents import NewDocument, StoredObjects
+from impl.rag.job_queue import ClaimedJob, DocumentWork, Interrupted
+from impl.rag.lexical import LexicalHit
+from impl.rag.originals import LocalOriginalStore, OriginalStore
+from impl.rag.registry import Registry
+from impl.rag.store import ScoredChunk, VectorStore
+from impl.rag.types import (
+    Chunk,
+    Document,
+    DocumentStatus,
+    Job,
+    JobError,
+    Metadata,
+    Page,
+    SearchFilters,
+    StoreCounts,
+)
+from impl.settings import Settings
+
+
+class DocumentRegistry(Protocol):
+    """Documents and their chunk rows, per tenant: registered with their job, read, listed and
+    removed. Every method is one unit of work, safe to call from many threads."""
+
+    def find_live(self, tenant: str, sha256s: Sequence[str]) -> dict[str, str]:
+        """{sha256: document id} of the tenant's documents (not being deleted) with these."""
+        ...
+
+    def register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
+        """New documents and their job in one transaction; content already held becomes a
+        duplicate of the existing document."""
+        ...
+
+    def get_document(self, tenant: str, document_id: str) -> Document | None: ...
+
+    def list_documents(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        cursor: str | None,
+        status: DocumentStatus | None = None,
+        title_contains: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> Page[Document]: ...
+
+    def list_chunks(
+        self, tenant: str, document_id: str, *, limit: int, cursor: str | None
+    ) -> Page[Chunk] | None: ...
+
+    def get_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> dict[str, Chunk]: ...
+
+    def ready_titles(self, tenant: str, document_ids: Sequence[str]) -> dict[str, str]:
+        """{document id: title} of those of these documents that are ready."""
+        ...
+
+    def ready_metadata(
+        self, tenant: str, document_ids: Collection[str] | None
+    ) -> dict[str, Metadata]: ...
+
+    def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
+        """Begin a deletion (the document disappears from every read); None when the tenant
+        has no such document."""
+        ...
+
+    def being_deleted(self) -> list[StoredObjects]: ...
+
+    def keys_in_use(self, keys: Sequence[str], excluding: str) -> set[str]: ...
+
+    def delete_document_row(self, document_id: str) -> None: ...
+
+    def counts(self) -> StoreCounts: ...
+
+    def ping(self) -> None:
+        """Raise DependencyUnavailable unless the registry answers."""
+        ...
+
+
+class JobQueue(Protocol):
+    """Ingestion jobs, claimed by workers under leases, with the writes a running job makes
+    (chunk rows, its documents' outcome) checked against the lease."""
+
+    def get_job(self, tenant: str, job_id: str) -> Job | None: ...
+
+    def queued_job_ids(self, limit: int) -> list[str]: ...
+
+    def claim_job(self, job_id: str | None, owner: str, lease: timedelta) -> ClaimedJob | None:
+        """The given queued job, or the oldest when None, now running under ``owner``'s
+        lease; None when there is nothing to claim."""
+        ...
+
+    def job_work(self, job_id: str) -> list[DocumentWork]: ...
+
+    def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None: ...
+
+    def start_progress(
+        self, job_id: str, owner: str, lease: timedelta, total: int, document_ids: Sequence[str]
+    ) -> None: ...
+
+    def add_chunks(
+        self, job_id: str, owner: str, lease: timedelta, document_id: str, chunks: Sequence[Chunk]
+    ) -> bool:
+        """Store the chunk rows (and their lexical postings); False when the document's
+        deletion began."""
+        ...
+
+    def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None: ...
+
+    def mark_ready(self, document_id: str, chunk_count: int) -> bool: ...
+
+    def mark_failed(self, document_id: str, reason: str) -> bool: ...
+
+    def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None: ...
+
+    def release_job(self, job_id: str, owner: str) -> None: ...
+
+    def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]: ...
+
+    def requeue(self, job_id: str) -> None: ...
+
+    def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None: ...
+
+
+class LexicalIndex(Protocol):
+    def lexical_search(
+        self,
+        tenant: str,
+        query: str,
+        *,
+        limit: int,
+        document_ids: Collection[str] | None,
+        exclude_documents: Collection[str],
+    ) -> list[LexicalHit]:
+        """The tenant's best chunks for ``query`` by BM25, best first."""
+        ...
+
+
+class VectorIndex(Protocol):
+    """Chunk vectors per tenant. Writing the same chunk ids again replaces them."""
+
+    def add(
+        self,
+        tenant: str,
+        chunks: Sequence[Chunk],
+        vectors: Sequence[Sequence[float]],
+        metadata: Metadata,
+    ) -> None: ...
+
+    def count(self, tenant: str, chunk_ids: Sequence[str]) -> int: ...
+
+    def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> None: ...
+
+    def query(
+        self,
+        tenant: str,
+        vector: Sequence[float],
+        top_k: int,
+        filters: SearchFilters | None,
+        exclude_documents: Collection[str] = frozenset(),
+    ) -> list[ScoredChunk]: ...
+
+    def heartbeat(self) -> None:
+        """Raise DependencyUnavailable unless the index answers."""
+        ...
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The service's stores; ``close`` closes them all."""
+
+    documents: DocumentRegistry
+    jobs: JobQueue
+    lexical: LexicalIndex
+    vectors: VectorIndex
+    originals: OriginalStore
+    close: Callable[[], None]
+
+
+def build_stores(settings: Settings, model_id: str, dimension: int) -> Stores:
+    """The stores the settings name: the registry at ``registry_url`` (SQLite under data_dir
+    by default), Chroma at ``chroma_url`` (embedded by default), the originals under data_dir.
+    Refuses a registry or vector store built with another embedding model than
+    ``model_id``."""
+    with contextlib.ExitStack() as opened:
+        # Whatever fails below closes what was already opened.
+        registry = Registry(
+            settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start
+        )
+        opened.callback(registry.close)
+        registry.check_model(model_id, dimension)
+        vectors = VectorStore(settings, model_id, dimension)
+        opened.callback(vectors.close)
+        originals = LocalOriginalStore(settings.data_dir / "originals")
+        closing = opened.pop_all()
+    return Stores(
+        documents=registry,
+        jobs=registry,
+        lexical=registry,
+        vectors=vectors,
+        originals=originals,
+        close=closing.close,
+    )
