@@ -545,7 +545,7 @@ class RagService:
         yield RetrievalEvent(hits)
         answer = (
             self._answers.stream(
-                question, hits, functools.partial(self._registry.term_statistics, tenant)
+                question, hits, functools.partial(self._lexical.term_statistics, tenant)
             )
             if hits
             else _nothing_found()

@@ -32,6 +32,7 @@ from impl.rag.types import (
     Page,
     SearchFilters,
     StoreCounts,
+    TermStatistics,
 )
 from impl.settings import Settings
 
@@ -151,6 +152,10 @@ class LexicalIndex(Protocol):
         exclude_documents: Collection[str],
     ) -> list[LexicalHit]:
         """The tenant's best chunks for ``query`` by BM25, best first."""
+        ...
+
+    def term_statistics(self, tenant: str, terms: Collection[str]) -> TermStatistics:
+        """The tenant's chunk count and the document frequency of each of ``terms``."""
         ...
 
 
