@@ -9,6 +9,8 @@ from starlette.requests import Request
 
 from impl.api.security import Principal
 from impl.observability.metrics import Metrics
+from impl.rag.chat import ChatCompletions
+from impl.rag.conversations import Conversations
 from impl.rag.service import RagService
 from impl.security.keys import KeyStore
 from impl.security.limits import RateLimiter
@@ -55,3 +57,17 @@ def current_tenant(request: Request) -> str:
 Tenant = Annotated[str, Depends(current_tenant)]
 Keys = Annotated[KeyStore, Depends(get_keys)]
 Limiter = Annotated[RateLimiter, Depends(get_limiter)]
+
+
+def get_conversations(request: Request) -> Conversations:
+    conversations: Conversations = request.state.conversations
+    return conversations
+
+
+def get_chat(request: Request) -> ChatCompletions:
+    chat: ChatCompletions = request.state.chat
+    return chat
+
+
+ConversationStore = Annotated[Conversations, Depends(get_conversations)]
+Chat = Annotated[ChatCompletions, Depends(get_chat)]
