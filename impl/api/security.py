@@ -66,11 +66,16 @@ def bearer_token(request: Request) -> str:
 
 
 async def authenticate(request: Request, scope: str, takes_bearer: bool = False) -> Principal:
-    # Whitespace around a field value is not part of it (RFC 9110, 5.5); the HTTP parser drops
-    # the leading side only, so both sides are dropped here.
-    presented = request.headers.get("x-api-key", "").strip(" \t")
-    if not presented and takes_bearer:
+    # Where the operation takes a bearer credential, an Authorization header is the credential
+    # presented: a client that sends a wrong or malformed one is refused, whatever else it
+    # sends. Whitespace around a field value is not part of it (RFC 9110, 5.5); the HTTP parser
+    # drops the leading side only, so both sides are dropped here.
+    if takes_bearer and "authorization" in request.headers:
         presented = bearer_token(request)
+        if not presented:
+            raise Unauthenticated("Send the API key as Authorization: Bearer <key>.")
+    else:
+        presented = request.headers.get("x-api-key", "").strip(" \t")
     if not presented:
         where = "as Authorization: Bearer <key> or " if takes_bearer else ""
         raise Unauthenticated(f"Send an API key {where}in the X-API-Key header.")

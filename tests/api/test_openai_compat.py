@@ -76,6 +76,14 @@ def test_errors_under_v1_are_openai_error_bodies(server: Server) -> None:
     assert openai_error(missing)["type"] == "authentication_error"
     assert "Bearer" in missing.headers["www-authenticate"]
 
+    # An Authorization header is the credential presented: wrong or not Bearer, it is refused
+    # even beside a valid X-API-Key.
+    for authorization in ("Bearer rk_wrong_key", f"Basic {server.api_key}"):
+        headers = {"Authorization": authorization, "X-API-Key": server.api_key}
+        refused = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert refused.status_code == 401
+        assert openai_error(refused)["code"] == "invalid_api_key"
+
     invalid = httpx.post(
         url, json={"model": "ragapi", "messages": []}, headers=bearer(server.api_key)
     )
