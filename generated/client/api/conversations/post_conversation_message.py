@@ -123,8 +123,9 @@ def sync_detailed(
     last `RAGAPI_CONVERSATION_HISTORY_TURNS` turns, and of those no more than
     `RAGAPI_CONVERSATION_HISTORY_TOKENS` tokens of questions and answers, oldest dropped
     first). With an LLM answer provider (`openai`) the model rewrites it. Otherwise a rule
-    does: a question that refers back (it, its, they, them, this, that, these, those, one)
-    has its first such word replaced by the previous turn's subject (the noun phrase after
+    does: a question that refers back (it, its, they, them, their, or this, that, these,
+    those standing alone) has its first such word replaced by the previous turn's subject (the noun
+    phrase after
     its last article, or what follows "is"/"are"; else its key terms); "what about X?" asks
     the previous question again with X as its subject; any other question with at most one
     key term gets the previous subject appended in parentheses. A leading "and", "so",
@@ -172,8 +173,9 @@ def sync(
     last `RAGAPI_CONVERSATION_HISTORY_TURNS` turns, and of those no more than
     `RAGAPI_CONVERSATION_HISTORY_TOKENS` tokens of questions and answers, oldest dropped
     first). With an LLM answer provider (`openai`) the model rewrites it. Otherwise a rule
-    does: a question that refers back (it, its, they, them, this, that, these, those, one)
-    has its first such word replaced by the previous turn's subject (the noun phrase after
+    does: a question that refers back (it, its, they, them, their, or this, that, these,
+    those standing alone) has its first such word replaced by the previous turn's subject (the noun
+    phrase after
     its last article, or what follows "is"/"are"; else its key terms); "what about X?" asks
     the previous question again with X as its subject; any other question with at most one
     key term gets the previous subject appended in parentheses. A leading "and", "so",
@@ -216,8 +218,9 @@ async def asyncio_detailed(
     last `RAGAPI_CONVERSATION_HISTORY_TURNS` turns, and of those no more than
     `RAGAPI_CONVERSATION_HISTORY_TOKENS` tokens of questions and answers, oldest dropped
     first). With an LLM answer provider (`openai`) the model rewrites it. Otherwise a rule
-    does: a question that refers back (it, its, they, them, this, that, these, those, one)
-    has its first such word replaced by the previous turn's subject (the noun phrase after
+    does: a question that refers back (it, its, they, them, their, or this, that, these,
+    those standing alone) has its first such word replaced by the previous turn's subject (the noun
+    phrase after
     its last article, or what follows "is"/"are"; else its key terms); "what about X?" asks
     the previous question again with X as its subject; any other question with at most one
     key term gets the previous subject appended in parentheses. A leading "and", "so",
@@ -263,8 +266,9 @@ async def asyncio(
     last `RAGAPI_CONVERSATION_HISTORY_TURNS` turns, and of those no more than
     `RAGAPI_CONVERSATION_HISTORY_TOKENS` tokens of questions and answers, oldest dropped
     first). With an LLM answer provider (`openai`) the model rewrites it. Otherwise a rule
-    does: a question that refers back (it, its, they, them, this, that, these, those, one)
-    has its first such word replaced by the previous turn's subject (the noun phrase after
+    does: a question that refers back (it, its, they, them, their, or this, that, these,
+    those standing alone) has its first such word replaced by the previous turn's subject (the noun
+    phrase after
     its last article, or what follows "is"/"are"; else its key terms); "what about X?" asks
     the previous question again with X as its subject; any other question with at most one
     key term gets the previous subject appended in parentheses. A leading "and", "so",
