@@ -230,6 +230,11 @@ class Settings(BaseSettings):
         description="Earlier turns a follow-up question is rewritten against (conversations "
         "and the messages of /v1/chat/completions), newest first.",
     )
+    conversations_per_key: bool = Field(
+        False,
+        description="Conversations belong to the API key that made them: another key of the "
+        "same tenant finds none of them (404). Off: every key of the tenant sees them all.",
+    )
     conversation_history_tokens: int = Field(
         2000,
         ge=50,

@@ -54,7 +54,13 @@ def current_tenant(request: Request) -> str:
     return principal.tenant
 
 
+def current_principal(request: Request) -> Principal:
+    principal: Principal = request.state.principal
+    return principal
+
+
 Tenant = Annotated[str, Depends(current_tenant)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 Keys = Annotated[KeyStore, Depends(get_keys)]
 Limiter = Annotated[RateLimiter, Depends(get_limiter)]
 

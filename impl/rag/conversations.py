@@ -1,8 +1,9 @@
 """Conversations: questions asked one after another, each rewritten to stand alone from the
 history (rewriting.py), answered with citations by the RAG service, and stored with them.
 
-A conversation belongs to one tenant; another tenant's id is not found, as for documents. Rows
-live in the registry's database (the process's one engine for its URL).
+A conversation belongs to one tenant, and with ``conversations_per_key`` to the key that made
+it; anyone else's id is not found, as for documents. Rows live in the registry's database (the
+process's one engine for its URL).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from impl.db import Base, decode_cursor, encode_cursor, open_database, utcnow
 from impl.errors import InvalidInput, NotFound
@@ -61,6 +63,7 @@ class ConversationRow(Base):
     __tablename__ = "conversations"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(256))
+    key_id: Mapped[str | None] = mapped_column(String(64))  # None: made with auth off
     title: Mapped[str | None] = mapped_column(Text)
     turn_count: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
@@ -83,6 +86,14 @@ class TurnRow(Base):
     created_at: Mapped[datetime]
 
     __table_args__ = (UniqueConstraint("conversation_id", "position"),)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who asks: the tenant, and the key (None with auth off)."""
+
+    tenant: str
+    key_id: str | None
 
 
 @dataclass(frozen=True)
@@ -150,15 +161,21 @@ class Conversations:
         self._db = open_database(settings.resolved_registry_url)
         self._service = service
         self._rewriting = rewriting
+        self._per_key = settings.conversations_per_key
 
     def close(self) -> None:
         self._db.close()
 
-    def create(self, tenant: str, title: str | None) -> Conversation:
+    def _visible(self, owner: Owner) -> ColumnElement[bool]:
+        mine = ConversationRow.tenant == owner.tenant
+        return and_(mine, ConversationRow.key_id == owner.key_id) if self._per_key else mine
+
+    def create(self, owner: Owner, title: str | None) -> Conversation:
         now = utcnow()
         row = ConversationRow(
             id=f"conv_{uuid.uuid4().hex}",
-            tenant=tenant,
+            tenant=owner.tenant,
+            key_id=owner.key_id,
             title=title,
             turn_count=0,
             created_at=now,
@@ -168,11 +185,11 @@ class Conversations:
             session.add(row)
         return _conversation(row)
 
-    def list_page(self, tenant: str, *, limit: int, cursor: str | None) -> Page[Conversation]:
+    def list_page(self, owner: Owner, *, limit: int, cursor: str | None) -> Page[Conversation]:
         """Newest first by (created_at, id); the cursor names the last item of a page."""
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-        query = select(ConversationRow).where(ConversationRow.tenant == tenant)
+        query = select(ConversationRow).where(self._visible(owner))
         if cursor is not None:
             last_created, last_id = _cursor(cursor)
             query = query.where(
@@ -191,9 +208,9 @@ class Conversations:
             next_cursor = encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
         return Page([_conversation(row) for row in rows], next_cursor)
 
-    def get(self, tenant: str, conversation_id: str) -> ConversationDetail:
+    def get(self, owner: Owner, conversation_id: str) -> ConversationDetail:
         with self._db.read() as session:
-            row = self._owned(session, tenant, conversation_id)
+            row = self._owned(session, owner, conversation_id)
             turns = session.scalars(
                 select(TurnRow)
                 .where(TurnRow.conversation_id == conversation_id)
@@ -203,25 +220,28 @@ class Conversations:
                 **vars(_conversation(row)), turns=[_turn(turn) for turn in turns]
             )
 
-    def delete(self, tenant: str, conversation_id: str) -> None:
+    def delete(self, owner: Owner, conversation_id: str) -> None:
         with self._db.write() as session:
-            self._owned(session, tenant, conversation_id)
+            self._owned(session, owner, conversation_id)
             # Explicit rather than by the foreign key's cascade, which SQLite applies only
             # with its foreign_keys pragma on.
             session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
             session.execute(delete(ConversationRow).where(ConversationRow.id == conversation_id))
 
-    @staticmethod
-    def _owned(session: Any, tenant: str, conversation_id: str) -> ConversationRow:
-        row: ConversationRow | None = session.get(ConversationRow, conversation_id)
-        if row is None or row.tenant != tenant:
+    def _owned(self, session: Session, owner: Owner, conversation_id: str) -> ConversationRow:
+        row = session.scalars(
+            select(ConversationRow).where(
+                ConversationRow.id == conversation_id, self._visible(owner)
+            )
+        ).first()
+        if row is None:
             raise NotFound(f"conversation {conversation_id} not found")
         return row
 
-    def _history(self, tenant: str, conversation_id: str) -> list[Exchange]:
+    def _history(self, owner: Owner, conversation_id: str) -> list[Exchange]:
         """The conversation's latest turns, as many as the history bound may keep."""
         with self._db.read() as session:
-            self._owned(session, tenant, conversation_id)
+            self._owned(session, owner, conversation_id)
             rows = session.scalars(
                 select(TurnRow)
                 .where(TurnRow.conversation_id == conversation_id)
@@ -232,7 +252,7 @@ class Conversations:
 
     def ask(
         self,
-        tenant: str,
+        owner: Owner,
         conversation_id: str,
         question: str,
         *,
@@ -245,9 +265,9 @@ class Conversations:
         rewritten to stand alone, then TurnStored once the answer is stored. As with
         RagService.stream_answer, errors of the request come from the first next(); close()
         stops the generation and stores nothing."""
-        standalone = self._rewriting.standalone(question, self._history(tenant, conversation_id))
+        standalone = self._rewriting.standalone(question, self._history(owner, conversation_id))
         events = self._service.stream_answer(
-            tenant,
+            owner.tenant,
             standalone,
             top_k=top_k,
             filters=filters,
@@ -260,7 +280,7 @@ class Conversations:
                     answer = event.answer
                     yield TurnStored(
                         self._store_turn(
-                            tenant,
+                            owner,
                             conversation_id,
                             question=question,
                             standalone=standalone,
@@ -275,7 +295,7 @@ class Conversations:
 
     def _store_turn(
         self,
-        tenant: str,
+        owner: Owner,
         conversation_id: str,
         *,
         question: str,
@@ -290,7 +310,7 @@ class Conversations:
             attempts += 1
             try:
                 with self._db.write() as session:
-                    conversation = self._owned(session, tenant, conversation_id)
+                    conversation = self._owned(session, owner, conversation_id)
                     now = utcnow()
                     row = TurnRow(
                         id=f"turn_{uuid.uuid4().hex}",

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.chat_corpus import CLOSING, FIRST_QUESTION, FOLLOW_UP, ingest
-from tests.conftest import Server, create_key
+from tests.conftest import UNLIMITED, Server, create_key, start_server
 
 API = "/api/v1"
 
@@ -167,3 +168,27 @@ def test_a_conversation_that_does_not_exist_is_a_404_problem(tenant_client: http
     )
     assert answer.status_code == 404
     assert answer.json()["type"] == "urn:ragapi:problem:not-found"
+
+
+def test_every_key_of_the_tenant_shares_its_conversations_unless_they_are_per_key(
+    server: Server, tmp_path: Path
+) -> None:
+    tenant_wide = [create_key(server, "shared", "read", name=n) for n in ("one", "two")]
+    with server.client(tenant_wide[0]) as first, server.client(tenant_wide[1]) as second:
+        conversation = start(first)
+        assert second.get(f"{API}/conversations/{conversation}").status_code == 200
+
+    per_key = start_server(tmp_path / "data", conversations_per_key="true", **UNLIMITED)
+    try:
+        keys = [create_key(per_key, "shared", "read", name=n) for n in ("one", "two")]
+        with per_key.client(keys[0]) as first, per_key.client(keys[1]) as second:
+            conversation = start(first)
+            assert first.get(f"{API}/conversations/{conversation}").status_code == 200
+            assert second.get(f"{API}/conversations/{conversation}").status_code == 404
+            assert second.delete(f"{API}/conversations/{conversation}").status_code == 404
+            assert second.get(f"{API}/conversations").json()["items"] == []
+            assert [c["id"] for c in first.get(f"{API}/conversations").json()["items"]] == [
+                conversation
+            ]
+    finally:
+        per_key.stop()

@@ -10,14 +10,26 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from generated import models
-from impl.api.deps import ConversationStore, Tenant
+from impl.api.deps import ConversationStore, CurrentPrincipal
 from impl.api.handlers import convert
 from impl.api.handlers.documents import given
 from impl.api.handlers.streaming import encode, event_stream, problem_event, sse
 from impl.api.inputs import BODY, PARAMS
 from impl.api.problems import request_id
 from impl.api.responses import reply
-from impl.rag.conversations import Conversation, ConversationDetail, Turn, TurnEvent, TurnStored
+from impl.api.security import Principal
+from impl.rag.conversations import (
+    Conversation,
+    ConversationDetail,
+    Owner,
+    Turn,
+    TurnEvent,
+    TurnStored,
+)
+
+
+def owner(principal: Principal) -> Owner:
+    return Owner(principal.tenant, principal.key_id)
 
 
 def conversation(value: Conversation) -> models.Conversation:
@@ -35,19 +47,21 @@ def detail(value: ConversationDetail) -> models.ConversationDetail:
 async def create_conversation(
     body: Annotated[models.ConversationCreate, BODY],
     conversations: ConversationStore,
-    tenant: Tenant,
+    principal: CurrentPrincipal,
 ) -> Response:
-    made = await run_in_threadpool(conversations.create, tenant, given(body.title))
+    made = await run_in_threadpool(conversations.create, owner(principal), given(body.title))
     return reply(conversation(made), 201, headers={"Location": f"/api/v1/conversations/{made.id}"})
 
 
 async def list_conversations(
     params: Annotated[models.ListConversationsParams, PARAMS],
     conversations: ConversationStore,
-    tenant: Tenant,
+    principal: CurrentPrincipal,
 ) -> Response:
     page = await run_in_threadpool(
-        lambda: conversations.list_page(tenant, limit=params.limit, cursor=given(params.cursor))
+        lambda: conversations.list_page(
+            owner(principal), limit=params.limit, cursor=given(params.cursor)
+        )
     )
     items = [conversation(item) for item in page.items]
     return reply(models.ConversationPage(items=items, next_cursor=page.next_cursor))
@@ -56,18 +70,20 @@ async def list_conversations(
 async def get_conversation(
     params: Annotated[models.GetConversationParams, PARAMS],
     conversations: ConversationStore,
-    tenant: Tenant,
+    principal: CurrentPrincipal,
 ) -> Response:
-    found = await run_in_threadpool(conversations.get, tenant, params.conversation_id.root)
+    found = await run_in_threadpool(
+        conversations.get, owner(principal), params.conversation_id.root
+    )
     return reply(detail(found))
 
 
 async def delete_conversation(
     params: Annotated[models.DeleteConversationParams, PARAMS],
     conversations: ConversationStore,
-    tenant: Tenant,
+    principal: CurrentPrincipal,
 ) -> Response:
-    await run_in_threadpool(conversations.delete, tenant, params.conversation_id.root)
+    await run_in_threadpool(conversations.delete, owner(principal), params.conversation_id.root)
     return Response(status_code=204)
 
 
@@ -87,11 +103,11 @@ async def post_conversation_message(
     params: Annotated[models.PostConversationMessageParams, PARAMS],
     body: Annotated[models.ConversationMessage, BODY],
     conversations: ConversationStore,
-    tenant: Tenant,
+    principal: CurrentPrincipal,
     request: Request,
 ) -> Response:
     events = conversations.ask(
-        tenant,
+        owner(principal),
         params.conversation_id.root,
         body.question,
         top_k=body.top_k,

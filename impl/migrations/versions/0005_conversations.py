@@ -20,6 +20,7 @@ def upgrade() -> None:
         "conversations",
         sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("tenant", sa.String(256), nullable=False),
+        sa.Column("key_id", sa.String(64)),
         sa.Column("title", sa.Text()),
         sa.Column("turn_count", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
