@@ -104,7 +104,8 @@ def sync_detailed(
 ) -> Response[Conversation | Problem]:
     """Start a conversation
 
-     An empty conversation of the caller's tenant; post questions to its messages.
+     An empty conversation of the caller's tenant (and, with `RAGAPI_CONVERSATIONS_PER_KEY=true`, of the
+    caller's key alone: another key finds it not); post questions to its messages.
 
     Args:
         body (ConversationCreate):  Example: {'title': 'Database questions'}.
@@ -135,7 +136,8 @@ def sync(
 ) -> Conversation | Problem | None:
     """Start a conversation
 
-     An empty conversation of the caller's tenant; post questions to its messages.
+     An empty conversation of the caller's tenant (and, with `RAGAPI_CONVERSATIONS_PER_KEY=true`, of the
+    caller's key alone: another key finds it not); post questions to its messages.
 
     Args:
         body (ConversationCreate):  Example: {'title': 'Database questions'}.
@@ -161,7 +163,8 @@ async def asyncio_detailed(
 ) -> Response[Conversation | Problem]:
     """Start a conversation
 
-     An empty conversation of the caller's tenant; post questions to its messages.
+     An empty conversation of the caller's tenant (and, with `RAGAPI_CONVERSATIONS_PER_KEY=true`, of the
+    caller's key alone: another key finds it not); post questions to its messages.
 
     Args:
         body (ConversationCreate):  Example: {'title': 'Database questions'}.
@@ -190,7 +193,8 @@ async def asyncio(
 ) -> Conversation | Problem | None:
     """Start a conversation
 
-     An empty conversation of the caller's tenant; post questions to its messages.
+     An empty conversation of the caller's tenant (and, with `RAGAPI_CONVERSATIONS_PER_KEY=true`, of the
+    caller's key alone: another key finds it not); post questions to its messages.
 
     Args:
         body (ConversationCreate):  Example: {'title': 'Database questions'}.
