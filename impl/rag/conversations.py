@@ -223,9 +223,7 @@ class Conversations:
     def delete(self, owner: Owner, conversation_id: str) -> None:
         with self._db.write() as session:
             self._owned(session, owner, conversation_id)
-            # Explicit rather than by the foreign key's cascade, which SQLite applies only
-            # with its foreign_keys pragma on.
-            session.execute(delete(TurnRow).where(TurnRow.conversation_id == conversation_id))
+            # Its turns go with it, by the foreign key's ON DELETE CASCADE.
             session.execute(delete(ConversationRow).where(ConversationRow.id == conversation_id))
 
     def _owned(self, session: Session, owner: Owner, conversation_id: str) -> ConversationRow:

@@ -5,7 +5,9 @@ are the same events as /query/stream, and conversations belong to their tenant."
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -159,6 +161,12 @@ def test_a_conversation_belongs_to_its_tenant_and_is_gone_once_deleted(
         ]
     assert tenant_client.delete(f"{API}/conversations/{conversation}").status_code == 204
     assert tenant_client.get(f"{API}/conversations/{conversation}").status_code == 404
+    registry = sqlite3.connect(f"file:{server.data_dir / 'registry.db'}?mode=ro", uri=True)
+    with closing(registry):
+        turns = registry.execute(
+            "SELECT count(*) FROM conversation_turns WHERE conversation_id = ?", (conversation,)
+        ).fetchone()[0]
+    assert turns == 0  # its turns went with it
     assert tenant_client.delete(f"{API}/conversations/{conversation}").status_code == 404
 
 
