@@ -506,6 +506,331 @@ class QueryResponse(BaseModel):
     timings: Timings
 
 
+class ConversationCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    title: Annotated[
+        str | MISSING, Field(max_length=300, min_length=1, pattern="\\S")
+    ] = MISSING
+    """
+    A name for the conversation; without it the title is null.
+    """
+
+
+class Conversation(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    title: str | None
+    turn_count: Annotated[int, Field(ge=0)]
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    """
+    When the last turn was stored (the creation time before any).
+    """
+
+
+class ConversationPage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    items: list[Conversation]
+    next_cursor: str | None
+
+
+class ConversationTurn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    index: Annotated[int, Field(ge=0)]
+    """
+    The turn's place in the conversation, 0 for the first.
+    """
+    question: str
+    """
+    The question as asked.
+    """
+    standalone_question: str
+    """
+    The question rewritten to stand alone; what was retrieved and answered.
+    """
+    answer: str
+    found: bool
+    citations: list[Citation]
+    provider: Literal["extractive", "openai", "llamacpp"]
+    created_at: AwareDatetime
+
+
+class ConversationDetail(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    title: str | None
+    turn_count: Annotated[int, Field(ge=0)]
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    turns: list[ConversationTurn]
+    """
+    Every turn, oldest first.
+    """
+
+
+class ConversationStreamEvent1(BaseModel):
+    """
+    One server-sent event of a conversation turn: `retrieval` and `token` as in StreamEvent, `done` with the stored ConversationTurn, or `error`.
+    """
+
+    event: Literal["retrieval"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/StreamRetrieval"},
+            }
+        ),
+    ]
+
+
+class ConversationStreamEvent2(BaseModel):
+    """
+    One server-sent event of a conversation turn: `retrieval` and `token` as in StreamEvent, `done` with the stored ConversationTurn, or `error`.
+    """
+
+    event: Literal["token"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/StreamToken"},
+            }
+        ),
+    ]
+
+
+class ConversationStreamEvent3(BaseModel):
+    """
+    One server-sent event of a conversation turn: `retrieval` and `token` as in StreamEvent, `done` with the stored ConversationTurn, or `error`.
+    """
+
+    event: Literal["done"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/ConversationTurn"},
+            }
+        ),
+    ]
+
+
+class ConversationStreamEvent4(BaseModel):
+    """
+    One server-sent event of a conversation turn: `retrieval` and `token` as in StreamEvent, `done` with the stored ConversationTurn, or `error`.
+    """
+
+    event: Literal["error"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/Problem"},
+            }
+        ),
+    ]
+
+
+class ConversationStreamEvent(
+    RootModel[
+        ConversationStreamEvent1
+        | ConversationStreamEvent2
+        | ConversationStreamEvent3
+        | ConversationStreamEvent4
+    ]
+):
+    root: (
+        ConversationStreamEvent1
+        | ConversationStreamEvent2
+        | ConversationStreamEvent3
+        | ConversationStreamEvent4
+    )
+    """
+    One server-sent event of a conversation turn: `retrieval` and `token` as in StreamEvent, `done` with the stored ConversationTurn, or `error`.
+    """
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIModel(BaseModel):
+    id: Literal["ragapi", "ragapi-dense", "ragapi-lexical"]
+    object: Literal["model"]
+    created: int
+    """
+    Unix time the profile was introduced.
+    """
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"]
+    data: list[OpenAIModel]
+
+
+class ChatTextPart(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    type: Literal["text"]
+    text: Annotated[str, Field(max_length=8000)]
+
+
+class Content(RootModel[str]):
+    root: Annotated[str, Field(max_length=8000)]
+    """
+    Text, or a list of text parts (joined); null only for an assistant message.
+    """
+
+
+class Content1(RootModel[list[ChatTextPart]]):
+    root: Annotated[list[ChatTextPart], Field(max_length=32)]
+    """
+    Text, or a list of text parts (joined); null only for an assistant message.
+    """
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Content | Content1 | None
+    """
+    Text, or a list of text parts (joined); null only for an assistant message.
+    """
+    name: Annotated[str | MISSING, Field(max_length=64)] = MISSING
+
+
+class ChatStreamOptions(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    include_usage: bool | MISSING = MISSING
+    """
+    Send a last chunk, with no choices, that carries `usage`.
+    """
+
+
+class Stop(RootModel[list[str]]):
+    root: Annotated[list[str], Field(max_length=4)]
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    model: Annotated[str, Field(max_length=128)]
+    """
+    A retrieval profile of GET /v1/models; another name is a 404.
+    """
+    messages: Annotated[list[ChatMessage], Field(max_length=256, min_length=1)]
+    stream: bool | None = False
+    stream_options: ChatStreamOptions | None | MISSING = MISSING
+    n: Annotated[int | None | MISSING, Field(ge=1, le=1)] = MISSING
+    """
+    One choice only.
+    """
+    temperature: Annotated[float | None | MISSING, Field(ge=0.0, le=2.0)] = MISSING
+    top_p: Annotated[float | None | MISSING, Field(ge=0.0, le=1.0)] = MISSING
+    max_tokens: Annotated[int | None | MISSING, Field(ge=1)] = MISSING
+    max_completion_tokens: Annotated[int | None | MISSING, Field(ge=1)] = MISSING
+    presence_penalty: Annotated[float | None | MISSING, Field(ge=-2.0, le=2.0)] = (
+        MISSING
+    )
+    frequency_penalty: Annotated[float | None | MISSING, Field(ge=-2.0, le=2.0)] = (
+        MISSING
+    )
+    seed: int | None | MISSING = MISSING
+    stop: str | Stop | None | MISSING = MISSING
+    user: Annotated[str | MISSING, Field(max_length=256)] = MISSING
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: Annotated[int, Field(ge=0)]
+    completion_tokens: Annotated[int, Field(ge=0)]
+    total_tokens: Annotated[int, Field(ge=0)]
+
+
+class ChatAnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+    citations: list[Citation]
+    """
+    Extension of ragapi; the sources the `[n]` markers of `content` cite.
+    """
+
+
+class ChatChoice(BaseModel):
+    index: Literal[0]
+    message: ChatAnswerMessage
+    finish_reason: Literal["stop"]
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: Annotated[list[ChatChoice], Field(max_length=1, min_length=1)]
+    usage: ChatUsage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | MISSING = MISSING
+    content: str | MISSING = MISSING
+    citations: list[Citation] | MISSING = MISSING
+    """
+    Extension of ragapi, on the chunk that carries `finish_reason`.
+    """
+
+
+class ChatChunkChoice(BaseModel):
+    index: Literal[0]
+    delta: ChatDelta
+    finish_reason: Literal["stop"] | None
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: Annotated[list[ChatChunkChoice], Field(max_length=1)]
+    usage: ChatUsage | None | MISSING = MISSING
+
+
+class ChatCompletionStreamEvent(BaseModel):
+    """
+    One `data:` line of a streamed completion: a ChatCompletionChunk as JSON, an OpenAIErrorResponse as JSON, or `[DONE]`, the last.
+    """
+
+    data: str
+
+
 class IngestDocumentsParams(BaseModel):
     """
     Path and query parameters of ingestDocuments.
@@ -600,6 +925,51 @@ class RevokeApiKeyParams(BaseModel):
         extra="forbid",
     )
     key_id: ResourceId
+
+
+class ListConversationsParams(BaseModel):
+    """
+    Path and query parameters of listConversations.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | MISSING, Field(max_length=512, min_length=1)] = MISSING
+
+
+class GetConversationParams(BaseModel):
+    """
+    Path and query parameters of getConversation.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    conversation_id: ResourceId
+
+
+class DeleteConversationParams(BaseModel):
+    """
+    Path and query parameters of deleteConversation.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    conversation_id: ResourceId
+
+
+class PostConversationMessageParams(BaseModel):
+    """
+    Path and query parameters of postConversationMessage.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    conversation_id: ResourceId
 
 
 class RateLimitOverrides(BaseModel):
@@ -768,6 +1138,28 @@ class QueryRequest(BaseModel):
     """
     Answer only from passages whose `score` is at least this (see SearchRequest). Without it the answer provider judges whether a retrieved passage answers the question, and answers "not found" (`found: false`) when none does.
     """
+
+
+class ConversationMessage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    question: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    stream: bool = False
+    """
+    Answer as server-sent events instead of one JSON body.
+    """
+    top_k: Annotated[int, Field(ge=1, le=50)] = 5
+    filters: SearchFilters | MISSING = MISSING
+    retrieval: Retrieval | MISSING = MISSING
+    min_score: float | MISSING = MISSING
+    """
+    As in QueryRequest.
+    """
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
 
 
 class SearchRequest(BaseModel):

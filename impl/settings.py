@@ -222,6 +222,27 @@ class Settings(BaseSettings):
         "when its passages neither hold those terms nor reach this similarity).",
     )
 
+    # Conversations
+    conversation_history_turns: int = Field(
+        6,
+        ge=1,
+        le=100,
+        description="Earlier turns a follow-up question is rewritten against (conversations "
+        "and the messages of /v1/chat/completions), newest first.",
+    )
+    conversations_per_key: bool = Field(
+        False,
+        description="Conversations belong to the API key that made them: another key of the "
+        "same tenant finds none of them (404). Off: every key of the tenant sees them all.",
+    )
+    conversation_history_tokens: int = Field(
+        2000,
+        ge=50,
+        le=100000,
+        description="Most tokens of earlier questions and answers a rewrite reads (embedding "
+        "tokenizer); older turns past it are dropped first.",
+    )
+
     @property
     def resolved_registry_url(self) -> str:
         return self.registry_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"

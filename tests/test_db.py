@@ -73,15 +73,12 @@ def test_the_migrations_build_exactly_the_models_tables(registry_url: str) -> No
 
 def build_registry_before_migrations(url: str) -> None:
     """What the code before migrations left: its tables by create_all (the lexical index's
-    missing, as in a registry last opened before that index existed), schema_version "1", and
-    a ready document with one chunk."""
+    missing, as in a registry last opened before that index existed; the tables of later
+    migrations did not exist yet), schema_version "1", and a ready document with one chunk."""
     engine = create_engine(url)
     try:
-        before_lexical = [
-            table
-            for table in Base.metadata.sorted_tables
-            if table.name not in ("lexical_postings", "lexical_stats")
-        ]
+        later = ("lexical_postings", "lexical_stats", "conversations", "conversation_turns")
+        before_lexical = [table for table in Base.metadata.sorted_tables if table.name not in later]
         Base.metadata.create_all(engine, tables=before_lexical)
         with engine.begin() as connection:
             connection.execute(text("INSERT INTO meta VALUES ('schema_version', '1')"))

@@ -23,6 +23,9 @@ from impl.api.routing import Handler, add_routes
 from impl.errors import RagapiError
 from impl.observability.logs import configure_logging
 from impl.observability.metrics import Metrics
+from impl.rag.chat import ChatCompletions
+from impl.rag.conversations import Conversations
+from impl.rag.rewriting import QuestionRewriting
 from impl.rag.service import RagService
 from impl.security.keys import KeyStore, SqlKeyStore
 from impl.security.limits import RateLimiter
@@ -38,6 +41,8 @@ class State(TypedDict):
     keys: KeyStore
     limiter: RateLimiter
     readiness: Readiness
+    conversations: Conversations
+    chat: ChatCompletions
 
 
 def create_app(
@@ -59,6 +64,8 @@ def create_app(
         metrics.store_counts = service.store_counts
         await run_in_threadpool(service.start)
         limiter = RateLimiter(settings)
+        rewriting = await run_in_threadpool(QuestionRewriting, settings)
+        conversations = Conversations(settings, service, rewriting)
         try:
             yield {
                 "settings": settings,
@@ -67,8 +74,11 @@ def create_app(
                 "keys": keys,
                 "limiter": limiter,
                 "readiness": Readiness({**service.probes(), **limiter.probes()}),
+                "conversations": conversations,
+                "chat": ChatCompletions(service, rewriting),
             }
         finally:
+            conversations.close()
             await run_in_threadpool(service.close)
             keys.close()
 
@@ -95,7 +105,7 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_allow_origins,
             allow_methods=sorted({op.method for op in OPERATIONS.values()}),
-            allow_headers=["X-API-Key", "Content-Type", "X-Request-ID"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Location", "Retry-After", *RATE_LIMIT_HEADERS],
             max_age=600,
         )

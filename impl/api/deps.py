@@ -10,6 +10,8 @@ from starlette.requests import Request
 from impl.api.readiness import Readiness
 from impl.api.security import Principal
 from impl.observability.metrics import Metrics
+from impl.rag.chat import ChatCompletions
+from impl.rag.conversations import Conversations
 from impl.rag.service import RagService
 from impl.security.keys import KeyStore
 from impl.security.limits import RateLimiter
@@ -53,7 +55,13 @@ def current_tenant(request: Request) -> str:
     return principal.tenant
 
 
+def current_principal(request: Request) -> Principal:
+    principal: Principal = request.state.principal
+    return principal
+
+
 Tenant = Annotated[str, Depends(current_tenant)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 Keys = Annotated[KeyStore, Depends(get_keys)]
 Limiter = Annotated[RateLimiter, Depends(get_limiter)]
 
@@ -64,3 +72,17 @@ def get_readiness(request: Request) -> Readiness:
 
 
 ReadinessProbes = Annotated[Readiness, Depends(get_readiness)]
+
+
+def get_conversations(request: Request) -> Conversations:
+    conversations: Conversations = request.state.conversations
+    return conversations
+
+
+def get_chat(request: Request) -> ChatCompletions:
+    chat: ChatCompletions = request.state.chat
+    return chat
+
+
+ConversationStore = Annotated[Conversations, Depends(get_conversations)]
+Chat = Annotated[ChatCompletions, Depends(get_chat)]

@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from impl.api.problems import internal_error, problem_for_error
+from impl.api.problems import internal_error, response_for_error
 from impl.errors import PayloadTooLarge, RequestTimeout
 from impl.observability.metrics import Metrics
 
@@ -70,12 +70,12 @@ class RequestContext:
             declared = self.content_length(scope)
             if declared is not None and declared > self.max_body_bytes:
                 # Refuse before reading a byte of the body.
-                await self.too_large(rid, send_with_headers)
+                await self.too_large(rid, scope["path"], send_with_headers)
             else:
                 await self.app(scope, self.capped(receive), send_with_headers)
         except (PayloadTooLarge, RequestTimeout) as exc:
             if not response_started:
-                await problem_for_error(exc, rid)(scope, receive, send_with_headers)
+                await response_for_error(exc, rid, scope["path"])(scope, receive, send_with_headers)
         except Exception:
             log.exception("unhandled error", extra={"request_id": rid})
             if not response_started:
@@ -150,8 +150,8 @@ class RequestContext:
     def too_large_detail(self) -> str:
         return f"The request body exceeds the limit of {self.max_body_bytes} bytes."
 
-    async def too_large(self, rid: str, send: Any) -> None:
-        response = problem_for_error(PayloadTooLarge(self.too_large_detail()), rid)
+    async def too_large(self, rid: str, path: str, send: Any) -> None:
+        response = response_for_error(PayloadTooLarge(self.too_large_detail()), rid, path)
 
         async def no_body() -> Message:
             return {"type": "http.disconnect"}

@@ -12,11 +12,19 @@ from starlette.responses import Response
 
 from generated import models
 from impl import errors
+from impl.rag.chat import UnknownModel
 
 log = logging.getLogger("ragapi.errors")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:ragapi:problem:"
+# Operations of the openai tag answer errors in OpenAI's shape, which its SDKs read.
+OPENAI_PATH_PREFIX = "/v1/"
+OPENAI_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
 
 # Most specific class first: the first match wins.
 ERROR_MAP: tuple[tuple[type[errors.RagapiError], int, str], ...] = (
@@ -96,20 +104,65 @@ def classify(exc: errors.RagapiError) -> tuple[int, str]:
     return 500, "internal-error"
 
 
+def openai_error_response(
+    status: int, slug: str, detail: str, exc: errors.RagapiError | None, headers: dict[str, str]
+) -> Response:
+    """OpenAI's error body: {"error": {message, type, param, code}}."""
+    kind = OPENAI_ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    param = code = None
+    message = detail
+    if isinstance(exc, UnknownModel):
+        param, code = "model", "model_not_found"
+    elif isinstance(exc, errors.Unauthenticated):
+        code = "invalid_api_key"
+    elif isinstance(exc, errors.InvalidInput) and exc.errors:
+        param = exc.errors[0].location.removeprefix("body/")
+        message += " " + "; ".join(f"{e.location}: {e.message}" for e in exc.errors)
+    body = models.OpenAIErrorResponse(
+        error=models.OpenAIErrorDetail(
+            message=message, type=kind, param=param, code=code or slug.replace("-", "_")
+        )
+    )
+    return Response(
+        body.model_dump_json(), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def response_for_error(exc: errors.RagapiError, rid: str, path: str) -> Response:
+    """The error as the operation at ``path`` reports errors: a problem document, or OpenAI's
+    error body under /v1/."""
+    if not path.startswith(OPENAI_PATH_PREFIX):
+        return problem_for_error(exc, rid)
+    status, slug = classify(exc)
+    if status == 500:
+        log.error("unmapped error", exc_info=exc, extra={"request_id": rid})
+        detail = "The server failed to handle this request; it has been logged with its id."
+        return openai_error_response(500, "internal-error", detail, None, {})
+    headers = error_headers(exc)
+    if isinstance(exc, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer, ApiKey header="X-API-Key"'
+    return openai_error_response(status, slug, exc.detail, exc, headers)
+
+
+def error_headers(exc: errors.RagapiError) -> dict[str, str]:
+    if isinstance(exc, errors.RateLimited | errors.DependencyUnavailable):
+        return {"Retry-After": str(exc.retry_after_seconds)}
+    if isinstance(exc, errors.Unauthenticated):
+        return {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+    if isinstance(exc, errors.RequestTimeout):
+        return {"Connection": "close"}  # the rest of a late body is not waited for
+    return {}
+
+
 def problem_for_error(exc: errors.RagapiError, rid: str) -> Response:
     status, slug = classify(exc)
-    headers = None
-    if isinstance(exc, errors.RateLimited | errors.DependencyUnavailable):
-        headers = {"Retry-After": str(exc.retry_after_seconds)}
-    elif isinstance(exc, errors.Unauthenticated):
-        headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
-    elif isinstance(exc, errors.RequestTimeout):
-        headers = {"Connection": "close"}  # the rest of a late body is not waited for
     field_errors = exc.errors if isinstance(exc, errors.InvalidInput) else None
     if status == 500:
         log.error("unmapped error", exc_info=exc, extra={"request_id": rid})
         return internal_error(rid)
-    return problem_response(status, slug, exc.detail, rid, field_errors, headers)
+    return problem_response(status, slug, exc.detail, rid, field_errors, error_headers(exc))
 
 
 def internal_error(rid: str) -> Response:
@@ -123,19 +176,27 @@ def internal_error(rid: str) -> Response:
 
 async def handle_ragapi_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.RagapiError)
-    return problem_for_error(exc, request_id(request))
+    return response_for_error(exc, request_id(request), request.url.path)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 (no route) and 405 (no such method on a route)."""
     assert isinstance(exc, HTTPException)
     rid = request_id(request)
+    openai_path = request.url.path.startswith(OPENAI_PATH_PREFIX)
     if exc.status_code == 405:
         allowed = allowed_methods(request)
         detail = f"{request.method} is not allowed here; allowed: {allowed}."
+        if openai_path:
+            return openai_error_response(
+                405, "method-not-allowed", detail, None, {"Allow": allowed}
+            )
         return problem_response(405, "method-not-allowed", detail, rid, headers={"Allow": allowed})
     if exc.status_code == 404:
-        return problem_response(404, "not-found", f"No resource at {request.url.path}.", rid)
+        detail = f"No resource at {request.url.path}."
+        if openai_path:
+            return openai_error_response(404, "not-found", detail, None, {})
+        return problem_response(404, "not-found", detail, rid)
     # Starlette's form parser reports a malformed multipart body this way.
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     slug = "validation-failed" if exc.status_code == 400 else "http-error"

@@ -15,6 +15,9 @@ from impl.security.limits import RateLimiter
 from impl.settings import Settings
 
 DEFAULT_TENANT = "default"
+# The security scheme of operations that also take the key as `Authorization: Bearer <key>`
+# (the openai tag: what the OpenAI SDKs send).
+BEARER_API_KEY = "BearerApiKey"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ async def authorize(request: Request) -> None:
         return
     settings: Settings = request.state.settings
     if settings.auth_enabled:
-        principal = await authenticate(request, op.scope)
+        principal = await authenticate(request, op.scope, BEARER_API_KEY in op.security)
     else:
         principal = Principal(None, DEFAULT_TENANT, {})
     state = request.scope["state"]
@@ -55,12 +58,27 @@ async def authorize(request: Request) -> None:
             )
 
 
-async def authenticate(request: Request, scope: str) -> Principal:
-    # Whitespace around a field value is not part of it (RFC 9110, 5.5); the HTTP parser drops
-    # the leading side only, so both sides are dropped here.
-    presented = request.headers.get("x-api-key", "").strip(" \t")
+def bearer_token(request: Request) -> str:
+    """The credentials of an `Authorization: Bearer <token>` header (scheme case-insensitive,
+    RFC 9110, 11.1); empty when there is none."""
+    scheme, _, token = request.headers.get("authorization", "").strip(" \t").partition(" ")
+    return token.strip(" \t") if scheme.lower() == "bearer" else ""
+
+
+async def authenticate(request: Request, scope: str, takes_bearer: bool = False) -> Principal:
+    # Where the operation takes a bearer credential, an Authorization header is the credential
+    # presented: a client that sends a wrong or malformed one is refused, whatever else it
+    # sends. Whitespace around a field value is not part of it (RFC 9110, 5.5); the HTTP parser
+    # drops the leading side only, so both sides are dropped here.
+    if takes_bearer and "authorization" in request.headers:
+        presented = bearer_token(request)
+        if not presented:
+            raise Unauthenticated("Send the API key as Authorization: Bearer <key>.")
+    else:
+        presented = request.headers.get("x-api-key", "").strip(" \t")
     if not presented:
-        raise Unauthenticated("Send an API key in the X-API-Key header.")
+        where = "as Authorization: Bearer <key> or " if takes_bearer else ""
+        raise Unauthenticated(f"Send an API key {where}in the X-API-Key header.")
     keys: KeyStore = request.state.keys
     key = keys.recall(presented) or await run_in_threadpool(keys.verify, presented)
     if key is None:

@@ -177,6 +177,14 @@ class Answer:
     timings: Timings
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One earlier turn of a conversation: the question as it was asked, and the answer."""
+
+    question: str
+    answer: str
+
+
 # The events of a streamed answer, in order: one RetrievalEvent, TokenEvents, one DoneEvent.
 
 

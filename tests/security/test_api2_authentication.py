@@ -44,6 +44,11 @@ def test_every_secured_operation_needs_a_key(server: Server) -> None:
             ("POST", "/keys"),
             ("DELETE", "/keys/key_x"),
             ("GET", "/metrics"),
+            ("POST", "/conversations"),
+            ("GET", "/conversations"),
+            ("GET", "/conversations/conv_x"),
+            ("DELETE", "/conversations/conv_x"),
+            ("POST", "/conversations/conv_x/messages"),
         ]:
             assert_unauthenticated(anonymous.request(method, f"{API}{path}"))
         # The probes stay open, for load balancers.

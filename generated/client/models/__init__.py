@@ -6,10 +6,34 @@ from .api_key import ApiKey
 from .api_key_create import ApiKeyCreate
 from .api_key_created import ApiKeyCreated
 from .api_key_page import ApiKeyPage
+from .chat_answer_message import ChatAnswerMessage
+from .chat_choice import ChatChoice
+from .chat_chunk_choice import ChatChunkChoice
+from .chat_completion import ChatCompletion
+from .chat_completion_chunk import ChatCompletionChunk
+from .chat_completion_request import ChatCompletionRequest
+from .chat_completion_stream_event import ChatCompletionStreamEvent
+from .chat_delta import ChatDelta
+from .chat_message import ChatMessage
+from .chat_message_role import ChatMessageRole
+from .chat_stream_options_type_0 import ChatStreamOptionsType0
+from .chat_text_part import ChatTextPart
+from .chat_usage import ChatUsage
 from .chunk import Chunk
 from .chunk_page import ChunkPage
 from .citation import Citation
 from .component_state import ComponentState
+from .conversation import Conversation
+from .conversation_create import ConversationCreate
+from .conversation_detail import ConversationDetail
+from .conversation_message import ConversationMessage
+from .conversation_page import ConversationPage
+from .conversation_stream_event_type_0 import ConversationStreamEventType0
+from .conversation_stream_event_type_1 import ConversationStreamEventType1
+from .conversation_stream_event_type_2 import ConversationStreamEventType2
+from .conversation_stream_event_type_3 import ConversationStreamEventType3
+from .conversation_turn import ConversationTurn
+from .conversation_turn_provider import ConversationTurnProvider
 from .document import Document
 from .document_page import DocumentPage
 from .document_status import DocumentStatus
@@ -25,6 +49,11 @@ from .media_type import MediaType
 from .metadata import Metadata
 from .metadata_in import MetadataIn
 from .metadata_range import MetadataRange
+from .open_ai_error_detail import OpenAIErrorDetail
+from .open_ai_error_response import OpenAIErrorResponse
+from .open_ai_model import OpenAIModel
+from .open_ai_model_id import OpenAIModelId
+from .open_ai_model_list import OpenAIModelList
 from .problem import Problem
 from .query_request import QueryRequest
 from .query_response import QueryResponse
@@ -57,10 +86,34 @@ __all__ = (
     "ApiKeyCreate",
     "ApiKeyCreated",
     "ApiKeyPage",
+    "ChatAnswerMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionStreamEvent",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatMessageRole",
+    "ChatStreamOptionsType0",
+    "ChatTextPart",
+    "ChatUsage",
     "Chunk",
     "ChunkPage",
     "Citation",
     "ComponentState",
+    "Conversation",
+    "ConversationCreate",
+    "ConversationDetail",
+    "ConversationMessage",
+    "ConversationPage",
+    "ConversationStreamEventType0",
+    "ConversationStreamEventType1",
+    "ConversationStreamEventType2",
+    "ConversationStreamEventType3",
+    "ConversationTurn",
+    "ConversationTurnProvider",
     "Document",
     "DocumentPage",
     "DocumentStatus",
@@ -76,6 +129,11 @@ __all__ = (
     "Metadata",
     "MetadataIn",
     "MetadataRange",
+    "OpenAIErrorDetail",
+    "OpenAIErrorResponse",
+    "OpenAIModel",
+    "OpenAIModelId",
+    "OpenAIModelList",
     "Problem",
     "QueryRequest",
     "QueryResponse",

@@ -4,10 +4,12 @@ the app is built."""
 from __future__ import annotations
 
 from impl.api.handlers import (
+    conversations,
     documents,
     health,
     ingestion,
     keys,
+    openai_compat,
     operations,
     retrieval,
     streaming,
@@ -30,4 +32,11 @@ HANDLERS: dict[str, Handler] = {
     "listApiKeys": keys.list_api_keys,
     "createApiKey": keys.create_api_key,
     "revokeApiKey": keys.revoke_api_key,
+    "createConversation": conversations.create_conversation,
+    "listConversations": conversations.list_conversations,
+    "getConversation": conversations.get_conversation,
+    "deleteConversation": conversations.delete_conversation,
+    "postConversationMessage": conversations.post_conversation_message,
+    "listModels": openai_compat.list_models,
+    "createChatCompletion": openai_compat.create_chat_completion,
 }
