@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import PurePath
 
 from impl.errors import (
@@ -74,7 +74,6 @@ MAX_TITLE_CHARS = 300  # the contract's bound on a given title
 # Hits of documents that are not ready (still indexing, being deleted) are excluded and the
 # search repeated; each round excludes at least one more such document.
 _SEARCH_ROUNDS = 4
-_STOP_TIMEOUT_SECONDS = 15.0
 _WAIT_SLICE_SECONDS = 0.5
 _HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 
@@ -221,6 +220,7 @@ class RagService:
                 ),
                 threads=settings.ingest_workers,
                 queue_size=settings.ingest_queue_size,
+                lease=timedelta(seconds=settings.job_lease_seconds),
                 observer=observer,
             )
             cleanup.pop_all()
@@ -242,7 +242,10 @@ class RagService:
         # With embedded Chroma no other process can be running jobs on this data, so every
         # running job is an interrupted one; with a server, only those whose lease expired.
         recover_interrupted(
-            self._registry, self._store, every_running=self._settings.chroma_url is None
+            self._registry,
+            self._store,
+            every_running=self._settings.chroma_url is None,
+            observer=self._observer,
         )
         for target in self._registry.being_deleted():
             self._finish_delete(target)
@@ -254,9 +257,13 @@ class RagService:
             if self._closed:
                 return
             self._closed = True
-        self._workers.stop(_STOP_TIMEOUT_SECONDS)
+        self._workers.stop(self._settings.worker_stop_seconds)
         self._store.close()
         self._registry.close()
+
+    def ingestion_alive(self) -> bool:
+        """The ingestion threads and their lease heartbeat run (a worker's liveness)."""
+        return self._workers.alive()
 
     def store_counts(self) -> StoreCounts:
         """Documents and jobs by status and chunks held, over every tenant (for metrics)."""
