@@ -186,6 +186,25 @@ def db(args: argparse.Namespace) -> int:
     return 0
 
 
+def originals(args: argparse.Namespace) -> int:
+    """Remove the stored originals no document references (what a crash between storing an
+    upload and registering it leaves in a folder store)."""
+    from impl.rag.originals import LocalOriginalStore, open_originals
+
+    settings = load_settings()
+    if not holds_data(settings):
+        print("nothing stored")
+        return 0
+    with open_registry(settings) as registry:
+        store = open_originals(settings, registry.database)
+        if not isinstance(store, LocalOriginalStore):
+            print("the registry holds the originals, written and removed with their documents")
+            return 0
+        removed = store.sweep(registry.keys_in_use, args.min_age_seconds)
+    print(f"{removed} unreferenced file(s) removed")
+    return 0
+
+
 def bootstrap_admin_key(settings: Settings) -> None:
     """On a first start there are no keys, so nobody could use the server: make an admin key
     and show it once. Done here, before the workers start, so several workers make one key."""
@@ -535,6 +554,17 @@ def parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("upgrade", help="apply the migrations the registry lacks")
     p.set_defaults(run=db)
+
+    p = commands.add_parser("originals", help="the stored originals")
+    actions = p.add_subparsers(dest="action", required=True)
+    sweep = actions.add_parser("sweep", help="remove the files no document references")
+    sweep.add_argument(
+        "--min-age-seconds",
+        type=float,
+        default=3600.0,
+        help="leave younger files (uploads about to be registered) alone; default 3600",
+    )
+    p.set_defaults(run=originals)
 
     p = commands.add_parser("ingest", help="ingest files and folders (recursively)")
     p.add_argument("paths", nargs="+")

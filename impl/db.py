@@ -45,7 +45,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 UPGRADE_COMMAND = "ragapi db upgrade"
 # The newest migration's revision (tests/test_db.py holds it to alembic's head): a database at
 # it needs nothing, and finding that out needs no alembic.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 # Held (pg_advisory_xact_lock) while migrations run, so that processes starting at once on a
 # fresh PostgreSQL migrate one after the other instead of racing on CREATE TABLE.
 _MIGRATION_LOCK = 0x72616761  # "raga"

@@ -77,10 +77,11 @@ def build_registry_before_migrations(url: str) -> None:
     a ready document with one chunk."""
     engine = create_engine(url)
     try:
+        # Neither the lexical index's tables nor those later migrations add (originals, 0003).
         before_lexical = [
             table
             for table in Base.metadata.sorted_tables
-            if table.name not in ("lexical_postings", "lexical_stats")
+            if table.name not in ("lexical_postings", "lexical_stats", "originals")
         ]
         Base.metadata.create_all(engine, tables=before_lexical)
         with engine.begin() as connection:

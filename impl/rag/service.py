@@ -37,7 +37,7 @@ from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, 
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
-from impl.rag.originals import LocalOriginalStore
+from impl.rag.originals import content_key, open_originals
 from impl.rag.parsing import ParserProcesses
 from impl.rag.registry import Registry
 from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
@@ -205,7 +205,7 @@ class RagService:
             self._registry.check_model(model_id, dimension)
             self._store = VectorStore(settings, model_id, dimension)
             cleanup.callback(self._store.close)
-            self._originals = LocalOriginalStore(settings.data_dir / "originals")
+            self._originals = open_originals(settings, self._registry.database)
             self._parsers = ParserProcesses(settings)
             self._answers: AnswerProvider = build_answer_provider(settings, self._embeddings)
             self._workers = IngestWorkers(
@@ -305,8 +305,9 @@ class RagService:
             existing = self._registry.find_live(tenant, [p.sha256 for p in prepared])
             if any(p.sha256 not in existing for p in prepared) and not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
-            new_documents = [self._store_original(p) for p in prepared]
-            job = self._registry.register_ingest(tenant, new_documents)
+            contents: dict[str, bytes] = {}
+            new_documents = [self._store_original(p, contents) for p in prepared]
+            job = self._registry.register_ingest(tenant, new_documents, contents)
             if job.status == "queued":
                 # Room was checked under the same lock, and only submissions fill the queue.
                 self._workers.offer(job.id)
@@ -333,11 +334,19 @@ class RagService:
             title=derive_title(item, extracted),
         )
 
-    def _store_original(self, prepared: _Prepared) -> NewDocument:
-        # Stored even when the content looks like a duplicate: storing is a no-op for bytes
-        # already held, and the registry decides duplicates again in its own transaction.
-        original_key = self._originals.put(prepared.item.content)
-        extracted_key = self._originals.put(encode_extracted(prepared.extracted))
+    def _store_original(self, prepared: _Prepared, contents: dict[str, bytes]) -> NewDocument:
+        """The document to register. Its bytes and extracted text are stored now, or, when the
+        registry holds them, added to ``contents`` for the transaction that registers it."""
+        original = prepared.item.content
+        extracted = encode_extracted(prepared.extracted)
+        if self._originals.written_with_documents:
+            original_key, extracted_key = content_key(original), content_key(extracted)
+            contents.update({original_key: original, extracted_key: extracted})
+        else:
+            # Stored even when the content looks like a duplicate: storing is a no-op for bytes
+            # already held, and the registry decides duplicates again in its own transaction.
+            original_key = self._originals.put(original)
+            extracted_key = self._originals.put(extracted)
         return NewDocument(
             sha256=prepared.sha256,
             title=prepared.title,
@@ -424,11 +433,13 @@ class RagService:
 
     def _finish_delete(self, target: StoredObjects) -> None:
         self._store.delete_documents(target.tenant, [target.document_id])
-        with self._ingest_lock:
-            in_use = self._registry.keys_in_use(target.keys, excluding=target.document_id)
-            for key in set(target.keys) - in_use:
-                self._originals.delete(key)
-        self._registry.delete_document_row(target.document_id)
+        in_registry = self._originals.written_with_documents
+        if not in_registry:
+            with self._ingest_lock:
+                in_use = self._registry.keys_in_use(target.keys, excluding=target.document_id)
+                for key in set(target.keys) - in_use:
+                    self._originals.delete(key)
+        self._registry.delete_document_row(target, drop_contents=in_registry)
 
     # -- retrieval ----------------------------------------------------------------------------
 
