@@ -56,6 +56,11 @@ class Server:
 
 def start_server(data_dir: Path, **settings: str) -> Server:
     """`ragapi serve` in its own process, as a user starts it; RAGAPI_* settings by env."""
+    return wait_until_ready(launch_server(data_dir, **settings))
+
+
+def launch_server(data_dir: Path, **settings: str) -> Server:
+    """`ragapi serve` started, not yet waited for (several can then start at once)."""
     port = free_port()
     env = {**os.environ, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_LOG_LEVEL": "warning"}
     env.update({f"RAGAPI_{k.upper()}": v for k, v in settings.items()})
@@ -68,7 +73,11 @@ def start_server(data_dir: Path, **settings: str) -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, process, log)
+    return Server(f"http://127.0.0.1:{port}", data_dir, process, log)
+
+
+def wait_until_ready(server: Server) -> Server:
+    process, log = server.process, server.log
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if process.poll() is not None:
