@@ -148,7 +148,10 @@ class Settings(BaseSettings):
         "/health (liveness), on RAGAPI_HOST; 0: none.",
     )
     ingest_queue_size: int = Field(
-        64, ge=1, description="Queued ingestion jobs accepted before ingest answers 503."
+        64,
+        ge=1,
+        description="Queued ingestion jobs accepted before ingest answers 503 (with "
+        "RAGAPI_INGEST_WORKERS=0: jobs waiting in the registry, whoever queued them).",
     )
     ingest_wait_seconds: float = Field(
         300.0, gt=0, description="Longest time ingest with wait=true waits for its job."

@@ -6,7 +6,8 @@ disk.
 
 One test, in steps, because each step needs the state the one before left:
 1. every process started at once on a fresh PostgreSQL, several times: no crash (the
-   migrations run once, under PostgreSQL's advisory lock);
+   migrations run once, under PostgreSQL's advisory lock, or by `ragapi db upgrade` before
+   the start, as the README deploys);
 2. a key's rate-limit budget is shared by both API processes (counted in Redis);
 3. concurrent ingests through both APIs, the same file twice at the same moment among them:
    one document;
@@ -245,15 +246,30 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
     with ExitStack() as stack:
         chroma_url, redis_url = stack.enter_context(servers(tmp_path / "servers"))
 
-        # 1. Every process at once on a fresh PostgreSQL, each electing itself to migrate.
+        # 1. Every process at once on a fresh PostgreSQL, each electing itself to migrate;
+        # then as the README deploys: `ragapi db upgrade`, and every process at once.
         for round_number in range(1, START_ROUNDS + 1):
             deployment = Deployment(
                 tmp_path / f"round-{round_number}", postgres, chroma_url, redis_url
             )
-            topology = deployment.start(registry_auto_upgrade="true")
             if round_number < START_ROUNDS:
+                topology = deployment.start(registry_auto_upgrade="true")
                 topology.stop()
                 assert all(w.process.returncode == 0 for w in topology.workers)
+            else:
+                upgrade = subprocess.run(
+                    [sys.executable, "-m", "impl.cli", "db", "upgrade"],
+                    cwd=ROOT,
+                    env={
+                        **os.environ,
+                        "RAGAPI_REGISTRY_URL": deployment.settings()["registry_url"],
+                    },
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                assert upgrade.returncode == 0, upgrade.stderr
+                topology = deployment.start()
         stack.callback(lambda: topology.stop())
         [(revision,)] = deployment.sql("SELECT version_num FROM alembic_version")
         assert revision == "0003"
