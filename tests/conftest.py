@@ -76,14 +76,16 @@ def launch_server(data_dir: Path, **settings: str) -> Server:
     return Server(f"http://127.0.0.1:{port}", data_dir, process, log)
 
 
-def wait_until_ready(server: Server) -> Server:
+def wait_until_ready(server: Server, timeout: float = 90) -> Server:
     process, log = server.process, server.log
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{server.url}/api/v1/health/ready", timeout=2).status_code == 200:
+            # A generous timeout: the readiness check embeds a query, and a probe given up
+            # on while a busy machine computes it would only pile more of them onto it.
+            if httpx.get(f"{server.url}/api/v1/health/ready", timeout=15).status_code == 200:
                 printed = ADMIN_KEY_LINE.search(log.read_text())
                 server.api_key = printed.group(1) if printed else ""
                 return server

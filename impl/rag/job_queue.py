@@ -217,10 +217,11 @@ class JobQueue:
             if rowcount(finished) != 1:
                 raise LeaseLost(job_id)
 
-    def release_job(self, job_id: str, owner: str) -> None:
-        """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed."""
+    def release_job(self, job_id: str, owner: str) -> bool:
+        """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed.
+        False when ``owner`` no longer held it."""
         with self._db.write() as session:
-            session.execute(
+            released = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
                 .values(
@@ -231,6 +232,7 @@ class JobQueue:
                     updated_at=utcnow(),
                 )
             )
+            return rowcount(released) == 1
 
     def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]:
         """Running jobs no worker is running: all of them when only this process may run jobs

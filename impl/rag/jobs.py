@@ -301,9 +301,9 @@ class IngestWorkers:
         try:
             failures = self._index_job(job, owner)
         except _Stopping:
-            self._registry.release_job(job.id, owner)
-            self._observer.ingest_job("released")
-            logger.info("job %s given back at shutdown", job.id, extra=facts)
+            if self._registry.release_job(job.id, owner):
+                self._observer.ingest_job("released")
+                logger.info("job %s given back at shutdown", job.id, extra=facts)
             return
         except LeaseLost:
             logger.warning("job %s: lease lost to another worker; abandoned", job.id, extra=facts)
@@ -354,7 +354,10 @@ class IngestWorkers:
                 self._index_document(job, owner, document, spans)
             except _Stopping:
                 # The job goes back without counting an attempt: leave it no vectors to clean.
-                self._store.delete_documents(document.tenant, [document.id])
+                # Unless shutdown already queued it again (this thread overran its stop time):
+                # another worker may be writing this document's vectors by now.
+                if not self._held.is_lost(job.id):
+                    self._store.delete_documents(document.tenant, [document.id])
                 raise
             except LeaseLost:
                 raise
