@@ -42,6 +42,7 @@ import httpx
 import psycopg
 import pytest
 
+from impl.db import SCHEMA_HEAD
 from impl.rag.store import collection_name
 from tests.conftest import (
     ROOT,
@@ -276,7 +277,7 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
                 topology = deployment.start()
         stack.callback(lambda: topology.stop())
         [(revision,)] = deployment.sql("SELECT version_num FROM alembic_version")
-        assert revision == "0003"
+        assert revision == SCHEMA_HEAD
         api_a, api_b = topology.apis
         admin_key = next(api.api_key for api in topology.apis if api.api_key)
         a, b = api_a.client(admin_key), api_b.client(admin_key)
@@ -286,7 +287,7 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
         # 2. A key's budget is spent once, whichever API process answers.
         created = a.post(
             f"{API}/keys",
-            json={"name": "budget", "scopes": ["read"], "rate_limits": {"read": "10/minute"}},
+            json={"name": "budget", "scopes": ["read"], "rate_limits": {"read": "10/hour"}},
         )
         assert created.status_code == 201, created.text
         codes = []
