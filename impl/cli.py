@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from impl.settings import Settings
 
 TENANT = "default"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to multiprocess mode
 # The longest an ingest of one file is followed; a job still running then is reported as such.
 INGEST_FOLLOW_SECONDS = 3600.0
 PROGRESS_SLICE_SECONDS = 0.25
@@ -91,17 +92,74 @@ def serve(args: argparse.Namespace) -> int:
     if settings.workers == 1:
         uvicorn.run(app, **common)  # type: ignore[arg-type]
     else:
-        # Before any worker starts: each one's metrics then go to files all of them read.
-        metrics_dir = settings.data_dir.resolve() / "prometheus"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        # Before any worker starts: each one's metrics then go to files all of them read. A
+        # folder named in the environment is also `ragapi worker` processes' on this machine,
+        # so it is theirs to clear, not ours.
+        if MULTIPROC_ENV not in os.environ:
+            metrics_dir = settings.data_dir.resolve() / "prometheus"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            os.environ[MULTIPROC_ENV] = str(metrics_dir)
         uvicorn.run(
             "impl.api.app:app_from_environment",
             factory=True,
             workers=settings.workers,
             **common,  # type: ignore[arg-type]
         )
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Claim and run ingestion jobs from the registry until SIGTERM (or Ctrl-C), then finish or
+    give back the jobs in hand within RAGAPI_WORKER_STOP_SECONDS."""
+    import logging
+    import signal
+    import threading
+
+    from impl.observability.endpoint import ProcessEndpoint
+    from impl.observability.logs import configure_logging
+    from impl.observability.metrics import Metrics
+    from impl.rag.service import RagService
+
+    settings = load_settings()
+    if settings.ingest_workers == 0:
+        raise ConfigurationError(
+            "a worker runs RAGAPI_INGEST_WORKERS jobs at a time, and it is 0 here; set it to 1 "
+            "or more for the worker (0 is for an API tier that only queues)"
+        )
+    if settings.chroma_url is None:
+        raise ConfigurationError(
+            "a worker writes vectors another process searches: set RAGAPI_CHROMA_URL to a "
+            "Chroma server (embedded Chroma is not process-safe)"
+        )
+    configure_logging(settings.log_level)
+    log = logging.getLogger("impl.worker")
+    stopping = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stopping.set())
+    metrics = Metrics()
+    service = RagService(settings, observer=metrics)
+    endpoint = None
+    try:
+        service.start()
+        if settings.worker_port:
+            endpoint = ProcessEndpoint(
+                settings.host, settings.worker_port, metrics, service.ingestion_alive
+            )
+            endpoint.start()
+        log.info(
+            "worker started: %d ingestion threads, %d onnxruntime threads (0: its choice)",
+            settings.ingest_workers,
+            settings.embedding_threads,
+        )
+        while not stopping.wait(1.0):
+            pass
+        log.info("worker stopping: jobs in hand finish their batch or go back to the queue")
+    finally:
+        service.close()
+        if endpoint is not None:
+            endpoint.close()
+    log.info("worker stopped")
     return 0
 
 
@@ -125,6 +183,25 @@ def db(args: argparse.Namespace) -> int:
         print(f"registry schema at {database.revision()}")
     finally:
         database.close()
+    return 0
+
+
+def originals(args: argparse.Namespace) -> int:
+    """Remove the stored originals no document references (what a crash between storing an
+    upload and registering it leaves in a folder store)."""
+    from impl.rag.originals import LocalOriginalStore, open_originals
+
+    settings = load_settings()
+    if not holds_data(settings):
+        print("nothing stored")
+        return 0
+    with open_registry(settings) as registry:
+        store = open_originals(settings, registry.database)
+        if not isinstance(store, LocalOriginalStore):
+            print("the registry holds the originals, written and removed with their documents")
+            return 0
+        removed = store.sweep(registry.keys_in_use, args.min_age_seconds)
+    print(f"{removed} unreferenced file(s) removed")
     return 0
 
 
@@ -470,10 +547,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", dest="log_level")
     p.set_defaults(run=serve)
 
+    p = commands.add_parser("worker", help="claim and run ingestion jobs (no HTTP API)")
+    p.set_defaults(run=worker)
+
     p = commands.add_parser("db", help="the registry's schema")
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("upgrade", help="apply the migrations the registry lacks")
     p.set_defaults(run=db)
+
+    p = commands.add_parser("originals", help="the stored originals")
+    actions = p.add_subparsers(dest="action", required=True)
+    sweep = actions.add_parser("sweep", help="remove the files no document references")
+    sweep.add_argument(
+        "--min-age-seconds",
+        type=float,
+        default=3600.0,
+        help="leave younger files (uploads about to be registered) alone; default 3600",
+    )
+    p.set_defaults(run=originals)
 
     p = commands.add_parser("ingest", help="ingest files and folders (recursively)")
     p.add_argument("paths", nargs="+")

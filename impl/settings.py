@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         "`ragapi db upgrade` applies them once per release and a process refuses to start on "
         "an older schema.",
     )
+    originals_url: str | None = Field(
+        None,
+        description="Where uploaded originals and their extracted text are kept: a folder as "
+        "file:///srv/originals (a volume every machine mounts, for several machines), or "
+        "registry:// for the registry's database, written in the transaction that registers "
+        "the document; default: the folder <data_dir>/originals.",
+    )
     chroma_url: str | None = Field(
         None,
         description="URL of a Chroma server (http://host:8000); default: embedded Chroma "
@@ -112,10 +119,39 @@ class Settings(BaseSettings):
         30, ge=0, le=128, description="Tokens shared by consecutive chunks."
     )
     ingest_workers: int = Field(
-        1, ge=1, le=16, description="Ingestion jobs that run at the same time."
+        1,
+        ge=0,
+        le=16,
+        description="Ingestion jobs this process (`ragapi serve` or `ragapi worker`) runs at "
+        "the same time, one thread each. 0 on an API tier whose jobs `ragapi worker` processes "
+        "run: it then only queues them.",
+    )
+    job_lease_seconds: float = Field(
+        20.0,
+        ge=2,
+        le=3600,
+        description="How long a claimed ingestion job stays its worker's without a sign of "
+        "life; the worker renews it every quarter of this, and a job whose worker died is "
+        "queued again once its lease runs out.",
+    )
+    worker_stop_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Longest a process takes at shutdown (SIGTERM) to finish its ingestion "
+        "batches and give its jobs back; a job still running then goes back to the queue.",
+    )
+    worker_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port on which `ragapi worker` serves /metrics (Prometheus text) and "
+        "/health (liveness), on RAGAPI_HOST; 0: none.",
     )
     ingest_queue_size: int = Field(
-        64, ge=1, description="Queued ingestion jobs accepted before ingest answers 503."
+        64,
+        ge=1,
+        description="Queued ingestion jobs accepted before ingest answers 503 (with "
+        "RAGAPI_INGEST_WORKERS=0: jobs waiting in the registry, whoever queued them).",
     )
     ingest_wait_seconds: float = Field(
         300.0, gt=0, description="Longest time ingest with wait=true waits for its job."

@@ -56,6 +56,11 @@ class Server:
 
 def start_server(data_dir: Path, **settings: str) -> Server:
     """`ragapi serve` in its own process, as a user starts it; RAGAPI_* settings by env."""
+    return wait_until_ready(launch_server(data_dir, **settings))
+
+
+def launch_server(data_dir: Path, **settings: str) -> Server:
+    """`ragapi serve` started, not yet waited for (several can then start at once)."""
     port = free_port()
     env = {**os.environ, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_LOG_LEVEL": "warning"}
     env.update({f"RAGAPI_{k.upper()}": v for k, v in settings.items()})
@@ -68,13 +73,19 @@ def start_server(data_dir: Path, **settings: str) -> Server:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, process, log)
-    deadline = time.monotonic() + 90
+    return Server(f"http://127.0.0.1:{port}", data_dir, process, log)
+
+
+def wait_until_ready(server: Server, timeout: float = 90) -> Server:
+    process, log = server.process, server.log
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{server.url}/api/v1/health/ready", timeout=2).status_code == 200:
+            # A generous timeout: the readiness check embeds a query, and a probe given up
+            # on while a busy machine computes it would only pile more of them onto it.
+            if httpx.get(f"{server.url}/api/v1/health/ready", timeout=15).status_code == 200:
                 printed = ADMIN_KEY_LINE.search(log.read_text())
                 server.api_key = printed.group(1) if printed else ""
                 return server

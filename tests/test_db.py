@@ -77,7 +77,14 @@ def build_registry_before_migrations(url: str) -> None:
     migrations did not exist yet), schema_version "1", and a ready document with one chunk."""
     engine = create_engine(url)
     try:
-        later = ("lexical_postings", "lexical_stats", "conversations", "conversation_turns")
+        # The lexical index's tables and those later migrations add.
+        later = (
+            "lexical_postings",
+            "lexical_stats",
+            "conversations",
+            "conversation_turns",
+            "originals",
+        )
         before_lexical = [table for table in Base.metadata.sorted_tables if table.name not in later]
         Base.metadata.create_all(engine, tables=before_lexical)
         with engine.begin() as connection:

@@ -45,10 +45,18 @@ class JsonFormatter(logging.Formatter):
         return f"{self._second_text}.{int((created - second) * 1_000_000):06d}+00:00"
 
 
+# The loggers whose lines are ragapi's: "ragapi.*" names the web layer's (access, errors), and
+# every module under impl logs as its own name (impl.rag.jobs, impl.security.limits, ...).
+LOGGER_TREES = ("ragapi", "impl")
+
+
 def configure_logging(level: str) -> None:
+    """Every line of ragapi's loggers, at ``level`` and above, as JSON on stderr. The trees are
+    configured rather than the root logger, so libraries' own chatter keeps its defaults."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("ragapi")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name in LOGGER_TREES:
+        tree = logging.getLogger(name)
+        tree.handlers[:] = [handler]
+        tree.setLevel(level.upper())
+        tree.propagate = False

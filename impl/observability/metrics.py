@@ -106,6 +106,14 @@ class Metrics:
         self.embedded = Counter(
             "ragapi_chunks_embedded_total", "Chunks embedded by ingestion.", registry=registry
         )
+        self.jobs = Counter(
+            "ragapi_ingest_job_events_total",
+            "What became of the ingestion jobs this process handled: claimed, succeeded, "
+            "failed, released (at shutdown), reclaimed (another worker's lease ran out), "
+            "given_up (interrupted too often).",
+            ["event"],
+            registry=registry,
+        )
         self._answered: dict[tuple[str, int], tuple[Counter, Histogram, Counter | None]] = {}
 
     def answered(self, operation: str, status: int, seconds: float) -> None:
@@ -134,6 +142,9 @@ class Metrics:
 
     def chunks_embedded(self, count: int) -> None:
         self.embedded.inc(count)
+
+    def ingest_job(self, event: str) -> None:
+        self.jobs.labels(event).inc()
 
     def render(self) -> bytes:
         registry = CollectorRegistry()

@@ -7,7 +7,7 @@ after a crash."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from impl.db import Database, decode_cursor, encode_cursor, utcnow
 from impl.errors import InvalidInput
 from impl.rag.job_queue import job_from_row
+from impl.rag.originals import drop_unreferenced_contents, referenced_keys, store_contents
 from impl.rag.tables import (
     DELETING,
     LIVE_STATUSES,
@@ -78,13 +79,20 @@ class Documents:
         )
         return {sha: doc_id for sha, doc_id in rows}
 
-    def register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
+    def register_ingest(
+        self,
+        tenant: str,
+        items: Sequence[NewDocument],
+        contents: Mapping[str, bytes] | None = None,
+    ) -> Job:
         """Create the documents and their job in one transaction. Items whose content the tenant
         already holds (or that repeat an earlier item) map to the existing document; a job with
-        nothing new to index is created already succeeded."""
+        nothing new to index is created already succeeded. ``contents``: the bytes by storage
+        key, when the registry holds the originals; those of the new documents are written in
+        the same transaction."""
         for attempt in range(3):
             try:
-                return self._register_ingest(tenant, items)
+                return self._register_ingest(tenant, items, contents or {})
             except IntegrityError:
                 # Another process registered the same content between our check and insert;
                 # the next round finds its document and reports a duplicate.
@@ -92,7 +100,9 @@ class Documents:
                     raise
         raise AssertionError("unreachable")
 
-    def _register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
+    def _register_ingest(
+        self, tenant: str, items: Sequence[NewDocument], contents: Mapping[str, bytes]
+    ) -> Job:
         now = utcnow()
         job_id = new_id("job")
         with self._db.write() as session:
@@ -104,6 +114,14 @@ class Documents:
                     links.setdefault(existing[item.sha256], True)
                     continue
                 if item.sha256 not in created:
+                    store_contents(
+                        session,
+                        {
+                            key: contents[key]
+                            for key in (item.original_key, item.extracted_key)
+                            if key in contents
+                        },
+                    )
                     doc_id = new_id("doc")
                     created[item.sha256] = doc_id
                     session.add(
@@ -291,22 +309,18 @@ class Documents:
                 for row in rows
             ]
 
-    def keys_in_use(self, keys: Sequence[str], excluding: str) -> set[str]:
-        """Which of ``keys`` a document other than ``excluding`` still uses (any tenant: the
+    def keys_in_use(self, keys: Collection[str], excluding: str | None = None) -> set[str]:
+        """Which of ``keys`` a document (other than ``excluding``) still uses (any tenant: the
         storage is content-addressed, so tenants share bytes)."""
         with self._db.read() as session:
-            used: set[str] = set()
-            for column in (DocumentRow.original_key, DocumentRow.extracted_key):
-                used.update(
-                    session.scalars(
-                        select(column).where(column.in_(keys), DocumentRow.id != excluding)
-                    )
-                )
-            return used
+            return referenced_keys(session, keys, excluding)
 
-    def delete_document_row(self, document_id: str) -> None:
+    def delete_document_row(self, target: StoredObjects, *, drop_contents: bool) -> None:
         """Last step of a deletion, chunk rows included (explicitly: a backend without foreign
-        key enforcement would not cascade)."""
+        key enforcement would not cascade); ``drop_contents``: also the registry's copies of
+        its originals that no other document uses, in the same transaction."""
         with self._db.write() as session:
-            delete_chunks(session, [document_id])
-            session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))
+            delete_chunks(session, [target.document_id])
+            session.execute(delete(DocumentRow).where(DocumentRow.id == target.document_id))
+            if drop_contents:
+                drop_unreferenced_contents(session, target.keys)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from impl.db import Database, utcnow
@@ -39,6 +39,7 @@ class Interrupted:
 
     job_id: str
     tenant: str
+    lease_owner: str | None  # the worker that stopped renewing it
     document_ids: list[str]
     gives_up: bool  # True: it ran out of attempts and is to be failed, not queued again
 
@@ -216,10 +217,11 @@ class JobRows:
             if rowcount(finished) != 1:
                 raise LeaseLost(job_id)
 
-    def release_job(self, job_id: str, owner: str) -> None:
-        """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed."""
+    def release_job(self, job_id: str, owner: str) -> bool:
+        """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed.
+        False when ``owner`` no longer held it."""
         with self._db.write() as session:
-            session.execute(
+            released = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
                 .values(
@@ -230,6 +232,7 @@ class JobRows:
                     updated_at=utcnow(),
                 )
             )
+            return rowcount(released) == 1
 
     def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]:
         """Running jobs no worker is running: all of them when only this process may run jobs
@@ -256,21 +259,31 @@ class JobRows:
                     Interrupted(
                         job_id=job.id,
                         tenant=job.tenant,
+                        lease_owner=job.lease_owner,
                         document_ids=list(document_ids),
                         gives_up=job.attempts >= max_attempts,
                     )
                 )
             return found
 
-    def requeue(self, job_id: str) -> None:
+    def requeue(self, job_id: str, owner: str | None) -> bool:
+        """Queue a running job again, its attempt counted, if ``owner`` still holds it (of two
+        processes reclaiming the same expired job, one does). False when it did not."""
+        holder = JobRow.lease_owner.is_(None) if owner is None else JobRow.lease_owner == owner
         with self._db.write() as session:
-            session.execute(
+            requeued = session.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status == "running")
+                .where(JobRow.id == job_id, JobRow.status == "running", holder)
                 .values(
                     status="queued", lease_owner=None, lease_expires_at=None, updated_at=utcnow()
                 )
             )
+            return rowcount(requeued) == 1
+
+    def count_queued(self) -> int:
+        with self._db.read() as session:
+            queued = select(func.count()).select_from(JobRow).where(JobRow.status == "queued")
+            return session.scalar(queued) or 0
 
     def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None:
         """Fail an interrupted job and its unfinished documents (their vectors already gone)."""

@@ -2,9 +2,11 @@
 documents, and write vectors and chunk rows.
 
 The registry is the source of truth, the in-process queue only a bounded wake-up call: a worker
-claims a job with a conditional update and holds it under a lease it renews after every batch,
-so a separate ``ragapi worker`` process could claim from the same registry. A job whose lease
-ran out (its worker died) goes back to the queue, at most ``MAX_ATTEMPTS`` times.
+claims a job (a conditional update; FOR UPDATE SKIP LOCKED on PostgreSQL) and holds it under a
+short lease that a heartbeat thread renews, whatever the job is doing, so a slow batch keeps it
+and a dead process loses it quickly. Any process may claim: the server's threads, or
+``ragapi worker`` processes on other machines. A job whose lease ran out (its worker died) goes
+back to the queue, at most ``MAX_ATTEMPTS`` times.
 
 Write order, so that a crash anywhere leaves nothing visible and nothing orphaned:
 vectors first, then the chunk rows and progress (refused once the document's deletion began, in
@@ -33,20 +35,20 @@ from impl.rag.job_queue import ClaimedJob, DocumentWork, LeaseLost
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
 from impl.rag.stores import JobQueue, VectorIndex
-from impl.rag.types import Chunk, JobError, StageObserver
+from impl.rag.types import NO_OBSERVER, Chunk, JobError, StageObserver
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 INTERRUPTED_DETAIL = "interrupted too often"
-LEASE = timedelta(minutes=10)
-# Chunks embedded and written together: one progress update and lease renewal per batch, and
-# the longest a shutdown waits for a worker (about a second with the packaged model).
+# Chunks embedded and written together: one progress update per batch, and the longest a
+# shutdown waits for a worker (about a second with the packaged model).
 EMBED_BATCH = 32
 # How often an idle worker looks in the registry for jobs the in-process queue does not know
-# (another process's, or more than the queue held at start-up), and for expired leases.
+# (another process's, or more than the queue held at start-up).
 POLL_SECONDS = 2.0
-RECLAIM_SECONDS = 60.0
+# Heartbeats per lease: a lease survives a missed beat or two (a registry that answers slowly).
+BEATS_PER_LEASE = 4
 _WAKE_UP = ""  # not a job id: put on the queue only to wake a worker at shutdown
 
 
@@ -66,23 +68,78 @@ def chunk_id(document_id: str, index: int) -> str:
     return f"{document_id}-{index}"
 
 
-def recover_interrupted(registry: JobQueue, store: VectorIndex, *, every_running: bool) -> None:
+def recover_interrupted(
+    registry: JobQueue,
+    store: VectorIndex,
+    *,
+    every_running: bool,
+    observer: StageObserver = NO_OBSERVER,
+) -> list[str]:
     """Queue again the running jobs no worker runs, or fail those out of attempts (their
-    unfinished documents' vectors removed first, so a crash here is repaired next time)."""
+    unfinished documents' vectors removed first, so a crash here is repaired next time).
+    The ids of the jobs queued again."""
+    requeued = []
     for job in registry.find_interrupted(every_running=every_running, max_attempts=MAX_ATTEMPTS):
+        facts = {"job_id": job.job_id, "previous_owner": job.lease_owner}
         if job.gives_up:
             store.delete_documents(job.tenant, job.document_ids)
             registry.give_up(
                 job.job_id, job.document_ids, JobError("Ingestion interrupted", INTERRUPTED_DETAIL)
             )
-            logger.warning("job %s failed: interrupted %d times", job.job_id, MAX_ATTEMPTS)
-        else:
-            registry.requeue(job.job_id)
-            logger.info("job %s was interrupted; queued again", job.job_id)
+            observer.ingest_job("given_up")
+            logger.warning(
+                "job %s given up: interrupted %d times (last worker %s)",
+                job.job_id,
+                MAX_ATTEMPTS,
+                job.lease_owner,
+                extra=facts,
+            )
+        elif registry.requeue(job.job_id, job.lease_owner):
+            requeued.append(job.job_id)
+            observer.ingest_job("reclaimed")
+            logger.warning(
+                "job %s reclaimed: its worker %s stopped renewing its lease; queued again",
+                job.job_id,
+                job.lease_owner,
+                extra=facts,
+            )
+    return requeued
 
 
 class _Stopping(Exception):
     """The service is shutting down: leave the job for the next start."""
+
+
+class _Held:
+    """The jobs this process runs, by id with their lease owner, and those whose lease the
+    heartbeat found taken: the running thread abandons such a job at its next batch."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owners: dict[str, str] = {}
+        self.lost: set[str] = set()
+
+    def add(self, job_id: str, owner: str) -> None:
+        with self.lock:
+            self.owners[job_id] = owner
+            self.lost.discard(job_id)
+
+    def remove(self, job_id: str) -> None:
+        with self.lock:
+            self.owners.pop(job_id, None)
+            self.lost.discard(job_id)
+
+    def snapshot(self) -> dict[str, str]:
+        with self.lock:
+            return dict(self.owners)
+
+    def mark_lost(self, job_id: str) -> None:
+        with self.lock:
+            self.lost.add(job_id)
+
+    def is_lost(self, job_id: str) -> bool:
+        with self.lock:
+            return job_id in self.lost
 
 
 class IngestWorkers:
@@ -96,6 +153,7 @@ class IngestWorkers:
         chunker: Chunker,
         threads: int,
         queue_size: int,
+        lease: timedelta,
         observer: StageObserver,
     ) -> None:
         self._observer = observer
@@ -105,16 +163,21 @@ class IngestWorkers:
         self._embeddings = embeddings
         self._chunker = chunker
         self._thread_count = threads
+        self._lease = lease
+        self._queue_size = queue_size
         self._queue: queue.Queue[str] = queue.Queue(maxsize=queue_size)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._held = _Held()
+        self._heartbeat: threading.Thread | None = None
+        self._heartbeat_stop = threading.Event()
         # Notified whenever a job finishes, so that waiters need not poll quickly.
         self._changed = threading.Condition()
-        self._reclaim_lock = threading.Lock()
-        self._next_reclaim = time.monotonic() + RECLAIM_SECONDS
         self._owner_prefix = f"{socket.gethostname()}/{os.getpid()}"
 
     def start(self) -> None:
+        if self._thread_count == 0:
+            return  # this process only queues: other processes run the jobs
         for job_id in self._registry.queued_job_ids(self._queue.maxsize):
             # Jobs beyond the queue's room stay queued in the registry: idle workers poll it.
             if not self.offer(job_id):
@@ -125,9 +188,15 @@ class IngestWorkers:
             )
             thread.start()
             self._threads.append(thread)
+        self._heartbeat = threading.Thread(
+            target=self._beat, name="ragapi-ingest-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
 
     def stop(self, timeout: float) -> None:
-        """Stop promptly: a worker finishes its current batch, then gives its job back."""
+        """Stop within ``timeout``: a worker finishes its current batch, then gives its job
+        back; a job whose worker is still busy then is queued again (counted as an attempt, so
+        that its next run first removes what this one wrote)."""
         self._stopping.set()
         for _ in self._threads:
             # Wakes a worker waiting on the queue; a full queue wakes them all anyway.
@@ -138,11 +207,32 @@ class IngestWorkers:
             if thread.is_alive():
                 logger.warning("%s did not stop in time", thread.name)
         self._threads.clear()
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout)
+        for job_id, owner in self._held.snapshot().items():
+            self._held.mark_lost(job_id)  # its thread, if it ever wakes, writes nothing more
+            if self._registry.requeue(job_id, owner):
+                logger.warning(
+                    "job %s queued again: still running at shutdown",
+                    job_id,
+                    extra={"job_id": job_id},
+                )
+
+    def alive(self) -> bool:
+        """Every ingestion thread and the heartbeat run (a liveness probe's question)."""
+        threads = [*self._threads, *([self._heartbeat] if self._heartbeat else [])]
+        return not self._stopping.is_set() and all(thread.is_alive() for thread in threads)
 
     def has_room(self) -> bool:
+        if self._thread_count == 0:
+            # Nothing drains a local queue: the registry's queue is the one that fills.
+            return self._registry.count_queued() < self._queue_size
         return not self._queue.full()
 
     def offer(self, job_id: str) -> bool:
+        if self._thread_count == 0:
+            return False
         try:
             self._queue.put_nowait(job_id)
         except queue.Full:
@@ -152,6 +242,33 @@ class IngestWorkers:
     def wait_for_change(self, timeout: float) -> None:
         with self._changed:
             self._changed.wait(timeout)
+
+    def _beat(self) -> None:
+        """Renew the lease of every job in hand, and queue again the jobs of workers that
+        stopped renewing theirs (so a dead process's job waits one lease, not a restart)."""
+        interval = self._lease.total_seconds() / BEATS_PER_LEASE
+        while not self._heartbeat_stop.wait(interval):
+            for job_id, owner in self._held.snapshot().items():
+                try:
+                    self._registry.renew_lease(job_id, owner, self._lease)
+                except LeaseLost:
+                    self._held.mark_lost(job_id)
+                    logger.warning(
+                        "job %s: lease taken by another worker", job_id, extra={"job_id": job_id}
+                    )
+                except Exception:
+                    logger.warning("job %s: lease not renewed", job_id, exc_info=True)
+            if self._stopping.is_set():
+                continue
+            try:
+                requeued = recover_interrupted(
+                    self._registry, self._store, every_running=False, observer=self._observer
+                )
+            except Exception:
+                logger.warning("expired leases not checked", exc_info=True)
+                continue
+            for job_id in requeued:
+                self.offer(job_id)
 
     def _loop(self) -> None:
         owner = f"{self._owner_prefix}/{uuid.uuid4().hex[:8]}"
@@ -163,11 +280,13 @@ class IngestWorkers:
             if self._stopping.is_set():
                 return
             try:
-                if job_id is None:
-                    self._reclaim_expired()
-                claimed = self._registry.claim_job(job_id, owner, LEASE)
+                claimed = self._registry.claim_job(job_id or None, owner, self._lease)
                 if claimed is not None:
-                    self._run(claimed, owner)
+                    self._held.add(claimed.id, owner)
+                    try:
+                        self._run(claimed, owner)
+                    finally:
+                        self._held.remove(claimed.id)
             except DependencyUnavailable:
                 pass  # a store is down; its Dependency logged the outage once
             except Exception:
@@ -177,23 +296,19 @@ class IngestWorkers:
                 with self._changed:
                     self._changed.notify_all()
 
-    def _reclaim_expired(self) -> None:
-        with self._reclaim_lock:
-            if time.monotonic() < self._next_reclaim:
-                return
-            self._next_reclaim = time.monotonic() + RECLAIM_SECONDS
-        recover_interrupted(self._registry, self._store, every_running=False)
-
     def _run(self, job: ClaimedJob, owner: str) -> None:
-        logger.info("job %s: attempt %d", job.id, job.attempt)
+        facts = {"job_id": job.id, "attempt": job.attempt, "owner": owner}
+        self._observer.ingest_job("claimed")
+        logger.info("job %s claimed by %s (attempt %d)", job.id, owner, job.attempt, extra=facts)
         try:
             failures = self._index_job(job, owner)
         except _Stopping:
-            self._registry.release_job(job.id, owner)
-            logger.info("job %s given back at shutdown", job.id)
+            if self._registry.release_job(job.id, owner):
+                self._observer.ingest_job("released")
+                logger.info("job %s given back at shutdown", job.id, extra=facts)
             return
         except LeaseLost:
-            logger.warning("job %s: lease lost to another worker; abandoned", job.id)
+            logger.warning("job %s: lease lost to another worker; abandoned", job.id, extra=facts)
             return
         except DependencyUnavailable:
             # A store is down (its Dependency logged it): the job goes back to the queue, not
@@ -210,7 +325,15 @@ class IngestWorkers:
                 detail=f"{len(failures)} document(s) could not be indexed: {failures[0]}",
             )
         self._registry.finish_job(job.id, owner, error)
-        logger.info("job %s %s", job.id, "failed" if error else "succeeded")
+        self._observer.ingest_job("failed" if error else "succeeded")
+        logger.info("job %s %s", job.id, "failed" if error else "succeeded", extra=facts)
+
+    def _check_in_hand(self, job: ClaimedJob) -> None:
+        """Between steps: stop for a shutdown, or for a lease the heartbeat lost."""
+        if self._stopping.is_set():
+            raise _Stopping
+        if self._held.is_lost(job.id):
+            raise LeaseLost(job.id)
 
     def _index_job(self, job: ClaimedJob, owner: str) -> list[str]:
         """Index the job's pending documents; the reasons of those that failed."""
@@ -222,8 +345,7 @@ class IngestWorkers:
         failures: list[str] = []
         planned: list[tuple[DocumentWork, list[ChunkSpan]]] = []
         for document in work:
-            if self._stopping.is_set():
-                raise _Stopping
+            self._check_in_hand(job)
             try:
                 spans = self._chunk(document)
             except DependencyUnavailable:
@@ -232,11 +354,10 @@ class IngestWorkers:
                 self._fail(document, exc, failures)
                 continue
             planned.append((document, spans))
-            self._registry.renew_lease(job.id, owner, LEASE)
         self._registry.start_progress(
             job.id,
             owner,
-            LEASE,
+            self._lease,
             total=sum(len(spans) for _, spans in planned),
             document_ids=[document.id for document in work],
         )
@@ -245,7 +366,10 @@ class IngestWorkers:
                 self._index_document(job, owner, document, spans)
             except _Stopping:
                 # The job goes back without counting an attempt: leave it no vectors to clean.
-                self._store.delete_documents(document.tenant, [document.id])
+                # Unless shutdown already queued it again (this thread overran its stop time):
+                # another worker may be writing this document's vectors by now.
+                if not self._held.is_lost(job.id):
+                    self._store.delete_documents(document.tenant, [document.id])
                 raise
             except (LeaseLost, DependencyUnavailable):
                 raise
@@ -267,8 +391,7 @@ class IngestWorkers:
         self, job: ClaimedJob, owner: str, document: DocumentWork, spans: Sequence[ChunkSpan]
     ) -> None:
         for start in range(0, len(spans), EMBED_BATCH):
-            if self._stopping.is_set():
-                raise _Stopping
+            self._check_in_hand(job)
             chunks = [
                 Chunk(
                     id=chunk_id(document.id, span.index),
@@ -288,11 +411,11 @@ class IngestWorkers:
             if len(vectors) != len(chunks):
                 raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
             self._store.add(document.tenant, chunks, vectors, document.metadata)
-            if not self._registry.add_chunks(job.id, owner, LEASE, document.id, chunks):
+            if not self._registry.add_chunks(job.id, owner, self._lease, document.id, chunks):
                 # Its deletion began after our vectors were written, perhaps after the deleter
                 # removed the document's vectors: remove ours, and count the rest as not due.
                 self._store.delete_documents(document.tenant, [document.id])
-                self._registry.skip_chunks(job.id, owner, LEASE, len(spans) - start)
+                self._registry.skip_chunks(job.id, owner, self._lease, len(spans) - start)
                 return
         stored = self._store.count(document.tenant, [chunk_id(document.id, s.index) for s in spans])
         if stored != len(spans):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from impl.db import open_database
+from impl.db import Database, open_database
 from impl.errors import ConfigurationError
 from impl.rag import lexical
 from impl.rag.chunk_rows import Chunks
@@ -47,6 +47,11 @@ class Registry(Documents, JobRows, Chunks):
                     lexical.index_chunks(session, tenant, chunks)
         except IntegrityError:
             return  # indexed already, or by the process that claimed it first
+
+    @property
+    def database(self) -> Database:
+        """The registry's database, for stores kept in it too (originals)."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()

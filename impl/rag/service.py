@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import PurePath
 
 from impl.errors import (
@@ -36,6 +36,7 @@ from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, 
 from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
+from impl.rag.originals import content_key
 from impl.rag.parsing import ParserProcesses
 from impl.rag.store import ScoredChunk, admits, build_where, validate_metadata
 from impl.rag.stores import Stores, build_stores
@@ -70,7 +71,6 @@ MAX_TITLE_CHARS = 300  # the contract's bound on a given title
 # Hits of documents that are not ready (still indexing, being deleted) are excluded and the
 # search repeated; each round excludes at least one more such document.
 _SEARCH_ROUNDS = 4
-_STOP_TIMEOUT_SECONDS = 15.0
 _WAIT_SLICE_SECONDS = 0.5
 _HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 
@@ -220,6 +220,7 @@ class RagService:
                 ),
                 threads=settings.ingest_workers,
                 queue_size=settings.ingest_queue_size,
+                lease=timedelta(seconds=settings.job_lease_seconds),
                 observer=observer,
             )
             cleanup.pop_all()
@@ -241,7 +242,10 @@ class RagService:
         # With embedded Chroma no other process can be running jobs on this data, so every
         # running job is an interrupted one; with a server, only those whose lease expired.
         recover_interrupted(
-            self._jobs, self._vectors, every_running=self._settings.chroma_url is None
+            self._jobs,
+            self._vectors,
+            every_running=self._settings.chroma_url is None,
+            observer=self._observer,
         )
         for target in self._documents.being_deleted():
             self._finish_delete(target)
@@ -253,8 +257,12 @@ class RagService:
             if self._closed:
                 return
             self._closed = True
-        self._workers.stop(_STOP_TIMEOUT_SECONDS)
+        self._workers.stop(self._settings.worker_stop_seconds)
         self._stores.close()
+
+    def ingestion_alive(self) -> bool:
+        """The ingestion threads and their lease heartbeat run (a worker's liveness)."""
+        return self._workers.alive()
 
     def store_counts(self) -> StoreCounts:
         """Documents and jobs by status and chunks held, over every tenant (for metrics)."""
@@ -289,8 +297,9 @@ class RagService:
             existing = self._documents.find_live(tenant, [p.sha256 for p in prepared])
             if any(p.sha256 not in existing for p in prepared) and not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
-            new_documents = [self._store_original(p) for p in prepared]
-            job = self._documents.register_ingest(tenant, new_documents)
+            contents: dict[str, bytes] = {}
+            new_documents = [self._store_original(p, contents) for p in prepared]
+            job = self._documents.register_ingest(tenant, new_documents, contents)
             if job.status == "queued":
                 # Room was checked under the same lock, and only submissions fill the queue.
                 self._workers.offer(job.id)
@@ -317,11 +326,19 @@ class RagService:
             title=derive_title(item, extracted),
         )
 
-    def _store_original(self, prepared: _Prepared) -> NewDocument:
-        # Stored even when the content looks like a duplicate: storing is a no-op for bytes
-        # already held, and the registry decides duplicates again in its own transaction.
-        original_key = self._originals.put(prepared.item.content)
-        extracted_key = self._originals.put(encode_extracted(prepared.extracted))
+    def _store_original(self, prepared: _Prepared, contents: dict[str, bytes]) -> NewDocument:
+        """The document to register. Its bytes and extracted text are stored now, or, when the
+        registry holds them, added to ``contents`` for the transaction that registers it."""
+        original = prepared.item.content
+        extracted = encode_extracted(prepared.extracted)
+        if self._originals.written_with_documents:
+            original_key, extracted_key = content_key(original), content_key(extracted)
+            contents.update({original_key: original, extracted_key: extracted})
+        else:
+            # Stored even when the content looks like a duplicate: storing is a no-op for bytes
+            # already held, and the registry decides duplicates again in its own transaction.
+            original_key = self._originals.put(original)
+            extracted_key = self._originals.put(extracted)
         return NewDocument(
             sha256=prepared.sha256,
             title=prepared.title,
@@ -408,11 +425,13 @@ class RagService:
 
     def _finish_delete(self, target: StoredObjects) -> None:
         self._vectors.delete_documents(target.tenant, [target.document_id])
-        with self._ingest_lock:
-            in_use = self._documents.keys_in_use(target.keys, excluding=target.document_id)
-            for key in set(target.keys) - in_use:
-                self._originals.delete(key)
-        self._documents.delete_document_row(target.document_id)
+        in_registry = self._originals.written_with_documents
+        if not in_registry:
+            with self._ingest_lock:
+                in_use = self._documents.keys_in_use(target.keys, excluding=target.document_id)
+                for key in set(target.keys) - in_use:
+                    self._originals.delete(key)
+        self._documents.delete_document_row(target, drop_contents=in_registry)
 
     # -- retrieval ----------------------------------------------------------------------------
 

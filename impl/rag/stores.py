@@ -11,7 +11,7 @@ touching them. Today one SQL registry (impl/rag/registry.py, SQLite or PostgreSQ
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -19,7 +19,7 @@ from typing import Protocol
 from impl.rag.documents import NewDocument, StoredObjects
 from impl.rag.job_queue import ClaimedJob, DocumentWork, Interrupted
 from impl.rag.lexical import LexicalHit
-from impl.rag.originals import LocalOriginalStore, OriginalStore
+from impl.rag.originals import OriginalStore, open_originals
 from impl.rag.registry import Registry
 from impl.rag.store import ScoredChunk, VectorStore
 from impl.rag.types import (
@@ -45,9 +45,15 @@ class DocumentRegistry(Protocol):
         """{sha256: document id} of the tenant's documents (not being deleted) with these."""
         ...
 
-    def register_ingest(self, tenant: str, items: Sequence[NewDocument]) -> Job:
+    def register_ingest(
+        self,
+        tenant: str,
+        items: Sequence[NewDocument],
+        contents: Mapping[str, bytes] | None = None,
+    ) -> Job:
         """New documents and their job in one transaction; content already held becomes a
-        duplicate of the existing document."""
+        duplicate of the existing document. ``contents``: the originals' bytes by key, when
+        the registry holds them."""
         ...
 
     def get_document(self, tenant: str, document_id: str) -> Document | None: ...
@@ -87,7 +93,9 @@ class DocumentRegistry(Protocol):
 
     def keys_in_use(self, keys: Sequence[str], excluding: str) -> set[str]: ...
 
-    def delete_document_row(self, document_id: str) -> None: ...
+    def delete_document_row(self, target: StoredObjects, *, drop_contents: bool) -> None:
+        """``drop_contents``: also the registry's copies of its unshared originals."""
+        ...
 
     def counts(self) -> StoreCounts: ...
 
@@ -132,11 +140,17 @@ class JobQueue(Protocol):
 
     def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None: ...
 
-    def release_job(self, job_id: str, owner: str) -> None: ...
+    def release_job(self, job_id: str, owner: str) -> bool:
+        """False when ``owner`` no longer held the job."""
+        ...
 
     def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]: ...
 
-    def requeue(self, job_id: str) -> None: ...
+    def requeue(self, job_id: str, owner: str | None) -> bool:
+        """False when ``owner`` no longer held the job."""
+        ...
+
+    def count_queued(self) -> int: ...
 
     def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None: ...
 
@@ -202,9 +216,9 @@ class Stores:
 
 def build_stores(settings: Settings, model_id: str, dimension: int) -> Stores:
     """The stores the settings name: the registry at ``registry_url`` (SQLite under data_dir
-    by default), Chroma at ``chroma_url`` (embedded by default), the originals under data_dir.
-    Refuses a registry or vector store built with another embedding model than
-    ``model_id``."""
+    by default), Chroma at ``chroma_url`` (embedded by default), the originals at
+    ``originals_url`` (a folder under data_dir by default). Refuses a registry or vector store
+    built with another embedding model than ``model_id``."""
     with contextlib.ExitStack() as opened:
         # Whatever fails below closes what was already opened.
         registry = Registry(
@@ -214,7 +228,7 @@ def build_stores(settings: Settings, model_id: str, dimension: int) -> Stores:
         registry.check_model(model_id, dimension)
         vectors = VectorStore(settings, model_id, dimension)
         opened.callback(vectors.close)
-        originals = LocalOriginalStore(settings.data_dir / "originals")
+        originals = open_originals(settings, registry.database)
         closing = opened.pop_all()
     return Stores(
         documents=registry,

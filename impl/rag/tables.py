@@ -1,7 +1,7 @@
 """The registry's tables (documents, ingestion jobs and the documents each covers, chunk rows,
-store-wide facts) and what its parts share about their rows. The migrations (impl/migrations)
-build them; the lexical index's tables are in lexical.py, the API keys' in
-impl/security/keys.py."""
+originals when the registry holds them, store-wide facts) and what its parts share about their
+rows. The migrations (impl/migrations) build them; the lexical index's tables are in
+lexical.py, the API keys' in impl/security/keys.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -108,6 +109,15 @@ class JobDocumentRow(Base):
     tenant: Mapped[str] = mapped_column(String(256))
     position: Mapped[int] = mapped_column(Integer)
     duplicate: Mapped[bool] = mapped_column(Boolean)
+
+
+class OriginalRow(Base):
+    """An original's bytes (or its extracted text) by sha256, when the registry holds them
+    (RAGAPI_ORIGINALS_URL=registry://); tenants share rows, as they share files."""
+
+    __tablename__ = "originals"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ChunkRow(Base):

@@ -220,15 +220,21 @@ class StoreCounts:
     chunks: int  # of ready documents
 
 
+JobEvent = Literal["claimed", "succeeded", "failed", "released", "reclaimed", "given_up"]
+
+
 class StageObserver(Protocol):
-    """Told how long each stage of the RAG stack took, and how many chunks were embedded;
-    the web layer turns it into metrics (impl/rag knows nothing of Prometheus)."""
+    """Told how long each stage of the RAG stack took, how many chunks were embedded and what
+    became of the ingestion jobs a process handled; the observability layer turns it into
+    metrics (impl/rag knows nothing of Prometheus)."""
 
     def observe(
         self, stage: Literal["embedding", "retrieval", "generation"], seconds: float
     ) -> None: ...
 
     def chunks_embedded(self, count: int) -> None: ...
+
+    def ingest_job(self, event: JobEvent) -> None: ...
 
 
 class _NoObserver:
@@ -238,6 +244,9 @@ class _NoObserver:
         pass
 
     def chunks_embedded(self, count: int) -> None:
+        pass
+
+    def ingest_job(self, event: JobEvent) -> None:
         pass
 
 

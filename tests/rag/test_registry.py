@@ -249,8 +249,11 @@ def test_interrupted_jobs_are_requeued_then_given_up(registry: Registry) -> None
         [found] = registry.find_interrupted(every_running=True, max_attempts=3)
         assert found.document_ids == [doc_id]
         assert found.gives_up == (attempt == 3)
+        assert found.lease_owner == "owner"
         if not found.gives_up:
-            registry.requeue(job.id)
+            # Of two processes reclaiming it, the one naming the holder it saw wins.
+            assert registry.requeue(job.id, "owner")
+            assert not registry.requeue(job.id, "owner")
     registry.give_up(job.id, [doc_id], JobError("Ingestion interrupted", "interrupted too often"))
     finished = registry.get_job("t", job.id)
     assert finished is not None and finished.status == "failed"

@@ -1,0 +1,105 @@
+"""Where originals live: the registry's database (written with the document row, removed with
+its last user's row), a folder named by URL, and the sweep of files no document references."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from impl.errors import ConfigurationError
+from impl.rag.originals import LocalOriginalStore, content_key, open_originals
+from tests.documents import CORPUS
+from tests.rag.conftest import ServiceFactory, ingest, make_settings, text_item
+from tests.test_cli import ragapi
+
+TENANT = "acme"
+OTHER = "globex"
+
+
+def stored_keys(registry_url: str) -> set[str]:
+    engine = create_engine(registry_url)
+    try:
+        with engine.connect() as connection:
+            return set(connection.execute(text("SELECT key FROM originals")).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_the_registry_holds_the_originals_and_frees_them_with_their_last_document(
+    make_service: ServiceFactory, registry_url: str, data_dir: Path
+) -> None:
+    service = make_service(
+        registry_url=registry_url, registry_auto_upgrade=True, originals_url="registry://"
+    )
+    saturn, bread = CORPUS["saturn"], CORPUS["sourdough"]
+    saturn_text = "\n\n".join(saturn.paragraphs)
+    job = ingest(
+        service,
+        TENANT,
+        [text_item(saturn_text, title=saturn.title), text_item("\n\n".join(bread.paragraphs))],
+    )
+    saturn_id, bread_id = job.document_ids
+    # The other tenant holds the same bytes: one stored row serves both.
+    ingest(service, OTHER, [text_item(saturn_text)])
+
+    assert not (data_dir / "originals").exists() or not any((data_dir / "originals").rglob("*"))
+    held = stored_keys(registry_url)
+    assert content_key(saturn_text.encode()) in held
+    assert len(held) == 4  # two originals, two extracted texts
+    assert service.search(TENANT, saturn.question, top_k=1)[0].chunk.document_id == saturn_id
+
+    service.delete_document(TENANT, saturn_id)
+    assert stored_keys(registry_url) == held  # the other tenant's document still uses them
+    service.delete_document(TENANT, bread_id)
+    assert content_key(saturn_text.encode()) in stored_keys(registry_url)
+    assert len(stored_keys(registry_url)) == 2
+
+
+def test_a_folder_by_url_holds_the_originals(make_service: ServiceFactory, tmp_path: Path) -> None:
+    shared = tmp_path / "shared-volume"
+    service = make_service(originals_url=f"file://{shared}")
+    content = "\n\n".join(CORPUS["saturn"].paragraphs).encode()
+    ingest(service, TENANT, [text_item(content.decode())])
+    assert LocalOriginalStore(shared).get(content_key(content)) == content
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/originals", "file://relative/folder", "registry"])
+def test_an_unknown_originals_url_is_refused_naming_the_choices(tmp_path: Path, url: str) -> None:
+    settings = make_settings(tmp_path, originals_url=url)
+    with pytest.raises(ConfigurationError, match="file:///absolute/folder or registry://"):
+        open_originals(settings, database=None)  # type: ignore[arg-type]
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_sweep_removes_old_unreferenced_files_only(
+    make_service: ServiceFactory, data_dir: Path
+) -> None:
+    service = make_service()
+    content = "Kept: a document references these bytes."
+    ingest(service, TENANT, [text_item(content)])
+    service.close()
+    folder = LocalOriginalStore(data_dir / "originals")
+    orphan = folder.put(b"stored by an upload whose process died before registering it")
+    in_flight = folder.put(b"stored a moment ago, its document about to be registered")
+    leftover = data_dir / "originals" / "ab" / "cd" / ".tmp-crashed"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a file")
+    for path in (data_dir / "originals").rglob("*"):
+        if path.is_file() and path.name != in_flight:
+            age(path, 7200)
+
+    swept = ragapi(data_dir, "originals", "sweep")
+
+    assert swept.returncode == 0, swept.stderr
+    assert swept.stdout.strip() == "2 unreferenced file(s) removed"
+    assert not folder.exists(orphan) and not leftover.exists()
+    assert folder.exists(in_flight)
+    assert folder.exists(content_key(content.encode()))
