@@ -136,8 +136,10 @@ class IngestUpload(BaseModel):
     metadata: Metadata | MISSING = MISSING
 
 
-class JobStatus(RootModel[Literal["queued", "running", "succeeded", "failed"]]):
-    root: Literal["queued", "running", "succeeded", "failed"]
+class JobStatus(
+    RootModel[Literal["queued", "running", "succeeded", "failed", "cancelled"]]
+):
+    root: Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class DocumentStatus(RootModel[Literal["pending", "ready", "failed"]]):
@@ -178,6 +180,10 @@ class Document(BaseModel):
     size_bytes: Annotated[int, Field(ge=0)]
     sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
     chunk_count: Annotated[int, Field(ge=0)]
+    version: Annotated[int, Field(ge=1)]
+    """
+    1 when ingested; one more with each replacement of its content.
+    """
     status: DocumentStatus
     created_at: AwareDatetime
     updated_at: AwareDatetime
@@ -185,6 +191,28 @@ class Document(BaseModel):
     error: str | None
     """
     Why ingestion failed; null unless `status` is `failed`.
+    """
+
+
+class DocumentPatch(BaseModel):
+    """
+    A JSON Merge Patch (RFC 7396) of a document's title and metadata.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    title: Annotated[str | MISSING, Field(max_length=300, min_length=1)] = MISSING
+    metadata: (
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")],
+            MetadataValue | None,
+        ]
+        | None
+        | MISSING
+    ) = MISSING
+    """
+    Keys to set; a key set to null is removed; null removes every key.
     """
 
 
@@ -500,6 +528,30 @@ class IngestDocumentsParams(BaseModel):
     wait: bool = False
 
 
+class ListJobsParams(BaseModel):
+    """
+    Path and query parameters of listJobs.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | MISSING, Field(max_length=512, min_length=1)] = MISSING
+    status: JobStatus | MISSING = MISSING
+
+
+class CancelJobParams(BaseModel):
+    """
+    Path and query parameters of cancelJob.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    job_id: ResourceId
+
+
 class GetJobParams(BaseModel):
     """
     Path and query parameters of getJob.
@@ -538,9 +590,32 @@ class GetDocumentParams(BaseModel):
     doc_id: ResourceId
 
 
+class ReplaceDocumentParams(BaseModel):
+    """
+    Path and query parameters of replaceDocument.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    doc_id: ResourceId
+    wait: bool = False
+
+
 class DeleteDocumentParams(BaseModel):
     """
     Path and query parameters of deleteDocument.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    doc_id: ResourceId
+
+
+class PatchDocumentParams(BaseModel):
+    """
+    Path and query parameters of patchDocument.
     """
 
     model_config = ConfigDict(
@@ -703,7 +778,11 @@ class Job(BaseModel):
     """
     duplicate_document_ids: list[ResourceId]
     """
-    The documents that were already stored with the same content.
+    The documents that were already stored with the same content (for a replacement: the document, when its content is unchanged).
+    """
+    cancel_requested: bool
+    """
+    A cancellation was asked for; a running job stops at its next batch.
     """
     error: Problem | None
     """
@@ -717,6 +796,17 @@ class IngestResponse(BaseModel):
     )
     job: Job
     documents: list[Document]
+
+
+class JobPage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    items: list[Job]
+    next_cursor: str | None
+    """
+    Pass as `cursor` for the next page; null on the last page.
+    """
 
 
 class Retrieval(BaseModel):

@@ -45,7 +45,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 UPGRADE_COMMAND = "ragapi db upgrade"
 # The newest migration's revision (tests/test_db.py holds it to alembic's head): a database at
 # it needs nothing, and finding that out needs no alembic.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0004"
 # Held (pg_advisory_xact_lock) while migrations run, so that processes starting at once on a
 # fresh PostgreSQL migrate one after the other instead of racing on CREATE TABLE.
 _MIGRATION_LOCK = 0x72616761  # "raga"
@@ -90,6 +90,21 @@ def decode_cursor(cursor: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InvalidInput("the cursor is not valid")
     return payload
+
+
+def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a newest-first page ended with, from its cursor."""
+    payload = decode_cursor(cursor)
+    created, item_id = payload.get("t"), payload.get("i")
+    if not isinstance(created, str) or not isinstance(item_id, str):
+        raise InvalidInput("the cursor is not valid")
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:
+        raise InvalidInput("the cursor is not valid") from None
+    if when.tzinfo is None:
+        raise InvalidInput("the cursor is not valid")
+    return when, item_id
 
 
 def _prepare_sqlite(engine: Engine) -> None:

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from impl.db import open_database
 from impl.errors import ConfigurationError, InvalidInput
 from impl.rag.documents import NewDocument
-from impl.rag.job_queue import LeaseLost
+from impl.rag.job_queue import DocumentWork, LeaseLost
 from impl.rag.registry import Registry
 from impl.rag.types import Chunk, Document, JobError
 
@@ -177,17 +177,22 @@ def test_a_job_is_claimed_once_and_oldest_first(registry: Registry) -> None:
     assert registry.claim_job(None, "worker-c", LEASE) is None
 
 
+def new_work(doc_id: str) -> DocumentWork:
+    """What a worker indexes of a new document (tenant "t")."""
+    return DocumentWork(id=doc_id, tenant="t", extracted_key="", metadata={})
+
+
 def test_progress_needs_the_lease(registry: Registry) -> None:
     job = registry.register_ingest("t", [new_document("x")])
     doc_id = job.document_ids[0]
     registry.claim_job(job.id, "owner", LEASE)
-    registry.start_progress(job.id, "owner", LEASE, total=2, document_ids=[doc_id])
+    registry.start_progress(job.id, "owner", LEASE, total=2, work=registry.job_work(job.id))
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
-    assert registry.add_chunks(job.id, "owner", LEASE, doc_id, [chunk])
+    assert registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), [chunk])
     assert registry.get_job("t", job.id).chunks_done == 1  # type: ignore[union-attr]
     second = Chunk(f"{doc_id}-1", doc_id, 1, "more", None, 4, 8)
     with pytest.raises(LeaseLost):
-        registry.add_chunks(job.id, "intruder", LEASE, doc_id, [second])
+        registry.add_chunks(job.id, "intruder", LEASE, new_work(doc_id), [second])
     # The refused write left nothing behind.
     page = registry.list_chunks("t", doc_id, limit=10, cursor=None)
     assert page is not None and [c.index for c in page.items] == [0]
@@ -203,7 +208,7 @@ def test_chunks_are_refused_once_deletion_began(registry: Registry) -> None:
     registry.claim_job(job.id, "owner", LEASE)
     assert registry.mark_deleting("t", doc_id) is not None
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
-    assert not registry.add_chunks(job.id, "owner", LEASE, doc_id, [chunk])
+    assert not registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), [chunk])
     assert not registry.mark_ready(doc_id, 1)
     assert registry.get_document("t", doc_id) is None
 
@@ -214,8 +219,8 @@ def test_chunk_pages_follow_the_index(registry: Registry) -> None:
     registry.claim_job(job.id, "owner", LEASE)
     chunks = [Chunk(f"{doc_id}-{i}", doc_id, i, f"c{i}", 1, i, i + 1) for i in range(7)]
     # Written out of order, read back by index.
-    registry.add_chunks(job.id, "owner", LEASE, doc_id, chunks[4:])
-    registry.add_chunks(job.id, "owner", LEASE, doc_id, chunks[:4])
+    registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), chunks[4:])
+    registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), chunks[:4])
     seen, cursor = [], None
     while True:
         page = registry.list_chunks("t", doc_id, limit=3, cursor=cursor)

@@ -12,6 +12,8 @@ from .citation import Citation
 from .component_state import ComponentState
 from .document import Document
 from .document_page import DocumentPage
+from .document_patch import DocumentPatch
+from .document_patch_metadata_type_0 import DocumentPatchMetadataType0
 from .document_status import DocumentStatus
 from .field_error import FieldError
 from .health import Health
@@ -20,6 +22,7 @@ from .ingest_response import IngestResponse
 from .ingest_text import IngestText
 from .ingest_upload import IngestUpload
 from .job import Job
+from .job_page import JobPage
 from .job_status import JobStatus
 from .media_type import MediaType
 from .metadata import Metadata
@@ -63,6 +66,8 @@ __all__ = (
     "ComponentState",
     "Document",
     "DocumentPage",
+    "DocumentPatch",
+    "DocumentPatchMetadataType0",
     "DocumentStatus",
     "FieldError",
     "Health",
@@ -71,6 +76,7 @@ __all__ = (
     "IngestText",
     "IngestUpload",
     "Job",
+    "JobPage",
     "JobStatus",
     "MediaType",
     "Metadata",

@@ -9,12 +9,17 @@ import httpx
 from ... import errors
 from ...client import AuthenticatedClient, Client
 from ...models.problem import Problem
-from ...types import Response
+from ...types import UNSET, Response, Unset
 
 
 def _get_kwargs(
     doc_id: str,
+    *,
+    if_match: str | Unset = UNSET,
 ) -> dict[str, Any]:
+    headers: dict[str, Any] = {}
+    if not isinstance(if_match, Unset):
+        headers["If-Match"] = if_match
 
     _kwargs: dict[str, Any] = {
         "method": "delete",
@@ -23,6 +28,7 @@ def _get_kwargs(
         ),
     }
 
+    _kwargs["headers"] = headers
     return _kwargs
 
 
@@ -52,6 +58,16 @@ def _parse_response(
         response_404 = Problem.from_dict(response.json())
 
         return response_404
+
+    if response.status_code == 412:
+        response_412 = Problem.from_dict(response.json())
+
+        return response_412
+
+    if response.status_code == 428:
+        response_428 = Problem.from_dict(response.json())
+
+        return response_428
 
     if response.status_code == 429:
         response_429 = Problem.from_dict(response.json())
@@ -89,14 +105,17 @@ def sync_detailed(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Response[Any | Problem]:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset):
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -108,6 +127,7 @@ def sync_detailed(
 
     kwargs = _get_kwargs(
         doc_id=doc_id,
+        if_match=if_match,
     )
 
     response = client.get_httpx_client().request(
@@ -121,14 +141,17 @@ def sync(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Any | Problem | None:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset):
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -141,6 +164,7 @@ def sync(
     return sync_detailed(
         doc_id=doc_id,
         client=client,
+        if_match=if_match,
     ).parsed
 
 
@@ -148,14 +172,17 @@ async def asyncio_detailed(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Response[Any | Problem]:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset):
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -167,6 +194,7 @@ async def asyncio_detailed(
 
     kwargs = _get_kwargs(
         doc_id=doc_id,
+        if_match=if_match,
     )
 
     response = await client.get_async_httpx_client().request(**kwargs)
@@ -178,14 +206,17 @@ async def asyncio(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Any | Problem | None:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset):
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -199,5 +230,6 @@ async def asyncio(
         await asyncio_detailed(
             doc_id=doc_id,
             client=client,
+            if_match=if_match,
         )
     ).parsed
