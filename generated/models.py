@@ -71,6 +71,13 @@ class Readiness(BaseModel):
     components: Components
 
 
+class EntityTags(RootModel[str]):
+    root: Annotated[str, Field(examples=['"3f2a9c0d41b7e6a5"'])]
+    """
+    `*`, or entity tags in double quotes separated by commas (RFC 9110). A member that is not a quoted tag names no state of any document: it never matches.
+    """
+
+
 class ResourceId(RootModel[str]):
     root: Annotated[
         str, Field(examples=["doc_c9f0f895fb98ab91"], pattern="^[A-Za-z0-9_-]{1,64}$")
@@ -132,6 +139,17 @@ class IngestUpload(BaseModel):
     files: Annotated[list[bytes], Field(min_length=1)]
     """
     The files; each becomes one document.
+    """
+    metadata: Metadata | MISSING = MISSING
+
+
+class ReplaceUpload(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    files: Annotated[list[bytes], Field(max_length=1, min_length=1)]
+    """
+    The new version's file.
     """
     metadata: Metadata | MISSING = MISSING
 
@@ -622,6 +640,18 @@ class PatchDocumentParams(BaseModel):
         extra="forbid",
     )
     doc_id: ResourceId
+
+
+class ReindexDocumentParams(BaseModel):
+    """
+    Path and query parameters of reindexDocument.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    doc_id: ResourceId
+    wait: bool = False
 
 
 class ListDocumentChunksParams(BaseModel):

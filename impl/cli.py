@@ -407,6 +407,8 @@ def documents(args: argparse.Namespace) -> int:
         return replace_document(settings, args)
     if args.action == "patch":
         return patch_document(settings, args)
+    if args.action == "reindex":
+        return reindex_document(settings, args)
     with open_registry(settings) as registry:
         if args.action == "show":
             document = registry.get_document(TENANT, args.doc_id)
@@ -453,6 +455,25 @@ def replace_document(settings: Settings, args: argparse.Namespace) -> int:
         if job.status != "succeeded":
             reason = job.error.detail if job.error else f"the job is {job.status}"
             print(f"ragapi: {args.doc_id} was not replaced: {reason}", file=sys.stderr)
+            return 1
+        document = service.get_document(TENANT, args.doc_id)
+    print(f"{args.doc_id}: version {document.version}, {document.chunk_count} chunks")
+    return 0
+
+
+def reindex_document(settings: Settings, args: argparse.Namespace) -> int:
+    """The stored text cut and embedded again (current settings), followed until swapped in."""
+    from tqdm import tqdm
+
+    with (
+        open_service(settings, start_workers=True) as service,
+        tqdm(unit="chunk", leave=False, disable=not sys.stderr.isatty()) as chunk_bar,
+    ):
+        job = service.reindex_document(TENANT, args.doc_id, if_match=None)
+        job = follow(service, job, chunk_bar)
+        if job.status != "succeeded":
+            reason = job.error.detail if job.error else f"the job is {job.status}"
+            print(f"ragapi: {args.doc_id} was not re-indexed: {reason}", file=sys.stderr)
             return 1
         document = service.get_document(TENANT, args.doc_id)
     print(f"{args.doc_id}: version {document.version}, {document.chunk_count} chunks")
@@ -596,7 +617,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(run=evaluate)
 
-    p = commands.add_parser("documents", help="list, show, replace, patch or delete documents")
+    p = commands.add_parser(
+        "documents", help="list, show, replace, re-index, patch or delete documents"
+    )
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list")
     actions.add_parser("show").add_argument("doc_id")
@@ -606,6 +629,9 @@ def parser() -> argparse.ArgumentParser:
     replace.add_argument("path")
     replace.add_argument("--title", help="a new title (default: keep the current one)")
     replace.add_argument("--metadata", help="new metadata as a JSON object (default: keep)")
+    actions.add_parser(
+        "reindex", help="cut and embed the stored text again (current settings)"
+    ).add_argument("doc_id")
     patch = actions.add_parser("patch", help="change the title or metadata (no re-embedding)")
     patch.add_argument("doc_id")
     patch.add_argument("--title")

@@ -140,9 +140,12 @@ def test_documents_replace_and_patch_and_jobs_list_and_cancel(tmp_path: Path) ->
     cleared = ragapi(data, "documents", "patch", doc_id, "--metadata", "null")
     assert json.loads(cleared.stdout)["metadata"] == {}
 
+    reindexed = ragapi(data, "documents", "reindex", doc_id)
+    assert reindexed.stdout.strip() == f"{doc_id}: version 3, 1 chunks", reindexed.stderr
+
     jobs = [line.split() for line in ragapi(data, "jobs", "list").stdout.splitlines()]
-    # Newest first: the unchanged replacement, the replacement, the ingest; all succeeded.
-    assert len(jobs) == 3 and all(job[1] == "succeeded" for job in jobs)
+    # Newest first: the re-index, the unchanged replacement, the replacement, the ingest.
+    assert len(jobs) == 4 and all(job[1] == "succeeded" for job in jobs)
     assert all(job[-1] == doc_id for job in jobs)
     assert ragapi(data, "jobs", "list", "--status", "failed").stdout.strip() == "no jobs"
     refused = ragapi(data, "jobs", "cancel", jobs[0][0])

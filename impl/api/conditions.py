@@ -21,7 +21,8 @@ def etag_header(document: Document) -> str:
 def _tags(request: Request, name: str, *, weak: bool) -> list[str] | None:
     """The entity tags a condition header lists, unquoted (``*`` as is); None without the
     header. ``weak``: weak tags compare as their strong ones (If-None-Match); else a weak tag
-    never matches (If-Match takes strong comparison only) and is left out."""
+    never matches (If-Match takes strong comparison only) and is left out. A member that is
+    not a quoted tag names no state, so it is left out too: it matches nothing."""
     raw = request.headers.get(name)
     if raw is None:
         return None
@@ -34,12 +35,8 @@ def _tags(request: Request, name: str, *, weak: bool) -> list[str] | None:
         is_weak = tag.startswith("W/")
         if is_weak:
             tag = tag[2:]
-        if len(tag) < 2 or not (tag.startswith('"') and tag.endswith('"')):
-            raise InvalidInput(
-                f"{name} must list entity tags in double quotes, or be *",
-                [FieldError(f"header/{name}", "Not a list of entity tags.")],
-            )
-        if weak or not is_weak:
+        quoted = len(tag) >= 2 and tag.startswith('"') and tag.endswith('"')
+        if quoted and (weak or not is_weak):
             tags.append(tag[1:-1])
     return tags
 

@@ -253,7 +253,7 @@ class Documents:
         self,
         tenant: str,
         document_id: str,
-        item: NewDocument,
+        item: NewDocument | None,
         *,
         title: str | None,
         metadata: Metadata | None,
@@ -261,12 +261,27 @@ class Documents:
     ) -> Job:
         """The next version of a ready document and the job that indexes it, in one
         transaction; the same content as now makes a job that has already succeeded, listing
-        the document as a duplicate. ``title`` and ``metadata``: None keeps the document's."""
+        the document as a duplicate. ``item`` None: a re-index, the stored content cut and
+        embedded again under the current settings. ``title`` and ``metadata``: None keeps the
+        document's."""
         now = utcnow()
         with self._db.write() as session:
             row = self._visible(session, tenant, document_id)
             check_precondition(document_from_row(row), if_match)
-            unchanged = row.sha256 == item.sha256
+            if item is None:
+                item = NewDocument(
+                    sha256=row.sha256,
+                    title=row.title,
+                    filename=row.filename,
+                    media_type=row.media_type,
+                    size_bytes=row.size_bytes,
+                    original_key=row.original_key,
+                    extracted_key=row.extracted_key,
+                    metadata=dict(row.metadata_),
+                )
+                unchanged = False
+            else:
+                unchanged = row.sha256 == item.sha256
             if not unchanged:
                 if row.status != "ready":
                     raise Conflict(
@@ -275,7 +290,7 @@ class Documents:
                 if session.get(ReplacementRow, document_id) is not None:
                     raise Conflict(f"document {document_id} is already being replaced")
                 holder = self._find_live(session, tenant, [item.sha256]).get(item.sha256)
-                if holder is not None:
+                if holder not in (None, document_id):
                     raise Conflict(f"document {holder} already holds this content")
             job = JobRow(
                 id=new_id("job"),

@@ -418,6 +418,19 @@ class RagService:
                 self._workers.offer(job.id)
         return job
 
+    def reindex_document(self, tenant: str, doc_id: str, *, if_match: Sequence[str] | None) -> Job:
+        """Cut and embed the stored content again, under the current chunk settings and model,
+        as a new version swapped in like a replacement (the current one answers until then)."""
+        self._check_if_match_given(if_match)
+        with self._document_lock, self._ingest_lock:
+            if not self._workers.has_room():
+                raise ServiceUnavailable("the ingestion queue is full; try again shortly")
+            job = self._registry.register_replacement(
+                tenant, doc_id, None, title=None, metadata=None, if_match=if_match
+            )
+            self._workers.offer(job.id)
+        return job
+
     def patch_document(
         self,
         tenant: str,

@@ -363,6 +363,34 @@ def test_a_replacement_killed_midway_leaves_exactly_one_complete_version(tmp_pat
         server.stop()
 
 
+def test_a_reindex_under_new_chunk_settings_swaps_in_a_new_version(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = start_server(data, chunk_tokens="200", **UNLIMITED)
+    key = server.api_key
+    try:
+        with server.client() as http:
+            first = ingest(http, lines("equinox", 60), title="Equinox notices")
+        server.stop()
+        # Smaller chunks from now on: the stored text is cut again, nothing is uploaded.
+        server = start_server(data, chunk_tokens="64", chunk_overlap_tokens="8", **UNLIMITED)
+        with server.client(key) as http:
+            etag = http.get(f"{API}/documents/{first['id']}").headers["etag"]
+            response = http.post(
+                f"{API}/documents/{first['id']}/reindex",
+                params={"wait": "true"},
+                headers={"If-Match": etag},
+            )
+            assert response.status_code == 200, response.text
+            [document] = response.json()["documents"]
+            assert document["version"] == 2 and document["sha256"] == first["sha256"]
+            assert document["chunk_count"] > first["chunk_count"]
+            one_complete_version(http, first["id"], "equinox", 2)
+            stale = http.post(f"{API}/documents/{first['id']}/reindex", headers={"If-Match": etag})
+            assert stale.status_code == 412
+    finally:
+        server.stop()
+
+
 # -- jobs -----------------------------------------------------------------------------------
 
 

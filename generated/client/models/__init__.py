@@ -36,6 +36,7 @@ from .rate_limit_overrides import RateLimitOverrides
 from .readiness import Readiness
 from .readiness_components import ReadinessComponents
 from .readiness_status import ReadinessStatus
+from .replace_upload import ReplaceUpload
 from .retrieval import Retrieval
 from .retrieval_mode import RetrievalMode
 from .retrieval_weights import RetrievalWeights
@@ -90,6 +91,7 @@ __all__ = (
     "Readiness",
     "ReadinessComponents",
     "ReadinessStatus",
+    "ReplaceUpload",
     "Retrieval",
     "RetrievalMode",
     "RetrievalWeights",

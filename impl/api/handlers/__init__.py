@@ -25,6 +25,7 @@ HANDLERS: dict[str, Handler] = {
     "getDocument": documents.get_document,
     "replaceDocument": documents.replace_document,
     "patchDocument": documents.patch_document,
+    "reindexDocument": documents.reindex_document,
     "deleteDocument": documents.delete_document,
     "listDocumentChunks": documents.list_document_chunks,
     "searchChunks": retrieval.search_chunks,

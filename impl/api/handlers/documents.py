@@ -89,6 +89,25 @@ async def replace_document(
     return job_reply(await run_in_threadpool(submit))
 
 
+async def reindex_document(
+    params: Annotated[models.ReindexDocumentParams, PARAMS],
+    service: Service,
+    tenant: Tenant,
+    settings: AppSettings,
+    request: Request,
+) -> Response:
+    if_match = conditions.if_match(request)
+
+    def submit() -> models.IngestResponse:
+        job = service.reindex_document(tenant, params.doc_id.root, if_match=if_match)
+        if params.wait:
+            job = service.wait_for_job(tenant, job.id, settings.ingest_wait_seconds)
+        document = service.get_document(tenant, params.doc_id.root)
+        return models.IngestResponse(job=convert.job(job), documents=[convert.document(document)])
+
+    return job_reply(await run_in_threadpool(submit))
+
+
 def document_patch(body: models.DocumentPatch) -> DocumentPatch:
     title = None if body.title is MISSING else body.title
     if body.metadata is MISSING:

@@ -115,7 +115,9 @@ def sync_detailed(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -151,7 +153,9 @@ def sync(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -182,7 +186,9 @@ async def asyncio_detailed(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -216,7 +222,9 @@ async def asyncio(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.

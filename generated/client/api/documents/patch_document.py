@@ -141,7 +141,9 @@ def sync_detailed(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
         body (DocumentPatch): A JSON Merge Patch (RFC 7396) of a document's title and metadata.
             Example: {'title': 'Sourdough notes (2026)', 'metadata': {'team': 'bakery', 'draft':
             None}}.
@@ -184,7 +186,9 @@ def sync(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
         body (DocumentPatch): A JSON Merge Patch (RFC 7396) of a document's title and metadata.
             Example: {'title': 'Sourdough notes (2026)', 'metadata': {'team': 'bakery', 'draft':
             None}}.
@@ -222,7 +226,9 @@ async def asyncio_detailed(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
         body (DocumentPatch): A JSON Merge Patch (RFC 7396) of a document's title and metadata.
             Example: {'title': 'Sourdough notes (2026)', 'metadata': {'team': 'bakery', 'draft':
             None}}.
@@ -263,7 +269,9 @@ async def asyncio(
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
-        if_match (str | Unset):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
         body (DocumentPatch): A JSON Merge Patch (RFC 7396) of a document's title and metadata.
             Example: {'title': 'Sourdough notes (2026)', 'metadata': {'team': 'bakery', 'draft':
             None}}.

@@ -10,15 +10,15 @@ from ... import errors
 from ...client import AuthenticatedClient, Client
 from ...models.ingest_response import IngestResponse
 from ...models.ingest_text import IngestText
-from ...models.ingest_upload import IngestUpload
 from ...models.problem import Problem
+from ...models.replace_upload import ReplaceUpload
 from ...types import UNSET, Response, Unset
 
 
 def _get_kwargs(
     doc_id: str,
     *,
-    body: IngestUpload | IngestText | Unset = UNSET,
+    body: ReplaceUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
     if_match: str | Unset = UNSET,
 ) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def _get_kwargs(
         "params": params,
     }
 
-    if isinstance(body, IngestUpload):
+    if isinstance(body, ReplaceUpload):
         _kwargs["files"] = body.to_multipart()
 
         headers["Content-Type"] = "multipart/form-data; boundary=+++"
@@ -152,7 +152,7 @@ def sync_detailed(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
-    body: IngestUpload | IngestText | Unset = UNSET,
+    body: ReplaceUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
     if_match: str | Unset = UNSET,
 ) -> Response[IngestResponse | Problem]:
@@ -173,8 +173,10 @@ def sync_detailed(
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
         wait (bool | Unset):  Default: False.
-        if_match (str | Unset):
-        body (IngestUpload):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
+        body (ReplaceUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
 
@@ -204,7 +206,7 @@ def sync(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
-    body: IngestUpload | IngestText | Unset = UNSET,
+    body: ReplaceUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
     if_match: str | Unset = UNSET,
 ) -> IngestResponse | Problem | None:
@@ -225,8 +227,10 @@ def sync(
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
         wait (bool | Unset):  Default: False.
-        if_match (str | Unset):
-        body (IngestUpload):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
+        body (ReplaceUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
 
@@ -251,7 +255,7 @@ async def asyncio_detailed(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
-    body: IngestUpload | IngestText | Unset = UNSET,
+    body: ReplaceUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
     if_match: str | Unset = UNSET,
 ) -> Response[IngestResponse | Problem]:
@@ -272,8 +276,10 @@ async def asyncio_detailed(
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
         wait (bool | Unset):  Default: False.
-        if_match (str | Unset):
-        body (IngestUpload):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
+        body (ReplaceUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
 
@@ -301,7 +307,7 @@ async def asyncio(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
-    body: IngestUpload | IngestText | Unset = UNSET,
+    body: ReplaceUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
     if_match: str | Unset = UNSET,
 ) -> IngestResponse | Problem | None:
@@ -322,8 +328,10 @@ async def asyncio(
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
         wait (bool | Unset):  Default: False.
-        if_match (str | Unset):
-        body (IngestUpload):
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
+        body (ReplaceUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
 
