@@ -374,6 +374,21 @@ class Documents:
             session.delete(new)
             return _retired(retired)
 
+    def being_replaced(self, document_id: str) -> bool:
+        with self._db.read() as session:
+            return session.get(ReplacementRow, document_id) is not None
+
+    def abandoned_replacements(self) -> list[tuple[str, str, int]]:
+        """(tenant, document id, version) of the replacements whose job will not run them (it
+        was cancelled or failed before the replacement was dropped, then the process died)."""
+        with self._db.read() as session:
+            rows = session.execute(
+                select(ReplacementRow.tenant, ReplacementRow.document_id, ReplacementRow.version)
+                .join(JobRow, JobRow.id == ReplacementRow.job_id, isouter=True)
+                .where(or_(JobRow.id.is_(None), JobRow.status.not_in(("queued", "running"))))
+            )
+            return [(tenant, doc_id, version) for tenant, doc_id, version in rows]
+
     def drop_replacement(self, document_id: str, version: int) -> tuple[str, ...]:
         """Forget a replacement that will not be swapped in (failed or cancelled) with its
         chunk rows (the caller has removed its vectors); the storage keys it held."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Integer, String, Text, delete
+from sqlalchemy import Integer, String, Text, and_, delete, or_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -39,12 +39,13 @@ class IdempotencyKeys:
     _db: Database
 
     def claim_idempotency_key(
-        self, tenant: str, key: str, fingerprint: str, ttl: timedelta
+        self, tenant: str, key: str, fingerprint: str, *, ttl: timedelta, in_flight: timedelta
     ) -> RecordedResponse | None:
         """None: the key is the caller's now, to answer and then ``record_response`` (or
         ``release_idempotency_key`` on failure). Else the first request's response. Conflict
         while the first request is still being answered, IdempotencyKeyReused for another
-        body."""
+        body. A key is forgotten ``ttl`` after its first use, and a first request still
+        unanswered after ``in_flight`` counts as never answered (its process died)."""
         now = utcnow()
         try:
             with self._db.write() as session:
@@ -53,7 +54,13 @@ class IdempotencyKeys:
                     delete(IdempotencyRow).where(
                         IdempotencyRow.tenant == tenant,
                         IdempotencyRow.key == key,
-                        IdempotencyRow.created_at < now - ttl,
+                        or_(
+                            IdempotencyRow.created_at < now - ttl,
+                            and_(
+                                IdempotencyRow.status_code.is_(None),
+                                IdempotencyRow.created_at < now - in_flight,
+                            ),
+                        ),
                     )
                 )
                 session.add(

@@ -84,6 +84,7 @@ MAX_TITLE_CHARS = 300  # the contract's bound on a given title
 _SEARCH_ROUNDS = 4
 _STOP_TIMEOUT_SECONDS = 15.0
 MAX_DELETE_BATCH = 1000  # vector ids removed by one call
+_ANSWER_MARGIN_SECONDS = 120.0  # an ingest's parsing and storing, beyond its wait for the job
 _WAIT_SLICE_SECONDS = 0.5
 _HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 
@@ -262,6 +263,9 @@ class RagService:
             self._finish_delete(target)
         for retired in self._registry.retired_versions():
             self.retire(retired)
+        for tenant, document_id, version in self._registry.abandoned_replacements():
+            self._store.delete_version(tenant, document_id, version)
+            self.free(self._registry.drop_replacement(document_id, version))
         with self._ingest_lock:  # queues jobs: keeps submit_ingest's room check true
             self._workers.start()
 
@@ -317,7 +321,11 @@ class RagService:
             ]
             fingerprint.update(json.dumps(described).encode())
         ttl = timedelta(seconds=self._settings.idempotency_key_seconds)
-        return self._registry.claim_idempotency_key(tenant, key, fingerprint.hexdigest(), ttl)
+        # A first request unanswered for longer than any answer takes died with its process.
+        in_flight = timedelta(seconds=self._settings.ingest_wait_seconds + _ANSWER_MARGIN_SECONDS)
+        return self._registry.claim_idempotency_key(
+            tenant, key, fingerprint.hexdigest(), ttl=ttl, in_flight=in_flight
+        )
 
     def record_idempotent_response(self, tenant: str, key: str, status: int, body: str) -> None:
         self._registry.record_response(tenant, key, status, body)
@@ -448,6 +456,9 @@ class RagService:
             check_precondition(current, if_match)
             if current.status == "pending":
                 raise Conflict(f"document {doc_id} is still being indexed")
+            # Checked before the vectors change: a replacement's vectors carry its own metadata.
+            if self._registry.being_replaced(doc_id):
+                raise Conflict(f"document {doc_id} is being replaced")
             metadata = {} if patch.clear_metadata else dict(current.metadata)
             for key, value in patch.metadata.items():
                 if value is None:

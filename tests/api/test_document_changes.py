@@ -466,6 +466,11 @@ def test_a_cancelled_replacement_leaves_the_current_version(http: httpx.Client) 
     accepted = http.put(f"{API}/documents/{doc_id}", json={"text": lines("dusk", 1000)})
     assert accepted.status_code == 202
     job_id = accepted.json()["job"]["id"]
+    # While a replacement is under way, the document takes no patch and no other replacement.
+    patched = http.patch(f"{API}/documents/{doc_id}", json={"title": "x"}, headers=MERGE_PATCH)
+    assert patched.status_code == 409, patched.text
+    second = http.put(f"{API}/documents/{doc_id}", json={"text": lines("night", 3)})
+    assert second.status_code == 409, second.text
     assert http.post(f"{API}/jobs/{job_id}/cancel").status_code == 200
     assert wait_for(http, job_id)["status"] == "cancelled"
     one_complete_version(http, doc_id, "dawn", 1)

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from impl.db import open_database
-from impl.errors import ConfigurationError, InvalidInput
+from impl.errors import ConfigurationError, Conflict, IdempotencyKeyReused, InvalidInput
 from impl.rag.documents import NewDocument
 from impl.rag.job_queue import DocumentWork, LeaseLost
 from impl.rag.registry import Registry
@@ -369,3 +369,67 @@ def test_processes_starting_at_once_record_the_model_once(registry: Registry) ->
     assert errors == []
     with pytest.raises(ConfigurationError, match="built with model model-a"):
         registry.check_model("model-b", 384)
+
+
+def ready(registry: Registry, content: str) -> str:
+    """A ready document of tenant "t" holding ``content``."""
+    job = registry.register_ingest("t", [new_document(content)])
+    doc_id = job.document_ids[0]
+    assert registry.mark_ready(doc_id, 0)
+    return doc_id
+
+
+def test_a_swap_moves_the_replacement_onto_the_document_in_one_step(registry: Registry) -> None:
+    doc_id = ready(registry, "old")
+    job = registry.register_replacement(
+        "t", doc_id, new_document("new"), title=None, metadata={"k": 1}, if_match=None
+    )
+    assert job.status == "queued" and registry.being_replaced(doc_id)
+    [work] = registry.job_work(job.id)
+    assert (work.id, work.version, work.replacement, work.metadata) == (doc_id, 2, True, {"k": 1})
+    # Until the swap, the document is the old version.
+    assert registry.get_document("t", doc_id).version == 1  # type: ignore[union-attr]
+    retired = registry.swap_version(doc_id, 2)
+    assert retired is not None and retired.version == 1
+    document = registry.get_document("t", doc_id)
+    assert document is not None
+    assert (document.version, document.sha256) == (2, hashlib.sha256(b"new").hexdigest())
+    assert document.metadata == {"k": 1} and not registry.being_replaced(doc_id)
+    assert [r.version for r in registry.retired_versions()] == [1]
+    # A second swap of the same replacement finds nothing to do.
+    assert registry.swap_version(doc_id, 2) is None
+
+
+def test_a_replacement_whose_job_ended_is_found_abandoned(registry: Registry) -> None:
+    doc_id = ready(registry, "kept")
+    job = registry.register_replacement(
+        "t", doc_id, new_document("dropped"), title=None, metadata=None, if_match=None
+    )
+    assert registry.abandoned_replacements() == []
+    cancelled = registry.cancel_job("t", job.id)
+    assert cancelled is not None and cancelled[0].status == "cancelled"
+    assert cancelled[2] == [(doc_id, 2)]
+    # The process died before dropping it: the next start finds it.
+    assert registry.abandoned_replacements() == [("t", doc_id, 2)]
+    dropped = new_document("dropped")
+    assert registry.drop_replacement(doc_id, 2) == (dropped.original_key, dropped.extracted_key)
+    assert registry.abandoned_replacements() == [] and not registry.being_replaced(doc_id)
+
+
+def test_an_idempotency_key_replays_refuses_and_expires(registry: Registry) -> None:
+    day, minute = timedelta(days=1), timedelta(minutes=1)
+    assert registry.claim_idempotency_key("t", "k", "f1", ttl=day, in_flight=minute) is None
+    with pytest.raises(Conflict):  # the first request is still being answered
+        registry.claim_idempotency_key("t", "k", "f1", ttl=day, in_flight=minute)
+    registry.record_response("t", "k", 202, '{"job": {}}')
+    replay = registry.claim_idempotency_key("t", "k", "f1", ttl=day, in_flight=minute)
+    assert replay is not None and (replay.status_code, replay.body) == (202, '{"job": {}}')
+    with pytest.raises(IdempotencyKeyReused):
+        registry.claim_idempotency_key("t", "k", "f2", ttl=day, in_flight=minute)
+    # Another tenant's key of the same name is its own.
+    assert registry.claim_idempotency_key("u", "k", "f2", ttl=day, in_flight=minute) is None
+    # Past its time the key is forgotten, and so is a first request that never answered.
+    assert (
+        registry.claim_idempotency_key("t", "k", "f2", ttl=timedelta(0), in_flight=minute) is None
+    )
+    assert registry.claim_idempotency_key("t", "k", "f3", ttl=day, in_flight=timedelta(0)) is None
