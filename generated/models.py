@@ -707,7 +707,10 @@ class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
-    name: Annotated[str, Field(max_length=100, min_length=1, pattern="\\S")]
+    name: Annotated[
+        str,
+        Field(max_length=100, min_length=1, pattern="[^\\s\\x1c-\\x1f\\x85\\ufeff]"),
+    ]
     scopes: Annotated[list[Scope], Field(max_length=3, min_length=1)]
     rate_limits: RateLimitOverrides | MISSING = MISSING
 
@@ -863,7 +866,10 @@ class QueryRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
-    question: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    question: Annotated[
+        str,
+        Field(max_length=2000, min_length=1, pattern="[^\\s\\x1c-\\x1f\\x85\\ufeff]"),
+    ]
     top_k: Annotated[int, Field(ge=1, le=50)] = 5
     filters: SearchFilters | MISSING = MISSING
     retrieval: Retrieval | MISSING = MISSING
@@ -877,7 +883,10 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
-    query: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    query: Annotated[
+        str,
+        Field(max_length=2000, min_length=1, pattern="[^\\s\\x1c-\\x1f\\x85\\ufeff]"),
+    ]
     top_k: Annotated[int, Field(ge=1, le=50)] = 5
     filters: SearchFilters | MISSING = MISSING
     retrieval: Retrieval | MISSING = MISSING
