@@ -245,8 +245,12 @@ class IngestWorkers:
         if job.attempt > 1:
             # What a crashed run wrote goes first, so the vectors end up exactly these. A first
             # attempt has nothing to clean: a run stopped at shutdown cleans up after itself.
+            new = [document.id for document in work if not document.replacement]
+            if new:
+                self._store.delete_documents(work[0].tenant, new)  # one scan for them all
             for document in work:
-                self._remove_vectors(document)
+                if document.replacement:
+                    self._remove_vectors(document)
         if self._registry.cancel_requested(job.id):
             self._cancel(work)
         failures: list[str] = []
