@@ -88,6 +88,13 @@ class Readiness(BaseModel):
     components: Components
 
 
+class EntityTags(RootModel[str]):
+    root: Annotated[str, Field(examples=['"3f2a9c0d41b7e6a5"'])]
+    """
+    `*`, or entity tags in double quotes separated by commas (RFC 9110). A member that is not a quoted tag names no state of any document: it never matches.
+    """
+
+
 class ResourceId(RootModel[str]):
     root: Annotated[
         str, Field(examples=["doc_c9f0f895fb98ab91"], pattern="^[A-Za-z0-9_-]{1,64}$")
@@ -153,8 +160,21 @@ class IngestUpload(BaseModel):
     metadata: Metadata | MISSING = MISSING
 
 
-class JobStatus(RootModel[Literal["queued", "running", "succeeded", "failed"]]):
-    root: Literal["queued", "running", "succeeded", "failed"]
+class ReplaceUpload(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    files: Annotated[list[bytes], Field(max_length=1, min_length=1)]
+    """
+    The new version's file.
+    """
+    metadata: Metadata | MISSING = MISSING
+
+
+class JobStatus(
+    RootModel[Literal["queued", "running", "succeeded", "failed", "cancelled"]]
+):
+    root: Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class DocumentStatus(RootModel[Literal["pending", "ready", "failed"]]):
@@ -195,6 +215,10 @@ class Document(BaseModel):
     size_bytes: Annotated[int, Field(ge=0)]
     sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
     chunk_count: Annotated[int, Field(ge=0)]
+    version: Annotated[int, Field(ge=1)]
+    """
+    1 when ingested; one more with each replacement of its content.
+    """
     status: DocumentStatus
     created_at: AwareDatetime
     updated_at: AwareDatetime
@@ -202,6 +226,28 @@ class Document(BaseModel):
     error: str | None
     """
     Why ingestion failed; null unless `status` is `failed`.
+    """
+
+
+class DocumentPatch(BaseModel):
+    """
+    A JSON Merge Patch (RFC 7396) of a document's title and metadata.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    title: Annotated[str | MISSING, Field(max_length=300, min_length=1)] = MISSING
+    metadata: (
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")],
+            MetadataValue | None,
+        ]
+        | None
+        | MISSING
+    ) = MISSING
+    """
+    Keys to set; a key set to null is removed; null removes every key.
     """
 
 
@@ -842,6 +888,30 @@ class IngestDocumentsParams(BaseModel):
     wait: bool = False
 
 
+class ListJobsParams(BaseModel):
+    """
+    Path and query parameters of listJobs.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | MISSING, Field(max_length=512, min_length=1)] = MISSING
+    status: JobStatus | MISSING = MISSING
+
+
+class CancelJobParams(BaseModel):
+    """
+    Path and query parameters of cancelJob.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    job_id: ResourceId
+
+
 class GetJobParams(BaseModel):
     """
     Path and query parameters of getJob.
@@ -880,6 +950,18 @@ class GetDocumentParams(BaseModel):
     doc_id: ResourceId
 
 
+class ReplaceDocumentParams(BaseModel):
+    """
+    Path and query parameters of replaceDocument.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    doc_id: ResourceId
+    wait: bool = False
+
+
 class DeleteDocumentParams(BaseModel):
     """
     Path and query parameters of deleteDocument.
@@ -889,6 +971,29 @@ class DeleteDocumentParams(BaseModel):
         extra="forbid",
     )
     doc_id: ResourceId
+
+
+class PatchDocumentParams(BaseModel):
+    """
+    Path and query parameters of patchDocument.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    doc_id: ResourceId
+
+
+class ReindexDocumentParams(BaseModel):
+    """
+    Path and query parameters of reindexDocument.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    doc_id: ResourceId
+    wait: bool = False
 
 
 class ListDocumentChunksParams(BaseModel):
@@ -989,7 +1094,10 @@ class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
-    name: Annotated[str, Field(max_length=100, min_length=1, pattern="\\S")]
+    name: Annotated[
+        str,
+        Field(max_length=100, min_length=1, pattern="[^\\s\\x1c-\\x1f\\x85\\ufeff]"),
+    ]
     scopes: Annotated[list[Scope], Field(max_length=3, min_length=1)]
     rate_limits: RateLimitOverrides | MISSING = MISSING
 
@@ -1090,7 +1198,11 @@ class Job(BaseModel):
     """
     duplicate_document_ids: list[ResourceId]
     """
-    The documents that were already stored with the same content.
+    The documents that were already stored with the same content (for a replacement: the document, when its content is unchanged).
+    """
+    cancel_requested: bool
+    """
+    A cancellation was asked for; a running job stops at its next batch.
     """
     error: Problem | None
     """
@@ -1104,6 +1216,17 @@ class IngestResponse(BaseModel):
     )
     job: Job
     documents: list[Document]
+
+
+class JobPage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    items: list[Job]
+    next_cursor: str | None
+    """
+    Pass as `cursor` for the next page; null on the last page.
+    """
 
 
 class Retrieval(BaseModel):
@@ -1130,7 +1253,10 @@ class QueryRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
-    question: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    question: Annotated[
+        str,
+        Field(max_length=2000, min_length=1, pattern="[^\\s\\x1c-\\x1f\\x85\\ufeff]"),
+    ]
     top_k: Annotated[int, Field(ge=1, le=50)] = 5
     filters: SearchFilters | MISSING = MISSING
     retrieval: Retrieval | MISSING = MISSING
@@ -1166,7 +1292,10 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
-    query: Annotated[str, Field(max_length=2000, min_length=1, pattern="\\S")]
+    query: Annotated[
+        str,
+        Field(max_length=2000, min_length=1, pattern="[^\\s\\x1c-\\x1f\\x85\\ufeff]"),
+    ]
     top_k: Annotated[int, Field(ge=1, le=50)] = 5
     filters: SearchFilters | MISSING = MISSING
     retrieval: Retrieval | MISSING = MISSING

@@ -346,9 +346,11 @@ def ingest_file(
 
 def follow(service: RagService, job: Job, chunk_bar: tqdm[Any]) -> Job:
     """Waits for the job, showing its chunks as they are indexed."""
+    from impl.rag.types import FINISHED_JOB_STATUSES
+
     chunk_bar.set_description_str("indexing")
     deadline = time.monotonic() + INGEST_FOLLOW_SECONDS
-    while job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
+    while job.status not in FINISHED_JOB_STATUSES and time.monotonic() < deadline:
         job = service.wait_for_job(TENANT, job.id, timeout_s=PROGRESS_SLICE_SECONDS)
         if job.chunks_total:
             chunk_bar.total = job.chunks_total
@@ -478,6 +480,12 @@ def documents(args: argparse.Namespace) -> int:
             service.delete_document(TENANT, args.doc_id)
         print(f"deleted {args.doc_id}")
         return 0
+    if args.action == "replace":
+        return replace_document(settings, args)
+    if args.action == "patch":
+        return patch_document(settings, args)
+    if args.action == "reindex":
+        return reindex_document(settings, args)
     with open_registry(settings) as registry:
         if args.action == "show":
             document = registry.get_document(TENANT, args.doc_id)
@@ -496,6 +504,98 @@ def documents(args: argparse.Namespace) -> int:
             cursor = page.next_cursor
     if not listed:
         print("no documents")
+    return 0
+
+
+def replace_document(settings: Settings, args: argparse.Namespace) -> int:
+    """A new version of the document from a file, followed until it is swapped in."""
+    from tqdm import tqdm
+
+    from impl.rag.types import IngestItem
+
+    path = Path(args.path)
+    metadata = json.loads(args.metadata) if args.metadata else None
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: {exc.strerror or exc}") from None
+    item = IngestItem(content, path.name, args.title, metadata or {})
+    with (
+        open_service(settings, start_workers=True) as service,
+        tqdm(unit="chunk", leave=False, disable=not sys.stderr.isatty()) as chunk_bar,
+    ):
+        job = service.replace_document(TENANT, args.doc_id, item, metadata=metadata, if_match=None)
+        if job.duplicate_document_ids:
+            print(f"{args.doc_id}: unchanged (the same content)")
+            return 0
+        job = follow(service, job, chunk_bar)
+        if job.status != "succeeded":
+            reason = job.error.detail if job.error else f"the job is {job.status}"
+            print(f"ragapi: {args.doc_id} was not replaced: {reason}", file=sys.stderr)
+            return 1
+        document = service.get_document(TENANT, args.doc_id)
+    print(f"{args.doc_id}: version {document.version}, {document.chunk_count} chunks")
+    return 0
+
+
+def reindex_document(settings: Settings, args: argparse.Namespace) -> int:
+    """The stored text cut and embedded again (current settings), followed until swapped in."""
+    from tqdm import tqdm
+
+    with (
+        open_service(settings, start_workers=True) as service,
+        tqdm(unit="chunk", leave=False, disable=not sys.stderr.isatty()) as chunk_bar,
+    ):
+        job = service.reindex_document(TENANT, args.doc_id, if_match=None)
+        job = follow(service, job, chunk_bar)
+        if job.status != "succeeded":
+            reason = job.error.detail if job.error else f"the job is {job.status}"
+            print(f"ragapi: {args.doc_id} was not re-indexed: {reason}", file=sys.stderr)
+            return 1
+        document = service.get_document(TENANT, args.doc_id)
+    print(f"{args.doc_id}: version {document.version}, {document.chunk_count} chunks")
+    return 0
+
+
+def patch_document(settings: Settings, args: argparse.Namespace) -> int:
+    """A JSON Merge Patch of the title and metadata: --metadata '{"team": "x", "old": null}'."""
+    from impl.rag.types import DocumentPatch
+
+    changes = json.loads(args.metadata) if args.metadata is not None else {}
+    if changes is not None and not isinstance(changes, dict):
+        raise InvalidInput("--metadata must be a JSON object, or null to remove every key")
+    patch = DocumentPatch(title=args.title, metadata=changes or {}, clear_metadata=changes is None)
+    with open_service(settings, start_workers=False) as service:
+        document = service.patch_document(TENANT, args.doc_id, patch, if_match=None)
+    print(json.dumps(vars(document), default=str, indent=2))
+    return 0
+
+
+def jobs(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if not holds_data(settings):
+        if args.action == "list":
+            print("no jobs")
+            return 0
+        raise NotFound(f"job {args.job_id} not found")
+    if args.action == "cancel":
+        with open_service(settings, start_workers=False) as service:
+            job = service.cancel_job(TENANT, args.job_id)
+        print(f"{job.id}: {'cancelled' if job.status == 'cancelled' else 'stopping'}")
+        return 0
+    with open_registry(settings) as registry:
+        cursor, listed = None, 0
+        while True:
+            page = registry.list_jobs(TENANT, limit=100, cursor=cursor, status=args.status)
+            for j in page.items:
+                progress = f"{j.chunks_done}/{j.chunks_total}"
+                print(f"{j.id}  {j.status:<9}  {progress:>11} chunks  {' '.join(j.document_ids)}")
+            listed += len(page.items)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+    if not listed:
+        print("no jobs")
     return 0
 
 
@@ -608,12 +708,37 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(run=evaluate)
 
-    p = commands.add_parser("documents", help="list, show or delete documents")
+    p = commands.add_parser(
+        "documents", help="list, show, replace, re-index, patch or delete documents"
+    )
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list")
     actions.add_parser("show").add_argument("doc_id")
     actions.add_parser("delete").add_argument("doc_id")
+    replace = actions.add_parser("replace", help="a new version from a file, under the same id")
+    replace.add_argument("doc_id")
+    replace.add_argument("path")
+    replace.add_argument("--title", help="a new title (default: keep the current one)")
+    replace.add_argument("--metadata", help="new metadata as a JSON object (default: keep)")
+    actions.add_parser(
+        "reindex", help="cut and embed the stored text again (current settings)"
+    ).add_argument("doc_id")
+    patch = actions.add_parser("patch", help="change the title or metadata (no re-embedding)")
+    patch.add_argument("doc_id")
+    patch.add_argument("--title")
+    patch.add_argument(
+        "--metadata", help='a JSON merge patch: {"key": "value", "gone": null}; null clears all'
+    )
     p.set_defaults(run=documents)
+
+    p = commands.add_parser("jobs", help="list or cancel ingestion jobs")
+    actions = p.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list")
+    listing.add_argument(
+        "--status", choices=["queued", "running", "succeeded", "failed", "cancelled"]
+    )
+    actions.add_parser("cancel").add_argument("job_id")
+    p.set_defaults(run=jobs)
 
     p = commands.add_parser("keys", help="create, list or revoke API keys")
     actions = p.add_subparsers(dest="action", required=True)

@@ -97,6 +97,21 @@ def decode_cursor(cursor: str) -> dict[str, Any]:
     return payload
 
 
+def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a newest-first page ended with, from its cursor."""
+    payload = decode_cursor(cursor)
+    created, item_id = payload.get("t"), payload.get("i")
+    if not isinstance(created, str) or not isinstance(item_id, str):
+        raise InvalidInput("the cursor is not valid")
+    try:
+        when = datetime.fromisoformat(created)
+    except ValueError:
+        raise InvalidInput("the cursor is not valid") from None
+    if when.tzinfo is None:
+        raise InvalidInput("the cursor is not valid")
+    return when, item_id
+
+
 def _prepare_sqlite(engine: Engine) -> None:
     """WAL (readers never wait for the writer), a busy timeout, foreign keys, and explicit
     BEGIN statements: pysqlite's implicit transactions would start every write transaction as a

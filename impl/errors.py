@@ -60,6 +60,22 @@ class NotFound(RagapiError):
     """The resource does not exist, or belongs to another tenant (404)."""
 
 
+class Conflict(RagapiError):
+    """The request conflicts with the resource's current state (409)."""
+
+
+class PreconditionFailed(RagapiError):
+    """An If-Match condition does not hold: the resource changed (412)."""
+
+
+class PreconditionRequired(RagapiError):
+    """The server takes changes only with If-Match, and none was given (428)."""
+
+
+class IdempotencyKeyReused(RagapiError):
+    """An Idempotency-Key came back with another request body (422)."""
+
+
 class Unauthenticated(RagapiError):
     """No valid credentials (401)."""
 

@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     ingest_wait_seconds: float = Field(
         300.0, gt=0, description="Longest time ingest with wait=true waits for its job."
     )
+    idempotency_key_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="How long ingest remembers an Idempotency-Key after its first use.",
+    )
+    require_if_match: bool = Field(
+        False,
+        description="Refuse (428) a replace, patch or delete of a document without If-Match.",
+    )
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1, description="Largest request body accepted, in bytes."
     )

@@ -107,3 +107,46 @@ def test_reading_an_empty_data_directory_says_so_and_creates_nothing(tmp_path: P
         "ragapi: document doc_123 not found",
     )
     assert not data.exists()
+
+
+def test_documents_replace_and_patch_and_jobs_list_and_cancel(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = tmp_path / "ferry.txt"
+    first.write_text("The ferry to the island leaves at nine every morning.")
+    assert ragapi(data, "ingest", str(first)).returncode == 0
+    [row] = [line.split() for line in ragapi(data, "documents", "list").stdout.splitlines()]
+    doc_id = row[0]
+
+    second = tmp_path / "ferry-winter.txt"
+    second.write_text("In winter the ferry to the island leaves at ten, weather permitting.")
+    replaced = ragapi(data, "documents", "replace", doc_id, str(second))
+    assert replaced.returncode == 0, replaced.stderr
+    assert replaced.stdout.strip() == f"{doc_id}: version 2, 1 chunks"
+    unchanged = ragapi(data, "documents", "replace", doc_id, str(second))
+    assert unchanged.stdout.strip() == f"{doc_id}: unchanged (the same content)"
+    found = ragapi(data, "search", "when does the ferry leave")
+    assert "leaves at ten" in found.stdout and "at nine" not in found.stdout
+
+    patched = ragapi(
+        data, "documents", "patch", doc_id, "--title", "Ferry", "--metadata", '{"season": "winter"}'
+    )
+    assert patched.returncode == 0, patched.stderr
+    shown = json.loads(ragapi(data, "documents", "show", doc_id).stdout)
+    assert (shown["title"], shown["metadata"], shown["version"]) == (
+        "Ferry",
+        {"season": "winter"},
+        2,
+    )
+    cleared = ragapi(data, "documents", "patch", doc_id, "--metadata", "null")
+    assert json.loads(cleared.stdout)["metadata"] == {}
+
+    reindexed = ragapi(data, "documents", "reindex", doc_id)
+    assert reindexed.stdout.strip() == f"{doc_id}: version 3, 1 chunks", reindexed.stderr
+
+    jobs = [line.split() for line in ragapi(data, "jobs", "list").stdout.splitlines()]
+    # Newest first: the re-index, the unchanged replacement, the replacement, the ingest.
+    assert len(jobs) == 4 and all(job[1] == "succeeded" for job in jobs)
+    assert all(job[-1] == doc_id for job in jobs)
+    assert ragapi(data, "jobs", "list", "--status", "failed").stdout.strip() == "no jobs"
+    refused = ragapi(data, "jobs", "cancel", jobs[0][0])
+    assert refused.returncode == 2 and "has already succeeded" in refused.stderr

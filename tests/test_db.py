@@ -91,14 +91,17 @@ def build_registry_before_migrations(url: str) -> None:
             connection.execute(text("INSERT INTO meta VALUES ('schema_version', '1')"))
             connection.execute(
                 text(
-                    "INSERT INTO documents VALUES ('doc_old', 't', 'Old', NULL, 'text/plain', 5,"
-                    " 'abc', 'k1', 'k2', 1, 'ready', NULL, '{}', :now, :now)"
+                    "INSERT INTO documents (id, tenant, title, filename, media_type, size_bytes,"
+                    " sha256, original_key, extracted_key, chunk_count, status, error, metadata,"
+                    " created_at, updated_at) VALUES ('doc_old', 't', 'Old', NULL, 'text/plain',"
+                    " 5, 'abc', 'k1', 'k2', 1, 'ready', NULL, '{}', :now, :now)"
                 ),
                 {"now": "2026-01-01 00:00:00"},
             )
             connection.execute(
                 text(
-                    "INSERT INTO chunks VALUES ('doc_old-0', 'doc_old', 't', 0,"
+                    "INSERT INTO chunks (id, document_id, tenant, chunk_index, text, page,"
+                    " start_char, end_char) VALUES ('doc_old-0', 'doc_old', 't', 0,"
                     " 'the zeppelin moored at dawn', NULL, 0, 27)"
                 )
             )
@@ -113,9 +116,9 @@ def test_a_registry_made_before_migrations_joins_them_intact(registry_url: str) 
         document = registry.get_document("t", "doc_old")
         assert document is not None and document.status == "ready"
         [hit] = registry.lexical_search(
-            "t", "zeppelin", limit=5, document_ids=None, exclude_documents=()
+            "t", "zeppelin", limit=5, document_ids=None, exclude_documents=(), only_versions={}
         )
-        assert hit.chunk_id == "doc_old-0"
+        assert (hit.chunk_id, hit.version) == ("doc_old-0", 1)
     finally:
         registry.close()
     engine = create_engine(registry_url)

@@ -71,7 +71,7 @@ class Upload:
 
     @property
     def finished(self) -> bool:
-        return self.job.status in ("succeeded", "failed")
+        return self.job.status in ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ by id, and the lexical index over them."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from sqlalchemy import select
 
@@ -36,7 +36,11 @@ class Chunks:
             rows = list(
                 session.scalars(
                     select(ChunkRow)
-                    .where(ChunkRow.document_id == document_id, ChunkRow.chunk_index > after)
+                    .where(
+                        ChunkRow.document_id == document_id,
+                        ChunkRow.version == doc.version,
+                        ChunkRow.chunk_index > after,
+                    )
                     .order_by(ChunkRow.chunk_index)
                     .limit(limit + 1)
                 )
@@ -65,6 +69,7 @@ class Chunks:
         limit: int,
         document_ids: Collection[str] | None,
         exclude_documents: Collection[str],
+        only_versions: Mapping[str, int],
     ) -> list[lexical.LexicalHit]:
         with self._db.read() as session:
             return lexical.search(
@@ -74,6 +79,7 @@ class Chunks:
                 limit=limit,
                 document_ids=document_ids,
                 exclude_documents=exclude_documents,
+                only_versions=only_versions,
             )
 
     def term_statistics(self, tenant: str, terms: Collection[str]) -> TermStatistics:

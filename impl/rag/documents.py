@@ -7,6 +7,8 @@ after a crash."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,17 +17,21 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from impl.db import Database, decode_cursor, encode_cursor, utcnow
-from impl.errors import InvalidInput
+from impl.db import Database, decode_time_cursor, encode_cursor, utcnow
+from impl.errors import Conflict, NotFound, PreconditionFailed
 from impl.rag.job_queue import job_from_row
 from impl.rag.originals import drop_unreferenced_contents, referenced_keys, store_contents
 from impl.rag.tables import (
     DELETING,
     LIVE_STATUSES,
+    ChunkRow,
     DocumentRow,
     JobDocumentRow,
     JobRow,
+    ReplacementRow,
+    RetiredVersionRow,
     delete_chunks,
+    delete_version_chunks,
     document_from_row,
     new_id,
     rowcount,
@@ -45,6 +51,44 @@ class NewDocument:
     original_key: str
     extracted_key: str
     metadata: Metadata
+
+
+@dataclass(frozen=True)
+class RetiredVersion:
+    """A version a swap replaced, whose vectors and stored bytes are still to be removed."""
+
+    document_id: str
+    tenant: str
+    version: int
+    chunk_count: int
+    keys: tuple[str, ...]
+
+
+def document_etag(document: Document) -> str:
+    """A strong entity tag of the document as the API shows it: it changes whenever any field
+    does (every change moves updated_at; the rest are in for certainty)."""
+    facts = [
+        document.id,
+        str(document.version),
+        document.status,
+        document.updated_at.isoformat(),
+        str(document.chunk_count),
+        document.sha256,
+        document.title,
+        json.dumps(document.metadata, sort_keys=True),
+    ]
+    return hashlib.sha256("\x1f".join(facts).encode()).hexdigest()[:32]
+
+
+def check_precondition(document: Document, if_match: Sequence[str] | None) -> None:
+    """Raise PreconditionFailed unless ``if_match`` (entity tags, or ``*``) names the
+    document's current state; None: no condition."""
+    if if_match is None or "*" in if_match:
+        return
+    if document_etag(document) not in if_match:
+        raise PreconditionFailed(
+            f"document {document.id} has changed (its ETag is no longer the one given)"
+        )
 
 
 @dataclass(frozen=True)
@@ -192,6 +236,201 @@ class Documents:
             )
             return rowcount(changed) == 1
 
+    def update_document(
+        self,
+        tenant: str,
+        document_id: str,
+        *,
+        title: str,
+        metadata: Metadata,
+        if_match: Sequence[str] | None,
+    ) -> Document:
+        """Set the title and metadata of a ready or failed document that no replacement is
+        indexing (Conflict otherwise)."""
+        with self._db.write() as session:
+            row = self._visible(session, tenant, document_id)
+            check_precondition(document_from_row(row), if_match)
+            if row.status == "pending":
+                raise Conflict(f"document {document_id} is still being indexed")
+            if session.get(ReplacementRow, document_id) is not None:
+                raise Conflict(f"document {document_id} is being replaced")
+            row.title = title
+            row.metadata_ = dict(metadata)
+            row.updated_at = utcnow()
+            session.flush()
+            return document_from_row(row)
+
+    @staticmethod
+    def _visible(session: Session, tenant: str, document_id: str) -> DocumentRow:
+        row = session.get(DocumentRow, document_id, with_for_update=True)
+        if row is None or row.tenant != tenant or row.status == DELETING:
+            raise NotFound(f"document {document_id} not found")
+        return row
+
+    def register_replacement(
+        self,
+        tenant: str,
+        document_id: str,
+        item: NewDocument | None,
+        *,
+        title: str | None,
+        metadata: Metadata | None,
+        if_match: Sequence[str] | None,
+    ) -> Job:
+        """The next version of a ready document and the job that indexes it, in one
+        transaction; the same content as now makes a job that has already succeeded, listing
+        the document as a duplicate. ``item`` None: a re-index, the stored content cut and
+        embedded again under the current settings. ``title`` and ``metadata``: None keeps the
+        document's."""
+        now = utcnow()
+        with self._db.write() as session:
+            row = self._visible(session, tenant, document_id)
+            check_precondition(document_from_row(row), if_match)
+            if item is None:
+                item = NewDocument(
+                    sha256=row.sha256,
+                    title=row.title,
+                    filename=row.filename,
+                    media_type=row.media_type,
+                    size_bytes=row.size_bytes,
+                    original_key=row.original_key,
+                    extracted_key=row.extracted_key,
+                    metadata=dict(row.metadata_),
+                )
+                unchanged = False
+            else:
+                unchanged = row.sha256 == item.sha256
+            if not unchanged:
+                if row.status != "ready":
+                    raise Conflict(
+                        f"document {document_id} is {row.status}; only a ready one is replaced"
+                    )
+                if session.get(ReplacementRow, document_id) is not None:
+                    raise Conflict(f"document {document_id} is already being replaced")
+                holder = self._find_live(session, tenant, [item.sha256]).get(item.sha256)
+                if holder not in (None, document_id):
+                    raise Conflict(f"document {holder} already holds this content")
+            job = JobRow(
+                id=new_id("job"),
+                tenant=tenant,
+                status="succeeded" if unchanged else "queued",
+                attempts=0,
+                chunks_done=0,
+                chunks_total=0,
+                cancel_requested=False,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.flush()
+            session.add(
+                JobDocumentRow(
+                    job_id=job.id,
+                    document_id=document_id,
+                    tenant=tenant,
+                    position=0,
+                    duplicate=unchanged,
+                )
+            )
+            if not unchanged:
+                session.add(
+                    ReplacementRow(
+                        document_id=document_id,
+                        tenant=tenant,
+                        job_id=job.id,
+                        version=row.version + 1,
+                        sha256=item.sha256,
+                        title=row.title if title is None else title,
+                        filename=item.filename,
+                        media_type=item.media_type,
+                        size_bytes=item.size_bytes,
+                        original_key=item.original_key,
+                        extracted_key=item.extracted_key,
+                        metadata_=dict(row.metadata_ if metadata is None else metadata),
+                        created_at=now,
+                    )
+                )
+            session.flush()
+            return job_from_row(session, job)
+
+    def swap_version(self, document_id: str, version: int) -> RetiredVersion | None:
+        """Make the indexed replacement the document's version, in one transaction: from its
+        commit every read sees the new version and none the old. The old version's chunk rows
+        go in the same transaction; its vectors and bytes are left to remove, as returned. None
+        when the replacement is gone (the document was deleted, or the job cancelled)."""
+        with self._db.write() as session:
+            row = session.get(DocumentRow, document_id, with_for_update=True)
+            new = session.get(ReplacementRow, document_id)
+            if row is None or new is None or new.version != version or row.status != "ready":
+                return None
+            retired = RetiredVersionRow(
+                document_id=row.id,
+                version=row.version,
+                tenant=row.tenant,
+                chunk_count=row.chunk_count,
+                original_key=row.original_key,
+                extracted_key=row.extracted_key,
+            )
+            session.add(retired)
+            delete_version_chunks(session, row.id, row.version)
+            chunk_count = session.scalar(
+                select(func.count())
+                .select_from(ChunkRow)
+                .where(ChunkRow.document_id == row.id, ChunkRow.version == version)
+            )
+            row.version = version
+            row.sha256 = new.sha256
+            row.title = new.title
+            row.filename = new.filename
+            row.media_type = new.media_type
+            row.size_bytes = new.size_bytes
+            row.original_key = new.original_key
+            row.extracted_key = new.extracted_key
+            row.metadata_ = dict(new.metadata_)
+            row.chunk_count = int(chunk_count or 0)
+            row.updated_at = utcnow()
+            session.delete(new)
+            return _retired(retired)
+
+    def being_replaced(self, document_id: str) -> bool:
+        with self._db.read() as session:
+            return session.get(ReplacementRow, document_id) is not None
+
+    def abandoned_replacements(self) -> list[tuple[str, str, int]]:
+        """(tenant, document id, version) of the replacements whose job will not run them (it
+        was cancelled or failed before the replacement was dropped, then the process died)."""
+        with self._db.read() as session:
+            rows = session.execute(
+                select(ReplacementRow.tenant, ReplacementRow.document_id, ReplacementRow.version)
+                .join(JobRow, JobRow.id == ReplacementRow.job_id, isouter=True)
+                .where(or_(JobRow.id.is_(None), JobRow.status.not_in(("queued", "running"))))
+            )
+            return [(tenant, doc_id, version) for tenant, doc_id, version in rows]
+
+    def drop_replacement(self, document_id: str, version: int) -> tuple[str, ...]:
+        """Forget a replacement that will not be swapped in (failed or cancelled) with its
+        chunk rows (the caller has removed its vectors); the storage keys it held."""
+        with self._db.write() as session:
+            new = session.get(ReplacementRow, document_id)
+            delete_version_chunks(session, document_id, version)
+            if new is None or new.version != version:
+                return ()
+            session.delete(new)
+            return (new.original_key, new.extracted_key)
+
+    def retired_versions(self) -> list[RetiredVersion]:
+        with self._db.read() as session:
+            return [_retired(row) for row in session.scalars(select(RetiredVersionRow))]
+
+    def forget_retired(self, document_id: str, version: int) -> None:
+        with self._db.write() as session:
+            session.execute(
+                delete(RetiredVersionRow).where(
+                    RetiredVersionRow.document_id == document_id,
+                    RetiredVersionRow.version == version,
+                )
+            )
+
     def get_document(self, tenant: str, document_id: str) -> Document | None:
         with self._db.read() as session:
             row = session.get(DocumentRow, document_id)
@@ -225,7 +464,7 @@ class Documents:
         if created_before is not None:
             query = query.where(DocumentRow.created_at < created_before)
         if cursor is not None:
-            last_created, last_id = self._document_cursor(cursor)
+            last_created, last_id = decode_time_cursor(cursor)
             query = query.where(
                 or_(
                     DocumentRow.created_at < last_created,
@@ -244,22 +483,11 @@ class Documents:
             next_cursor = encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
         return Page(items=[document_from_row(row) for row in rows], next_cursor=next_cursor)
 
-    @staticmethod
-    def _document_cursor(cursor: str) -> tuple[datetime, str]:
-        payload = decode_cursor(cursor)
-        created, doc_id = payload.get("t"), payload.get("i")
-        if not isinstance(created, str) or not isinstance(doc_id, str):
-            raise InvalidInput("the cursor is not valid")
-        try:
-            when = datetime.fromisoformat(created)
-        except ValueError:
-            raise InvalidInput("the cursor is not valid") from None
-        if when.tzinfo is None:
-            raise InvalidInput("the cursor is not valid")
-        return when, doc_id
-
-    def ready_titles(self, tenant: str, document_ids: Sequence[str]) -> dict[str, str]:
-        """Titles of those of the given documents that are the tenant's and ready."""
+    def ready_versions(
+        self, tenant: str, document_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        """Title and current version of those of the given documents that are the tenant's and
+        ready."""
         if not document_ids:
             return {}
         # By primary key only: given the status too, SQLite prefers the status index and reads
@@ -267,12 +495,16 @@ class Documents:
         with self._db.read() as session:
             rows = session.execute(
                 select(
-                    DocumentRow.id, DocumentRow.title, DocumentRow.tenant, DocumentRow.status
+                    DocumentRow.id,
+                    DocumentRow.title,
+                    DocumentRow.version,
+                    DocumentRow.tenant,
+                    DocumentRow.status,
                 ).where(DocumentRow.id.in_(set(document_ids)))
             )
             return {
-                doc_id: title
-                for doc_id, title, owner, status in rows
+                doc_id: (title, version)
+                for doc_id, title, version, owner, status in rows
                 if owner == tenant and status == "ready"
             }
 
@@ -288,39 +520,69 @@ class Documents:
         with self._db.read() as session:
             return {doc_id: metadata for doc_id, metadata in session.execute(statement)}
 
-    def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
+    def mark_deleting(
+        self, tenant: str, document_id: str, if_match: Sequence[str] | None = None
+    ) -> StoredObjects | None:
         """First step of a deletion: from here on the document is invisible, and a crash before
         the last step is finished by the next start. A document whose deletion began already
         is returned again, so that a DELETE retried after one a store's outage stopped
-        finishes it (every later step is idempotent)."""
+        finishes it (every later step is idempotent). None when there is no such document."""
         with self._db.write() as session:
-            row = session.get(DocumentRow, document_id)
+            row = session.get(DocumentRow, document_id, with_for_update=True)
             if row is None or row.tenant != tenant:
                 return None
+            check_precondition(document_from_row(row), if_match)
             row.status = DELETING
             row.updated_at = utcnow()
-            return StoredObjects(row.id, row.tenant, (row.original_key, row.extracted_key))
+            return _stored_objects(session, row)
 
     def being_deleted(self) -> list[StoredObjects]:
         with self._db.read() as session:
             rows = session.scalars(select(DocumentRow).where(DocumentRow.status == DELETING))
-            return [
-                StoredObjects(row.id, row.tenant, (row.original_key, row.extracted_key))
-                for row in rows
-            ]
+            return [_stored_objects(session, row) for row in rows]
 
     def keys_in_use(self, keys: Collection[str], excluding: str | None = None) -> set[str]:
-        """Which of ``keys`` a document (other than ``excluding``) still uses (any tenant: the
-        storage is content-addressed, so tenants share bytes)."""
+        """Which of ``keys`` a document other than ``excluding``, or a replacement being
+        indexed, still uses (any tenant: the storage is content-addressed, so tenants share
+        bytes)."""
         with self._db.read() as session:
             return referenced_keys(session, keys, excluding)
 
     def delete_document_row(self, target: StoredObjects, *, drop_contents: bool) -> None:
-        """Last step of a deletion, chunk rows included (explicitly: a backend without foreign
-        key enforcement would not cascade); ``drop_contents``: also the registry's copies of
-        its originals that no other document uses, in the same transaction."""
+        """Last step of a deletion, chunk rows of every version, a replacement and retired
+        versions included (explicitly: a backend without foreign key enforcement would not
+        cascade); ``drop_contents``: also the registry's copies of its originals that no other
+        document uses, in the same transaction."""
+        document_id = target.document_id
         with self._db.write() as session:
-            delete_chunks(session, [target.document_id])
-            session.execute(delete(DocumentRow).where(DocumentRow.id == target.document_id))
+            delete_chunks(session, [document_id])
+            session.execute(delete(ReplacementRow).where(ReplacementRow.document_id == document_id))
+            session.execute(
+                delete(RetiredVersionRow).where(RetiredVersionRow.document_id == document_id)
+            )
+            session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))
             if drop_contents:
                 drop_unreferenced_contents(session, target.keys)
+
+
+def _retired(row: RetiredVersionRow) -> RetiredVersion:
+    return RetiredVersion(
+        document_id=row.document_id,
+        tenant=row.tenant,
+        version=row.version,
+        chunk_count=row.chunk_count,
+        keys=(row.original_key, row.extracted_key),
+    )
+
+
+def _stored_objects(session: Session, row: DocumentRow) -> StoredObjects:
+    """Every key the document holds: its own, a replacement's and retired versions'."""
+    keys = [row.original_key, row.extracted_key]
+    new = session.get(ReplacementRow, row.id)
+    if new is not None:
+        keys += [new.original_key, new.extracted_key]
+    for retired in session.scalars(
+        select(RetiredVersionRow).where(RetiredVersionRow.document_id == row.id)
+    ):
+        keys += [retired.original_key, retired.extracted_key]
+    return StoredObjects(row.id, row.tenant, tuple(dict.fromkeys(keys)))

@@ -8,13 +8,25 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from impl.db import Database, utcnow
+from impl.db import Database, decode_time_cursor, encode_cursor, utcnow
+from impl.errors import Conflict
 from impl.rag import lexical
-from impl.rag.tables import ChunkRow, DocumentRow, JobDocumentRow, JobRow, delete_chunks, rowcount
-from impl.rag.types import Chunk, Job, JobError, JobStatus, Metadata
+from impl.rag.tables import (
+    ChunkRow,
+    DocumentRow,
+    JobDocumentRow,
+    JobRow,
+    ReplacementRow,
+    delete_chunks,
+    delete_version_chunks,
+    rowcount,
+)
+from impl.rag.types import Chunk, Job, JobError, JobStatus, Metadata, Page
+
+CANCELLED_DETAIL = "ingestion was cancelled"
 
 
 @dataclass(frozen=True)
@@ -25,12 +37,15 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class DocumentWork:
-    """What a worker needs to index one document."""
+    """What a worker needs to index one document: a new one, or the next version of one
+    (``replacement``), which is swapped in once complete."""
 
     id: str
     tenant: str
     extracted_key: str
     metadata: Metadata
+    version: int = 1
+    replacement: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,7 @@ class Interrupted:
     tenant: str
     lease_owner: str | None  # the worker that stopped renewing it
     document_ids: list[str]
+    replacements: list[tuple[str, int]]  # (document id, version) being indexed
     gives_up: bool  # True: it ran out of attempts and is to be failed, not queued again
 
 
@@ -67,6 +83,7 @@ def job_from_row(session: Session, row: JobRow) -> Job:
         document_ids=[doc_id for doc_id, _ in links],
         duplicate_document_ids=[doc_id for doc_id, duplicate in links if duplicate],
         error=error,
+        cancel_requested=row.cancel_requested,
     )
 
 
@@ -137,6 +154,18 @@ class JobRows:
                     metadata=dict(row.metadata_),
                 )
                 for row in rows
+            ] + [
+                DocumentWork(
+                    id=new.document_id,
+                    tenant=new.tenant,
+                    extracted_key=new.extracted_key,
+                    metadata=dict(new.metadata_),
+                    version=new.version,
+                    replacement=True,
+                )
+                for new in session.scalars(
+                    select(ReplacementRow).where(ReplacementRow.job_id == job_id)
+                )
             ]
 
     def _renew(
@@ -156,32 +185,45 @@ class JobRows:
             self._renew(session, job_id, owner, lease)
 
     def start_progress(
-        self, job_id: str, owner: str, lease: timedelta, total: int, document_ids: Sequence[str]
+        self, job_id: str, owner: str, lease: timedelta, total: int, work: Sequence[DocumentWork]
     ) -> None:
-        """Drop chunk rows a crashed run left for these documents and reset the progress."""
+        """Drop chunk rows a crashed run left for this work and reset the progress."""
         with self._db.write() as session:
-            delete_chunks(session, document_ids)
+            delete_chunks(session, [item.id for item in work if not item.replacement])
+            for item in work:
+                if item.replacement:
+                    delete_version_chunks(session, item.id, item.version)
             self._renew(session, job_id, owner, lease, chunks_done=0, chunks_total=total)
 
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._db.read() as session:
+            return bool(session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+
     def add_chunks(
-        self, job_id: str, owner: str, lease: timedelta, document_id: str, chunks: Sequence[Chunk]
+        self, job_id: str, owner: str, lease: timedelta, work: DocumentWork, chunks: Sequence[Chunk]
     ) -> bool:
         """Record indexed chunks and the job's progress. False, writing nothing, when the
-        document is no longer pending (deletion began): the caller then removes its vectors."""
+        document is no longer being indexed (deletion began, or the replacement was dropped):
+        the caller then removes its vectors."""
         with self._db.write() as session:
             # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
             doc = session.execute(
                 select(DocumentRow.status, DocumentRow.tenant)
-                .where(DocumentRow.id == document_id)
+                .where(DocumentRow.id == work.id)
                 .with_for_update()
             ).one_or_none()
-            if doc is None or doc.status != "pending":
+            if doc is None or doc.status != ("ready" if work.replacement else "pending"):
                 return False
+            if work.replacement:
+                new = session.get(ReplacementRow, work.id)
+                if new is None or new.version != work.version:
+                    return False
             session.add_all(
                 ChunkRow(
                     id=chunk.id,
-                    document_id=document_id,
+                    document_id=work.id,
                     tenant=doc.tenant,
+                    version=work.version,
                     chunk_index=chunk.index,
                     text=chunk.text,
                     page=chunk.page,
@@ -199,14 +241,17 @@ class JobRows:
         with self._db.write() as session:
             self._renew(session, job_id, owner, lease, chunks_total=JobRow.chunks_total - count)
 
-    def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None:
+    def finish_job(
+        self, job_id: str, owner: str, error: JobError | None, *, cancelled: bool = False
+    ) -> None:
         with self._db.write() as session:
             now = utcnow()
+            status = "cancelled" if cancelled else "failed" if error else "succeeded"
             finished = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
                 .values(
-                    status="failed" if error else "succeeded",
+                    status=status,
                     error_title=error.title if error else None,
                     error_detail=error.detail if error else None,
                     lease_owner=None,
@@ -255,12 +300,18 @@ class JobRows:
                     )
                     .order_by(JobDocumentRow.position)
                 )
+                replacements = session.execute(
+                    select(ReplacementRow.document_id, ReplacementRow.version).where(
+                        ReplacementRow.job_id == job.id
+                    )
+                )
                 found.append(
                     Interrupted(
                         job_id=job.id,
                         tenant=job.tenant,
                         lease_owner=job.lease_owner,
                         document_ids=list(document_ids),
+                        replacements=[(doc_id, version) for doc_id, version in replacements],
                         gives_up=job.attempts >= max_attempts,
                     )
                 )
@@ -286,10 +337,11 @@ class JobRows:
             return session.scalar(queued) or 0
 
     def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None:
-        """Fail an interrupted job and its unfinished documents (their vectors already gone)."""
+        """Fail an interrupted job and its unfinished documents (their vectors already gone;
+        its replacements are dropped by the caller)."""
         with self._db.write() as session:
             now = utcnow()
-            session.execute(delete(ChunkRow).where(ChunkRow.document_id.in_(document_ids)))
+            delete_chunks(session, document_ids)
             session.execute(
                 update(DocumentRow)
                 .where(DocumentRow.id.in_(document_ids), DocumentRow.status == "pending")
@@ -318,6 +370,78 @@ class JobRows:
                     .limit(limit)
                 )
             )
+
+    def list_jobs(
+        self, tenant: str, *, limit: int, cursor: str | None, status: JobStatus | None
+    ) -> Page[Job]:
+        """Newest first by (created_at, id); the cursor names the last item of a page."""
+        query = select(JobRow).where(JobRow.tenant == tenant)
+        if status is not None:
+            query = query.where(JobRow.status == status)
+        if cursor is not None:
+            last_created, last_id = decode_time_cursor(cursor)
+            query = query.where(
+                or_(
+                    JobRow.created_at < last_created,
+                    and_(JobRow.created_at == last_created, JobRow.id < last_id),
+                )
+            )
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)
+        with self._db.read() as session:
+            rows = list(session.scalars(query))
+            next_cursor = None
+            if len(rows) > limit:
+                rows = rows[:limit]
+                next_cursor = encode_cursor(
+                    {"t": rows[-1].created_at.isoformat(), "i": rows[-1].id}
+                )
+            return Page(items=[job_from_row(session, row) for row in rows], next_cursor=next_cursor)
+
+    def cancel_job(
+        self, tenant: str, job_id: str
+    ) -> tuple[Job, list[str], list[tuple[str, int]]] | None:
+        """A queued job ends cancelled at once, its new documents failed (their chunk rows
+        dropped); a running one is asked to stop (its worker finishes the cancellation). The
+        job, the documents failed here and the replacements the caller is to drop (vectors,
+        then rows); None when there is no such job."""
+        with self._db.write() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is None or row.tenant != tenant:
+                return None
+            if row.status in ("succeeded", "failed"):
+                raise Conflict(f"job {job_id} has already {row.status}")
+            row.cancel_requested = True
+            failed: list[str] = []
+            replacements: list[tuple[str, int]] = []
+            if row.status == "queued":
+                now = utcnow()
+                row.status = "cancelled"
+                row.updated_at = now
+                failed = list(
+                    session.scalars(
+                        select(DocumentRow.id)
+                        .join(JobDocumentRow, JobDocumentRow.document_id == DocumentRow.id)
+                        .where(
+                            JobDocumentRow.job_id == job_id,
+                            JobDocumentRow.duplicate.is_(False),
+                            DocumentRow.status == "pending",
+                        )
+                    )
+                )
+                delete_chunks(session, failed)
+                session.execute(
+                    update(DocumentRow)
+                    .where(DocumentRow.id.in_(failed), DocumentRow.status == "pending")
+                    .values(status="failed", error=CANCELLED_DETAIL, chunk_count=0, updated_at=now)
+                )
+                replacements = [
+                    (new.document_id, new.version)
+                    for new in session.scalars(
+                        select(ReplacementRow).where(ReplacementRow.job_id == job_id)
+                    )
+                ]
+            session.flush()
+            return job_from_row(session, row), failed, replacements
 
     def get_job(self, tenant: str, job_id: str) -> Job | None:
         with self._db.read() as session:

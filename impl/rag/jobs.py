@@ -12,6 +12,15 @@ Write order, so that a crash anywhere leaves nothing visible and nothing orphane
 vectors first, then the chunk rows and progress (refused once the document's deletion began, in
 which case the worker removes the vectors it just wrote), then the document becomes ready. A
 re-run starts by removing whatever an earlier run of the same documents left behind.
+
+A replacement (the next version of a ready document) is written the same way under its own
+version, beside the current one, which searches keep finding (they take only each document's
+current version). Complete, it is swapped in by one registry transaction, and only then are
+the old version's vectors removed (the registry records the retired version until they are,
+so a crash in between is finished at the next start).
+
+A job asked to cancel stops at the next batch: the document it was indexing loses what was
+written of it, those not reached fail as cancelled, those finished stay.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Protocol
 
 from impl.errors import DependencyUnavailable, RagapiError, UnreadableDocument
 from impl.rag.chunking import Chunker, ChunkSpan
+from impl.rag.documents import RetiredVersion
 from impl.rag.embeddings import EmbeddingModel
-from impl.rag.job_queue import ClaimedJob, DocumentWork, LeaseLost
+from impl.rag.job_queue import CANCELLED_DETAIL, ClaimedJob, DocumentWork, LeaseLost
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import OriginalStore
 from impl.rag.stores import JobQueue, VectorIndex
@@ -63,14 +74,26 @@ def decode_extracted(data: bytes) -> ExtractedText:
     return ExtractedText(text=payload["text"], page_starts=payload["page_starts"])
 
 
-def chunk_id(document_id: str, index: int) -> str:
-    """The same chunk of the same document always gets the same id, so a rewrite replaces it."""
-    return f"{document_id}-{index}"
+def chunk_id(document_id: str, index: int, version: int = 1) -> str:
+    """The same chunk of the same version always gets the same id, so a rewrite replaces it."""
+    if version == 1:
+        return f"{document_id}-{index}"
+    return f"{document_id}-v{version}-{index}"
+
+
+class VersionCleanup(Protocol):
+    """What the service does once vectors and rows no longer need some stored bytes or a
+    retired version's vectors (it holds the lock that keeps new documents' bytes safe)."""
+
+    def retire(self, retired: RetiredVersion) -> None: ...
+
+    def free(self, keys: Sequence[str]) -> None: ...
 
 
 def recover_interrupted(
     registry: JobQueue,
     store: VectorIndex,
+    cleanup: VersionCleanup,
     *,
     every_running: bool,
     observer: StageObserver = NO_OBSERVER,
@@ -83,6 +106,9 @@ def recover_interrupted(
         facts = {"job_id": job.job_id, "previous_owner": job.lease_owner}
         if job.gives_up:
             store.delete_documents(job.tenant, job.document_ids)
+            for document_id, version in job.replacements:
+                store.delete_version(job.tenant, document_id, version)
+                cleanup.free(registry.drop_replacement(document_id, version))
             registry.give_up(
                 job.job_id, job.document_ids, JobError("Ingestion interrupted", INTERRUPTED_DETAIL)
             )
@@ -142,6 +168,10 @@ class _Held:
             return job_id in self.lost
 
 
+class _Cancelled(Exception):
+    """The job was asked to cancel."""
+
+
 class IngestWorkers:
     def __init__(
         self,
@@ -151,12 +181,14 @@ class IngestWorkers:
         originals: OriginalStore,
         embeddings: EmbeddingModel,
         chunker: Chunker,
+        cleanup: VersionCleanup,
         threads: int,
         queue_size: int,
         lease: timedelta,
         observer: StageObserver,
     ) -> None:
         self._observer = observer
+        self._cleanup = cleanup
         self._registry = registry
         self._store = store
         self._originals = originals
@@ -262,7 +294,11 @@ class IngestWorkers:
                 continue
             try:
                 requeued = recover_interrupted(
-                    self._registry, self._store, every_running=False, observer=self._observer
+                    self._registry,
+                    self._store,
+                    self._cleanup,
+                    every_running=False,
+                    observer=self._observer,
                 )
             except Exception:
                 logger.warning("expired leases not checked", exc_info=True)
@@ -307,6 +343,10 @@ class IngestWorkers:
                 self._observer.ingest_job("released")
                 logger.info("job %s given back at shutdown", job.id, extra=facts)
             return
+        except _Cancelled:
+            self._registry.finish_job(job.id, owner, None, cancelled=True)
+            logger.info("job %s cancelled", job.id)
+            return
         except LeaseLost:
             logger.warning("job %s: lease lost to another worker; abandoned", job.id, extra=facts)
             return
@@ -338,10 +378,17 @@ class IngestWorkers:
     def _index_job(self, job: ClaimedJob, owner: str) -> list[str]:
         """Index the job's pending documents; the reasons of those that failed."""
         work = self._registry.job_work(job.id)
-        if job.attempt > 1 and work:
+        if job.attempt > 1:
             # What a crashed run wrote goes first, so the vectors end up exactly these. A first
             # attempt has nothing to clean: a run stopped at shutdown cleans up after itself.
-            self._store.delete_documents(work[0].tenant, [document.id for document in work])
+            new = [document.id for document in work if not document.replacement]
+            if new:
+                self._store.delete_documents(work[0].tenant, new)  # one scan for them all
+            for document in work:
+                if document.replacement:
+                    self._remove_vectors(document)
+        if self._registry.cancel_requested(job.id):
+            self._cancel(work)
         failures: list[str] = []
         planned: list[tuple[DocumentWork, list[ChunkSpan]]] = []
         for document in work:
@@ -359,9 +406,9 @@ class IngestWorkers:
             owner,
             self._lease,
             total=sum(len(spans) for _, spans in planned),
-            document_ids=[document.id for document in work],
+            work=work,
         )
-        for document, spans in planned:
+        for number, (document, spans) in enumerate(planned):
             try:
                 self._index_document(job, owner, document, spans)
             except _Stopping:
@@ -369,13 +416,33 @@ class IngestWorkers:
                 # Unless shutdown already queued it again (this thread overran its stop time):
                 # another worker may be writing this document's vectors by now.
                 if not self._held.is_lost(job.id):
-                    self._store.delete_documents(document.tenant, [document.id])
+                    self._remove_vectors(document)
                 raise
+            except _Cancelled:
+                self._cancel([item for item, _ in planned[number:]])
             except (LeaseLost, DependencyUnavailable):
                 raise
             except Exception as exc:
                 self._fail(document, exc, failures)
         return failures
+
+    def _remove_vectors(self, document: DocumentWork) -> None:
+        """What indexing this work may have written to the vector store."""
+        if document.replacement:
+            self._store.delete_version(document.tenant, document.id, document.version)
+        else:
+            self._store.delete_documents(document.tenant, [document.id])
+
+    def _cancel(self, unfinished: Sequence[DocumentWork]) -> None:
+        """Leave nothing of the unfinished work: new documents fail as cancelled, replacements
+        are dropped (their documents keep the current version)."""
+        for document in unfinished:
+            self._remove_vectors(document)
+            if document.replacement:
+                self._cleanup.free(self._registry.drop_replacement(document.id, document.version))
+            else:
+                self._registry.mark_failed(document.id, CANCELLED_DETAIL)
+        raise _Cancelled
 
     def _chunk(self, document: DocumentWork) -> list[ChunkSpan]:
         try:
@@ -392,10 +459,13 @@ class IngestWorkers:
     ) -> None:
         for start in range(0, len(spans), EMBED_BATCH):
             self._check_in_hand(job)
+            if self._registry.cancel_requested(job.id):
+                raise _Cancelled
             chunks = [
                 Chunk(
-                    id=chunk_id(document.id, span.index),
+                    id=chunk_id(document.id, span.index, document.version),
                     document_id=document.id,
+                    version=document.version,
                     index=span.index,
                     text=span.text,
                     page=span.page,
@@ -411,18 +481,27 @@ class IngestWorkers:
             if len(vectors) != len(chunks):
                 raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
             self._store.add(document.tenant, chunks, vectors, document.metadata)
-            if not self._registry.add_chunks(job.id, owner, self._lease, document.id, chunks):
+            if not self._registry.add_chunks(job.id, owner, self._lease, document, chunks):
                 # Its deletion began after our vectors were written, perhaps after the deleter
                 # removed the document's vectors: remove ours, and count the rest as not due.
-                self._store.delete_documents(document.tenant, [document.id])
+                self._remove_vectors(document)
                 self._registry.skip_chunks(job.id, owner, self._lease, len(spans) - start)
                 return
-        stored = self._store.count(document.tenant, [chunk_id(document.id, s.index) for s in spans])
+        ids = [chunk_id(document.id, span.index, document.version) for span in spans]
+        stored = self._store.count(document.tenant, ids)
         if stored != len(spans):
             raise RuntimeError(f"the vector store holds {stored} of {len(spans)} vectors")
-        # False means deletion began after the last batch was recorded; the deleter removes
-        # every vector written so far, so nothing is left to do here.
-        self._registry.mark_ready(document.id, len(spans))
+        if not document.replacement:
+            # False means deletion began after the last batch was recorded; the deleter removes
+            # every vector written so far, so nothing is left to do here.
+            self._registry.mark_ready(document.id, len(spans))
+            return
+        retired = self._registry.swap_version(document.id, document.version)
+        if retired is None:
+            # The document was deleted meanwhile (its deleter removes every version's vectors).
+            self._remove_vectors(document)
+            return
+        self._cleanup.retire(retired)
 
     def _fail(self, document: DocumentWork, exc: Exception, failures: list[str]) -> None:
         if isinstance(exc, RagapiError):
@@ -432,6 +511,10 @@ class IngestWorkers:
             # Internals stay in the log; the user gets a reason without them.
             reason = "an internal error stopped indexing"
             logger.exception("document %s failed", document.id)
-        self._store.delete_documents(document.tenant, [document.id])
-        if self._registry.mark_failed(document.id, reason):
+        self._remove_vectors(document)
+        if document.replacement:
+            # The document keeps answering with its current version.
+            self._cleanup.free(self._registry.drop_replacement(document.id, document.version))
+            failures.append(reason)
+        elif self._registry.mark_failed(document.id, reason):
             failures.append(reason)

@@ -20,20 +20,24 @@ from __future__ import annotations
 import math
 import typing
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     CursorResult,
     Index,
     Integer,
     String,
+    and_,
     case,
     delete,
     func,
     insert,
+    or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -60,6 +64,7 @@ class PostingRow(Base):
     term: Mapped[str] = mapped_column(String(64), primary_key=True)
     chunk_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     document_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     frequency: Mapped[int] = mapped_column(Integer)
     chunk_terms: Mapped[int] = mapped_column(Integer)
 
@@ -82,6 +87,7 @@ class LexicalStatsRow(Base):
 class LexicalHit:
     chunk_id: str
     document_id: str
+    version: int
     score: float
 
 
@@ -99,6 +105,7 @@ def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None
                 "term": term,
                 "chunk_id": chunk.id,
                 "document_id": chunk.document_id,
+                "version": chunk.version,
                 "frequency": frequency,
                 "chunk_terms": length,
             }
@@ -110,21 +117,28 @@ def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None
 
 
 def remove_documents(session: Session, document_ids: Collection[str]) -> None:
-    """Remove the postings of these documents' chunks and uncount them from their tenants'
-    statistics; the caller deletes the chunk rows in the same transaction."""
-    if not document_ids:
-        return
-    ids = list(document_ids)
+    """Remove the postings of these documents' chunks (every version) and uncount them from
+    their tenants' statistics; the caller deletes the chunk rows in the same transaction."""
+    if document_ids:
+        _remove(session, PostingRow.document_id.in_(list(document_ids)))
+
+
+def remove_version(session: Session, document_id: str, version: int) -> None:
+    """``remove_documents`` for one version of one document."""
+    _remove(session, and_(PostingRow.document_id == document_id, PostingRow.version == version))
+
+
+def _remove(session: Session, which: ColumnElement[bool]) -> None:
     removed = session.execute(
         select(
             PostingRow.tenant,
             func.count(func.distinct(PostingRow.chunk_id)),
             func.sum(PostingRow.frequency),
         )
-        .where(PostingRow.document_id.in_(ids))
+        .where(which)
         .group_by(PostingRow.tenant)
     ).all()
-    session.execute(delete(PostingRow).where(PostingRow.document_id.in_(ids)))
+    session.execute(delete(PostingRow).where(which))
     for tenant, chunks, total_terms in removed:
         _count(session, tenant, -int(chunks), -int(total_terms))
 
@@ -150,9 +164,11 @@ def search(
     limit: int,
     document_ids: Collection[str] | None,
     exclude_documents: Collection[str],
+    only_versions: Mapping[str, int],
 ) -> list[LexicalHit]:
     """The ``limit`` chunks of the tenant with the highest BM25 for ``query``, best first;
-    only of ``document_ids`` when given, never of ``exclude_documents``."""
+    only of ``document_ids`` when given, never of ``exclude_documents``, and of the documents
+    in ``only_versions`` only that version."""
     query_terms = sorted(set(terms(query)))
     stats = session.get(LexicalStatsRow, tenant)
     if not query_terms or stats is None or stats.chunks <= 0 or document_ids == set():
@@ -179,9 +195,9 @@ def search(
     )
     score = func.sum(case(idf, value=PostingRow.term) * saturation).label("score")
     statement = (
-        select(PostingRow.chunk_id, PostingRow.document_id, score)
+        select(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version, score)
         .where(PostingRow.tenant == tenant, PostingRow.term.in_(list(idf)))
-        .group_by(PostingRow.chunk_id, PostingRow.document_id)
+        .group_by(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version)
         .order_by(score.desc(), PostingRow.chunk_id)
         .limit(limit)
     )
@@ -189,9 +205,13 @@ def search(
         statement = statement.where(PostingRow.document_id.in_(list(document_ids)))
     if exclude_documents:
         statement = statement.where(PostingRow.document_id.not_in(list(exclude_documents)))
+    for document_id, version in only_versions.items():
+        statement = statement.where(
+            or_(PostingRow.document_id != document_id, PostingRow.version == version)
+        )
     return [
-        LexicalHit(chunk_id=chunk_id, document_id=document_id, score=float(value))
-        for chunk_id, document_id, value in session.execute(statement)
+        LexicalHit(chunk_id=chunk_id, document_id=document_id, version=version, score=float(value))
+        for chunk_id, document_id, version, value in session.execute(statement)
     ]
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from impl.db import Database
 from impl.dependencies import Dependency
 from impl.errors import ConfigurationError
-from impl.rag.tables import DocumentRow, OriginalRow
+from impl.rag.tables import DocumentRow, OriginalRow, ReplacementRow
 from impl.settings import Settings
 
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -250,14 +250,19 @@ def drop_unreferenced_contents(session: Session, keys: Collection[str]) -> None:
 def referenced_keys(
     session: Session, keys: Collection[str], excluding: str | None = None
 ) -> set[str]:
-    """Which of ``keys`` some document (of any tenant, in any state; other than the one
-    ``excluding`` names) references."""
+    """Which of ``keys`` some document (of any tenant, in any state), or a replacement being
+    indexed, references; other than the document ``excluding`` names."""
     used: set[str] = set()
-    for column in (DocumentRow.original_key, DocumentRow.extracted_key):
-        query = select(column).where(column.in_(list(keys)))
-        if excluding is not None:
-            query = query.where(DocumentRow.id != excluding)
-        used.update(session.scalars(query))
+    for table, columns in (
+        (DocumentRow, (DocumentRow.original_key, DocumentRow.extracted_key)),
+        (ReplacementRow, (ReplacementRow.original_key, ReplacementRow.extracted_key)),
+    ):
+        owner = DocumentRow.id if table is DocumentRow else ReplacementRow.document_id
+        for column in columns:
+            query = select(column).where(column.in_(list(keys)))
+            if excluding is not None:
+                query = query.where(owner != excluding)
+            used.update(session.scalars(query))
     return used
 
 

@@ -13,27 +13,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import PurePath
 
 from impl.errors import (
+    Conflict,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    PreconditionRequired,
     RagapiError,
     ServiceUnavailable,
 )
 from impl.rag.answers import NO_ANSWER, AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
-from impl.rag.documents import NewDocument, StoredObjects
+from impl.rag.documents import NewDocument, RetiredVersion, StoredObjects, check_precondition
 from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
-from impl.rag.jobs import IngestWorkers, encode_extracted, recover_interrupted
+from impl.rag.idempotency import RecordedResponse
+from impl.rag.jobs import IngestWorkers, chunk_id, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import content_key
@@ -41,16 +45,20 @@ from impl.rag.parsing import ParserProcesses
 from impl.rag.store import ScoredChunk, admits, build_where, validate_metadata
 from impl.rag.stores import Stores, build_stores
 from impl.rag.types import (
+    FINISHED_JOB_STATUSES,
     NO_OBSERVER,
     Answer,
     AnswerEvent,
     Chunk,
     Citation,
     Document,
+    DocumentPatch,
     DocumentStatus,
     DoneEvent,
     IngestItem,
     Job,
+    JobStatus,
+    Metadata,
     Page,
     RetrievalEvent,
     RetrievalOptions,
@@ -71,6 +79,8 @@ MAX_TITLE_CHARS = 300  # the contract's bound on a given title
 # Hits of documents that are not ready (still indexing, being deleted) are excluded and the
 # search repeated; each round excludes at least one more such document.
 _SEARCH_ROUNDS = 4
+MAX_DELETE_BATCH = 1000  # vector ids removed by one call
+_ANSWER_MARGIN_SECONDS = 120.0  # an ingest's parsing and storing, beyond its wait for the job
 _WAIT_SLICE_SECONDS = 0.5
 _HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
 
@@ -203,6 +213,13 @@ class RagService:
         self._lexical = self._stores.lexical
         self._vectors = self._stores.vectors
         self._originals = self._stores.originals
+        # Held while originals are stored and registered, and while a deletion frees them, so
+        # a deletion never removes bytes that a new document is about to reference.
+        self._ingest_lock = threading.Lock()
+        # Held while a document's metadata is changed in the vector store and the registry,
+        # and while a replacement (which carries the metadata on) is registered: in this
+        # process the two stores never disagree for longer than one such change.
+        self._document_lock = threading.Lock()
         with contextlib.ExitStack() as cleanup:
             # Whatever fails below closes the stores.
             cleanup.callback(self._stores.close)
@@ -218,15 +235,13 @@ class RagService:
                     chunk_tokens=settings.chunk_tokens,
                     overlap_tokens=settings.chunk_overlap_tokens,
                 ),
+                cleanup=self,
                 threads=settings.ingest_workers,
                 queue_size=settings.ingest_queue_size,
                 lease=timedelta(seconds=settings.job_lease_seconds),
                 observer=observer,
             )
             cleanup.pop_all()
-        # Held while originals are stored and registered, and while a deletion frees them, so
-        # a deletion never removes bytes that a new document is about to reference.
-        self._ingest_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -244,11 +259,17 @@ class RagService:
         recover_interrupted(
             self._jobs,
             self._vectors,
+            self,
             every_running=self._settings.chroma_url is None,
             observer=self._observer,
         )
         for target in self._documents.being_deleted():
             self._finish_delete(target)
+        for retired in self._documents.retired_versions():
+            self.retire(retired)
+        for tenant, document_id, version in self._documents.abandoned_replacements():
+            self._vectors.delete_version(tenant, document_id, version)
+            self.free(self._documents.drop_replacement(document_id, version))
         with self._ingest_lock:  # queues jobs: keeps submit_ingest's room check true
             self._workers.start()
 
@@ -283,6 +304,34 @@ class RagService:
             raise RuntimeError("the embedding model returned a vector of the wrong width")
 
     # -- ingestion ----------------------------------------------------------------------------
+
+    def idempotent_response(
+        self, tenant: str, key: str, items: list[IngestItem]
+    ) -> RecordedResponse | None:
+        """Claim an Idempotency-Key for these items (None: answer, then record the response
+        or release the key), or the response recorded for them."""
+        fingerprint = hashlib.sha256()
+        for item in items:
+            described = [
+                item.filename,
+                item.title,
+                item.declared_media_type,
+                json.dumps(item.metadata, sort_keys=True),
+                hashlib.sha256(item.content).hexdigest(),
+            ]
+            fingerprint.update(json.dumps(described).encode())
+        ttl = timedelta(seconds=self._settings.idempotency_key_seconds)
+        # A first request unanswered for longer than any answer takes died with its process.
+        in_flight = timedelta(seconds=self._settings.ingest_wait_seconds + _ANSWER_MARGIN_SECONDS)
+        return self._documents.claim_idempotency_key(
+            tenant, key, fingerprint.hexdigest(), ttl=ttl, in_flight=in_flight
+        )
+
+    def record_idempotent_response(self, tenant: str, key: str, status: int, body: str) -> None:
+        self._documents.record_response(tenant, key, status, body)
+
+    def release_idempotency_key(self, tenant: str, key: str) -> None:
+        self._documents.release_idempotency_key(tenant, key)
 
     def submit_ingest(self, tenant: str, items: list[IngestItem]) -> Job:
         if not items:
@@ -350,10 +399,156 @@ class RagService:
             metadata=dict(prepared.item.metadata),
         )
 
+    def replace_document(
+        self,
+        tenant: str,
+        doc_id: str,
+        item: IngestItem,
+        *,
+        metadata: Metadata | None,
+        if_match: Sequence[str] | None,
+    ) -> Job:
+        """Register the next version of a document and queue its job; the current version
+        answers until the job swaps the new one in. The same content is a job already
+        succeeded. ``item.title`` and ``metadata``: None keeps the document's."""
+        self._check_if_match_given(if_match)
+        if metadata is not None:
+            validate_metadata(metadata)
+        prepared = self._prepare(1, item)
+        with self._document_lock, self._ingest_lock:
+            if not self._workers.has_room():
+                raise ServiceUnavailable("the ingestion queue is full; try again shortly")
+            contents: dict[str, bytes] = {}
+            new = self._store_original(prepared, contents)
+            # Registering a replacement writes no contents: a registry that holds the originals
+            # gets them just before (a failed registration frees them below).
+            for data in contents.values():
+                self._originals.put(data)
+            try:
+                job = self._documents.register_replacement(
+                    tenant,
+                    doc_id,
+                    new,
+                    title=prepared.title if item.title else None,
+                    metadata=metadata,
+                    if_match=if_match,
+                )
+            except RagapiError:
+                self._free_locked((new.original_key, new.extracted_key))
+                raise
+            if job.status == "queued":
+                self._workers.offer(job.id)
+        return job
+
+    def reindex_document(self, tenant: str, doc_id: str, *, if_match: Sequence[str] | None) -> Job:
+        """Cut and embed the stored content again, under the current chunk settings and model,
+        as a new version swapped in like a replacement (the current one answers until then)."""
+        self._check_if_match_given(if_match)
+        with self._document_lock, self._ingest_lock:
+            if not self._workers.has_room():
+                raise ServiceUnavailable("the ingestion queue is full; try again shortly")
+            job = self._documents.register_replacement(
+                tenant, doc_id, None, title=None, metadata=None, if_match=if_match
+            )
+            self._workers.offer(job.id)
+        return job
+
+    def patch_document(
+        self,
+        tenant: str,
+        doc_id: str,
+        patch: DocumentPatch,
+        *,
+        if_match: Sequence[str] | None,
+    ) -> Document:
+        """Apply a merge patch to the title and metadata. The vectors' metadata changes first,
+        then the registry's (as ingestion writes them), so a filter never finds a document
+        the registry would not admit; nothing is embedded again."""
+        self._check_if_match_given(if_match)
+        with self._document_lock:
+            current = self.get_document(tenant, doc_id)
+            check_precondition(current, if_match)
+            if current.status == "pending":
+                raise Conflict(f"document {doc_id} is still being indexed")
+            # Checked before the vectors change: a replacement's vectors carry its own metadata.
+            if self._documents.being_replaced(doc_id):
+                raise Conflict(f"document {doc_id} is being replaced")
+            metadata = {} if patch.clear_metadata else dict(current.metadata)
+            for key, value in patch.metadata.items():
+                if value is None:
+                    metadata.pop(key, None)
+                else:
+                    metadata[key] = value
+            validate_metadata(metadata)
+            title = current.title if patch.title is None else _clean_title(patch.title)
+            if not title:
+                raise InvalidInput("the title is empty")
+            moved = metadata != current.metadata
+            if moved:
+                self._vectors.set_metadata(tenant, doc_id, metadata)
+            try:
+                return self._documents.update_document(
+                    tenant, doc_id, title=title, metadata=metadata, if_match=if_match
+                )
+            except BaseException:
+                if moved:
+                    self._vectors.set_metadata(tenant, doc_id, current.metadata)
+                raise
+
+    def _check_if_match_given(self, if_match: Sequence[str] | None) -> None:
+        if if_match is None and self._settings.require_if_match:
+            raise PreconditionRequired(
+                "this server changes documents only with If-Match: send the ETag of the "
+                "document as you last read it"
+            )
+
+    def retire(self, retired: RetiredVersion) -> None:
+        """Remove a version a swap replaced: its vectors (by id), then the bytes no one uses."""
+        ids = [
+            chunk_id(retired.document_id, index, retired.version)
+            for index in range(retired.chunk_count)
+        ]
+        for start in range(0, len(ids), MAX_DELETE_BATCH):
+            self._vectors.delete_chunks(retired.tenant, ids[start : start + MAX_DELETE_BATCH])
+        self.free(retired.keys)
+        self._documents.forget_retired(retired.document_id, retired.version)
+
+    def free(self, keys: Sequence[str]) -> None:
+        """Delete the stored bytes of these keys that no document or replacement uses."""
+        with self._ingest_lock:
+            self._free_locked(keys)
+
+    def _free_locked(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        in_use = self._documents.keys_in_use(keys, excluding=None)
+        for key in set(keys) - in_use:
+            self._originals.delete(key)
+
     def get_job(self, tenant: str, job_id: str) -> Job:
         job = self._jobs.get_job(tenant, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
+        return job
+
+    def list_jobs(
+        self, tenant: str, *, limit: int, cursor: str | None, status: JobStatus | None = None
+    ) -> Page[Job]:
+        self._check_limit(limit)
+        return self._jobs.list_jobs(tenant, limit=limit, cursor=cursor, status=status)
+
+    def cancel_job(self, tenant: str, job_id: str) -> Job:
+        """A queued job is cancelled now; a running one is asked to stop at its next batch."""
+        cancelled = self._jobs.cancel_job(tenant, job_id)
+        if cancelled is None:
+            raise NotFound(f"job {job_id} not found")
+        job, failed, replacements = cancelled
+        # A queued job may have run before (then interrupted): what it wrote goes too.
+        if failed:
+            self._vectors.delete_documents(tenant, failed)
+        for document_id, version in replacements:
+            self._vectors.delete_version(tenant, document_id, version)
+            self.free(self._documents.drop_replacement(document_id, version))
         return job
 
     def wait_for_job(self, tenant: str, job_id: str, timeout_s: float) -> Job:
@@ -362,7 +557,7 @@ class RagService:
         while True:
             job = self.get_job(tenant, job_id)
             remaining = deadline - time.monotonic()
-            if job.status in ("succeeded", "failed") or remaining <= 0:
+            if job.status in FINISHED_JOB_STATUSES or remaining <= 0:
                 return job
             # Woken when a local worker finishes a job; the slice bounds the wait for one that
             # another process finishes.
@@ -415,10 +610,13 @@ class RagService:
             raise NotFound(f"document {doc_id} not found")
         return page
 
-    def delete_document(self, tenant: str, doc_id: str) -> None:
+    def delete_document(
+        self, tenant: str, doc_id: str, *, if_match: Sequence[str] | None = None
+    ) -> None:
         """Mark, then remove vectors, stored bytes and rows, in that order: a crash in between
         leaves a document marked for deletion, which the next start finishes removing."""
-        target = self._documents.mark_deleting(tenant, doc_id)
+        self._check_if_match_given(if_match)
+        target = self._documents.mark_deleting(tenant, doc_id, if_match)
         if target is None:
             raise NotFound(f"document {doc_id} not found")
         self._finish_delete(target)
@@ -468,23 +666,37 @@ class RagService:
         use_lexical = retrieval.mode != "dense"
         scope = self._lexical_scope(tenant, filters) if use_lexical else None
         excluded: set[str] = set()
+        # Documents some hit of which was of a version other than the current one (a
+        # replacement being indexed, or one just swapped out): only the current one is asked for.
+        only_versions: dict[str, int] = {}
         for _ in range(_SEARCH_ROUNDS):
             dense = []
             if vector is not None:
-                dense = self._vectors.query(tenant, vector, depth, filters, excluded)
+                dense = self._vectors.query(tenant, vector, depth, filters, excluded, only_versions)
             lexical_hits = []
             if use_lexical:
                 lexical_hits = self._lexical.lexical_search(
-                    tenant, query, limit=depth, document_ids=scope, exclude_documents=excluded
+                    tenant,
+                    query,
+                    limit=depth,
+                    document_ids=scope,
+                    exclude_documents=excluded,
+                    only_versions=only_versions,
                 )
-            found = {hit.chunk.document_id for hit in dense} | {
-                hit.document_id for hit in lexical_hits
+            found = {(hit.chunk.document_id, hit.chunk.version) for hit in dense} | {
+                (hit.document_id, hit.version) for hit in lexical_hits
             }
-            titles = self._documents.ready_titles(tenant, list(found))
-            not_ready = found - titles.keys()
-            if not not_ready:
+            current = self._documents.ready_versions(tenant, list({doc for doc, _ in found}))
+            not_ready = {doc for doc, _ in found} - current.keys()
+            stale = {
+                doc: current[doc][1]
+                for doc, version in found
+                if doc in current and current[doc][1] != version
+            }
+            if not not_ready and all(only_versions.get(d) == v for d, v in stale.items()):
                 break
             excluded |= not_ready
+            only_versions.update(stale)
         ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
         chunks = {hit.chunk.id: hit.chunk for hit in dense}
         chunks.update(
@@ -493,14 +705,14 @@ class RagService:
         self._observer.observe("retrieval", time.perf_counter() - retrieving)
         return [
             SearchHit(
-                chunk=chunks[chunk_id],
-                document_title=titles[chunks[chunk_id].document_id],
+                chunk=chunks[found_id],
+                document_title=current[chunks[found_id].document_id][0],
                 score=score,
                 explain=explain,
             )
-            for chunk_id, score, explain in ranked
-            if chunk_id in chunks
-            and chunks[chunk_id].document_id in titles
+            for found_id, score, explain in ranked
+            if found_id in chunks
+            and current.get(chunks[found_id].document_id, ("", 0))[1] == chunks[found_id].version
             and (min_score is None or score >= min_score)
         ]
 

@@ -16,7 +16,7 @@ import math
 import operator
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Collection as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -38,6 +38,9 @@ from impl.settings import Settings
 # Our own keys on every vector, and the prefix that keeps the user's metadata keys from ever
 # colliding with them.
 DOCUMENT_ID = "document_id"
+# The document's version the vector belongs to. Vectors written before versions existed lack
+# it: they are version 1, and Chroma's $ne and $nin match a missing key.
+VERSION = "version"
 _INDEX = "chunk_index"
 _START = "start_char"
 _END = "end_char"
@@ -258,6 +261,7 @@ class VectorStore:
                 item: dict[str, Any] = {
                     **user,
                     DOCUMENT_ID: chunk.document_id,
+                    VERSION: chunk.version,
                     _INDEX: chunk.index,
                     _START: chunk.start_char,
                     _END: chunk.end_char,
@@ -281,6 +285,41 @@ class VectorStore:
         return len(collection.get(ids=list(chunk_ids), include=[])["ids"])
 
     @_reaching
+    def set_metadata(self, tenant: str, document_id: str, metadata: Metadata) -> None:
+        """Give every vector of the document (of every version) this user metadata, in place:
+        nothing is embedded again."""
+        collection = self._collection(tenant, create=False)
+        if collection is None:
+            return
+        found = collection.get(where=cast(Any, {DOCUMENT_ID: document_id}), include=["metadatas"])
+        user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
+        ids, metadatas = found["ids"], found["metadatas"] or []
+        for start in range(0, len(ids), self._batch):
+            changed = []
+            for meta in metadatas[start : start + self._batch]:
+                ours = {k: v for k, v in meta.items() if not k.startswith(USER_PREFIX)}
+                # A key the patch removed is given as None, which Chroma's update deletes.
+                gone = {k: None for k in meta if k.startswith(USER_PREFIX) and k not in user}
+                changed.append({**ours, **gone, **user})
+            collection.update(ids=ids[start : start + self._batch], metadatas=cast(Any, changed))
+
+    @_reaching
+    def delete_version(self, tenant: str, document_id: str, version: int) -> None:
+        """Remove the vectors one version of a document was given (a replacement's: they always
+        carry their version)."""
+        collection = self._collection(tenant, create=False)
+        if collection is not None:
+            where = {"$and": [{DOCUMENT_ID: document_id}, {VERSION: version}]}
+            collection.delete(where=cast(Any, where))
+
+    @_reaching
+    def delete_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> None:
+        """Remove these vectors, by id (no scan)."""
+        collection = self._collection(tenant, create=False)
+        if collection is not None and chunk_ids:
+            collection.delete(ids=list(chunk_ids))
+
+    @_reaching
     def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> None:
         """Remove every vector of these documents, whatever run of which job wrote it. Each
         call scans the collection's metadata, so callers pass all their documents at once."""
@@ -296,11 +335,13 @@ class VectorStore:
         top_k: int,
         filters: SearchFilters | None,
         exclude_documents: AbstractSet[str] = frozenset(),
+        only_versions: Mapping[str, int] | None = None,
     ) -> list[ScoredChunk]:
-        """The ``top_k`` nearest chunks that pass ``filters``, closest first."""
+        """The ``top_k`` nearest chunks that pass ``filters``, closest first; of the documents
+        in ``only_versions``, only that version's."""
         if filters is not None and filters.document_ids is not None and not filters.document_ids:
             return []
-        where = build_where(filters, exclude_documents)
+        where = build_where(filters, exclude_documents, only_versions or {})
         collection = self._collection(tenant, create=False)
         if collection is None:
             return []
@@ -317,6 +358,7 @@ class VectorStore:
         hits = []
         for chunk_id, text, meta, distance in zip(ids, texts, metadatas, distances, strict=True):
             page = meta.get(_PAGE)
+            version = meta.get(VERSION, 1)
             chunk = Chunk(
                 id=chunk_id,
                 document_id=str(meta[DOCUMENT_ID]),
@@ -325,21 +367,31 @@ class VectorStore:
                 page=None if page is None else int(cast(int, page)),
                 start_char=int(cast(int, meta[_START])),
                 end_char=int(cast(int, meta[_END])),
+                version=int(cast(int, version)),
             )
             hits.append(ScoredChunk(chunk=chunk, score=1.0 - float(distance)))
         return hits
 
 
 def build_where(
-    filters: SearchFilters | None, exclude_documents: AbstractSet[str] = frozenset()
+    filters: SearchFilters | None,
+    exclude_documents: AbstractSet[str] = frozenset(),
+    only_versions: Mapping[str, int] | None = None,
 ) -> dict[str, Any] | None:
     """Chroma's where clause for the filters: equality for a value, ``$in`` for a list,
-    ``$gt``/``$gte``/``$lt``/``$lte`` for a range, all joined with ``$and``."""
+    ``$gt``/``$gte``/``$lt``/``$lte`` for a range, all joined with ``$and``; the documents of
+    ``exclude_documents`` left out, and of those of ``only_versions`` every other version."""
     clauses: list[dict[str, Any]] = []
     if filters is not None and filters.document_ids is not None:
         clauses.append({DOCUMENT_ID: {"$in": list(dict.fromkeys(filters.document_ids))}})
     if exclude_documents:
         clauses.append({DOCUMENT_ID: {"$nin": sorted(exclude_documents)}})
+    for document_id, version in sorted((only_versions or {}).items()):
+        # Version 1 may be a vector written before versions existed, without the key: it is
+        # kept by "not any later version" ($nin matches a missing key), later ones by equality.
+        # Versions above the current one are at most the next one, being indexed.
+        wanted = {"$eq": version} if version > 1 else {"$nin": [version + 1]}
+        clauses.append({"$or": [{DOCUMENT_ID: {"$ne": document_id}}, {VERSION: wanted}]})
     for key, condition in (filters.metadata if filters is not None else {}).items():
         _check_key(key)
         field = USER_PREFIX + key

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from impl.rag.documents import NewDocument, StoredObjects
+from impl.rag.documents import NewDocument, RetiredVersion, StoredObjects
+from impl.rag.idempotency import RecordedResponse
 from impl.rag.job_queue import ClaimedJob, DocumentWork, Interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.originals import OriginalStore, open_originals
@@ -28,6 +29,7 @@ from impl.rag.types import (
     DocumentStatus,
     Job,
     JobError,
+    JobStatus,
     Metadata,
     Page,
     SearchFilters,
@@ -76,22 +78,20 @@ class DocumentRegistry(Protocol):
 
     def get_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> dict[str, Chunk]: ...
 
-    def ready_titles(self, tenant: str, document_ids: Sequence[str]) -> dict[str, str]:
-        """{document id: title} of those of these documents that are ready."""
-        ...
-
     def ready_metadata(
         self, tenant: str, document_ids: Collection[str] | None
     ) -> dict[str, Metadata]: ...
 
-    def mark_deleting(self, tenant: str, document_id: str) -> StoredObjects | None:
+    def mark_deleting(
+        self, tenant: str, document_id: str, if_match: Sequence[str] | None = None
+    ) -> StoredObjects | None:
         """Begin a deletion (the document disappears from every read); None when the tenant
         has no such document."""
         ...
 
     def being_deleted(self) -> list[StoredObjects]: ...
 
-    def keys_in_use(self, keys: Sequence[str], excluding: str) -> set[str]: ...
+    def keys_in_use(self, keys: Collection[str], excluding: str | None = None) -> set[str]: ...
 
     def delete_document_row(self, target: StoredObjects, *, drop_contents: bool) -> None:
         """``drop_contents``: also the registry's copies of its unshared originals."""
@@ -101,6 +101,75 @@ class DocumentRegistry(Protocol):
 
     def ping(self) -> None:
         """Raise DependencyUnavailable unless the registry answers."""
+        ...
+
+    def abandoned_replacements(self) -> list[tuple[str, str, int]]:
+        """(tenant, document id, version) of the replacements whose job will not run them (it
+        was cancelled or failed before the replacement was dropped, then the process died)."""
+        ...
+
+    def being_replaced(self, document_id: str) -> bool: ...
+
+    def claim_idempotency_key(
+        self, tenant: str, key: str, fingerprint: str, *, ttl: timedelta, in_flight: timedelta
+    ) -> RecordedResponse | None:
+        """None: the key is the caller's now, to answer and then ``record_response`` (or
+        ``release_idempotency_key`` on failure). Else the first request's response. Conflict
+        while the first request is still being answered, IdempotencyKeyReused for another
+        body. A key is forgotten ``ttl`` after its first use, and a first request still
+        unanswered after ``in_flight`` counts as never answered (its process died)."""
+        ...
+
+    def drop_replacement(self, document_id: str, version: int) -> tuple[str, ...]:
+        """Forget a replacement that will not be swapped in (failed or cancelled) with its
+        chunk rows (the caller has removed its vectors); the storage keys it held."""
+        ...
+
+    def forget_retired(self, document_id: str, version: int) -> None: ...
+
+    def ready_versions(
+        self, tenant: str, document_ids: Sequence[str]
+    ) -> dict[str, tuple[str, int]]:
+        """Title and current version of those of the given documents that are the tenant's and
+        ready."""
+        ...
+
+    def record_response(self, tenant: str, key: str, status_code: int, body: str) -> None: ...
+
+    def register_replacement(
+        self,
+        tenant: str,
+        document_id: str,
+        item: NewDocument | None,
+        *,
+        title: str | None,
+        metadata: Metadata | None,
+        if_match: Sequence[str] | None,
+    ) -> Job:
+        """The next version of a ready document and the job that indexes it, in one
+        transaction; the same content as now makes a job that has already succeeded, listing
+        the document as a duplicate. ``item`` None: a re-index, the stored content cut and
+        embedded again under the current settings. ``title`` and ``metadata``: None keeps the
+        document's."""
+        ...
+
+    def release_idempotency_key(self, tenant: str, key: str) -> None:
+        """The first request failed: a retry is a first request again."""
+        ...
+
+    def retired_versions(self) -> list[RetiredVersion]: ...
+
+    def update_document(
+        self,
+        tenant: str,
+        document_id: str,
+        *,
+        title: str,
+        metadata: Metadata,
+        if_match: Sequence[str] | None,
+    ) -> Document:
+        """Set the title and metadata of a ready or failed document that no replacement is
+        indexing (Conflict otherwise)."""
         ...
 
 
@@ -122,11 +191,11 @@ class JobQueue(Protocol):
     def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None: ...
 
     def start_progress(
-        self, job_id: str, owner: str, lease: timedelta, total: int, document_ids: Sequence[str]
+        self, job_id: str, owner: str, lease: timedelta, total: int, work: Sequence[DocumentWork]
     ) -> None: ...
 
     def add_chunks(
-        self, job_id: str, owner: str, lease: timedelta, document_id: str, chunks: Sequence[Chunk]
+        self, job_id: str, owner: str, lease: timedelta, work: DocumentWork, chunks: Sequence[Chunk]
     ) -> bool:
         """Store the chunk rows (and their lexical postings); False when the document's
         deletion began."""
@@ -138,7 +207,9 @@ class JobQueue(Protocol):
 
     def mark_failed(self, document_id: str, reason: str) -> bool: ...
 
-    def finish_job(self, job_id: str, owner: str, error: JobError | None) -> None: ...
+    def finish_job(
+        self, job_id: str, owner: str, error: JobError | None, *, cancelled: bool = False
+    ) -> None: ...
 
     def release_job(self, job_id: str, owner: str) -> bool:
         """False when ``owner`` no longer held the job."""
@@ -154,6 +225,35 @@ class JobQueue(Protocol):
 
     def give_up(self, job_id: str, document_ids: Sequence[str], error: JobError) -> None: ...
 
+    def cancel_job(
+        self, tenant: str, job_id: str
+    ) -> tuple[Job, list[str], list[tuple[str, int]]] | None:
+        """A queued job ends cancelled at once, its new documents failed (their chunk rows
+        dropped); a running one is asked to stop (its worker finishes the cancellation). The
+        job, the documents failed here and the replacements the caller is to drop (vectors,
+        then rows); None when there is no such job."""
+        ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    def drop_replacement(self, document_id: str, version: int) -> tuple[str, ...]:
+        """Forget a replacement that will not be swapped in (failed or cancelled) with its
+        chunk rows (the caller has removed its vectors); the storage keys it held."""
+        ...
+
+    def list_jobs(
+        self, tenant: str, *, limit: int, cursor: str | None, status: JobStatus | None
+    ) -> Page[Job]:
+        """Newest first by (created_at, id); the cursor names the last item of a page."""
+        ...
+
+    def swap_version(self, document_id: str, version: int) -> RetiredVersion | None:
+        """Make the indexed replacement the document's version, in one transaction: from its
+        commit every read sees the new version and none the old. The old version's chunk rows
+        go in the same transaction; its vectors and bytes are left to remove, as returned. None
+        when the replacement is gone (the document was deleted, or the job cancelled)."""
+        ...
+
 
 class LexicalIndex(Protocol):
     def lexical_search(
@@ -164,6 +264,7 @@ class LexicalIndex(Protocol):
         limit: int,
         document_ids: Collection[str] | None,
         exclude_documents: Collection[str],
+        only_versions: Mapping[str, int],
     ) -> list[LexicalHit]:
         """The tenant's best chunks for ``query`` by BM25, best first."""
         ...
@@ -195,10 +296,25 @@ class VectorIndex(Protocol):
         top_k: int,
         filters: SearchFilters | None,
         exclude_documents: Collection[str] = frozenset(),
+        only_versions: Mapping[str, int] | None = None,
     ) -> list[ScoredChunk]: ...
 
     def heartbeat(self) -> None:
         """Raise DependencyUnavailable unless the index answers."""
+        ...
+
+    def delete_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> None:
+        """Remove these vectors, by id (no scan)."""
+        ...
+
+    def delete_version(self, tenant: str, document_id: str, version: int) -> None:
+        """Remove the vectors one version of a document was given (a replacement's: they always
+        carry their version)."""
+        ...
+
+    def set_metadata(self, tenant: str, document_id: str, metadata: Metadata) -> None:
+        """Give every vector of the document (of every version) this user metadata, in place:
+        nothing is embedded again."""
         ...
 
 

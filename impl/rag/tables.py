@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     delete,
+    false,
     text,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -57,6 +58,7 @@ class DocumentRow(Base):
     original_key: Mapped[str] = mapped_column(String(128))
     extracted_key: Mapped[str] = mapped_column(String(128))
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     # "metadata" is taken by the declarative base, hence the attribute name.
@@ -93,6 +95,7 @@ class JobRow(Base):
     chunks_total: Mapped[int] = mapped_column(Integer, default=0)
     error_title: Mapped[str | None] = mapped_column(Text)
     error_detail: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
@@ -125,13 +128,55 @@ class ChunkRow(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"))
     tenant: Mapped[str] = mapped_column(String(256))
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     chunk_index: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
     page: Mapped[int | None] = mapped_column(Integer)
     start_char: Mapped[int] = mapped_column(Integer)
     end_char: Mapped[int] = mapped_column(Integer)
 
-    __table_args__ = (UniqueConstraint("document_id", "chunk_index"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "document_id", "version", "chunk_index", name="uq_chunks_document_version_index"
+        ),
+    )
+
+
+class ReplacementRow(Base):
+    """The next version of a ready document while a job indexes it: at most one per document.
+    Its chunks are written under ``version``; the swap (``Documents.swap_version``) moves what
+    is here onto the document row in one transaction, the title and metadata included (the
+    document's own unless the replacement gave new ones)."""
+
+    __tablename__ = "document_replacements"
+    document_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(256))
+    job_id: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(Text)
+    media_type: Mapped[str] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    original_key: Mapped[str] = mapped_column(String(128))
+    extracted_key: Mapped[str] = mapped_column(String(128))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
+    created_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_document_replacements_job", "job_id"),)
+
+
+class RetiredVersionRow(Base):
+    """A version a swap replaced: its registry rows went with the swap, its vectors and stored
+    bytes are removed after it (again at the next start, after a crash)."""
+
+    __tablename__ = "retired_versions"
+    document_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(256))
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    original_key: Mapped[str] = mapped_column(String(128))
+    extracted_key: Mapped[str] = mapped_column(String(128))
 
 
 def document_from_row(row: DocumentRow) -> Document:
@@ -143,6 +188,7 @@ def document_from_row(row: DocumentRow) -> Document:
         size_bytes=row.size_bytes,
         sha256=row.sha256,
         chunk_count=row.chunk_count,
+        version=row.version,
         status=cast(DocumentStatus, row.status),
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -156,6 +202,7 @@ def chunk_from_row(row: ChunkRow) -> Chunk:
         id=row.id,
         document_id=row.document_id,
         index=row.chunk_index,
+        version=row.version,
         text=row.text,
         page=row.page,
         start_char=row.start_char,
@@ -165,6 +212,14 @@ def chunk_from_row(row: ChunkRow) -> Chunk:
 
 def rowcount(result: Any) -> int:
     return cast(CursorResult[Any], result).rowcount
+
+
+def delete_version_chunks(session: Session, document_id: str, version: int) -> None:
+    """One version's chunk rows and their postings, in one transaction."""
+    lexical.remove_version(session, document_id, version)
+    session.execute(
+        delete(ChunkRow).where(ChunkRow.document_id == document_id, ChunkRow.version == version)
+    )
 
 
 def delete_chunks(session: Session, document_ids: Sequence[str]) -> None:

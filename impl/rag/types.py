@@ -13,7 +13,8 @@ T = TypeVar("T")
 MetadataValue = str | int | float | bool
 Metadata = dict[str, MetadataValue]
 DocumentStatus = Literal["pending", "ready", "failed"]
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED_JOB_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,16 @@ class IngestItem:
     title: str | None
     metadata: Metadata
     declared_media_type: str | None = None  # the client's claim; content decides
+
+
+@dataclass(frozen=True)
+class DocumentPatch:
+    """A JSON Merge Patch of a document: a new title (None: unchanged); metadata keys to set,
+    a key given None removed; ``clear_metadata`` removes every key first."""
+
+    title: str | None = None
+    metadata: dict[str, MetadataValue | None] = field(default_factory=dict)
+    clear_metadata: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class Document:
     updated_at: datetime
     metadata: Metadata
     error: str | None = None
+    version: int = 1  # one more with each replacement of the content
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class Chunk:
     page: int | None  # 1-based page for paged formats (PDF), else None
     start_char: int  # offsets into the document's extracted text
     end_char: int
+    version: int = 1  # the version of the document the chunk belongs to
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ class Job:
     document_ids: list[str]
     duplicate_document_ids: list[str]  # subset of document_ids that already existed
     error: JobError | None = None
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True)

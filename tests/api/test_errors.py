@@ -79,9 +79,9 @@ def test_unknown_path_is_404(client: httpx.Client) -> None:
 
 
 def test_wrong_method_is_405_with_allow(client: httpx.Client) -> None:
-    response = client.put("/api/v1/documents/doc_1")
+    response = client.post("/api/v1/documents/doc_1")
     assert_problem(response, 405, "method-not-allowed")
-    assert set(response.headers["allow"].split(", ")) == {"DELETE", "GET"}
+    assert set(response.headers["allow"].split(", ")) == {"DELETE", "GET", "PATCH", "PUT"}
 
 
 def test_wrong_content_type_is_415(client: httpx.Client) -> None:

@@ -19,10 +19,14 @@ from generated.client.api.documents import (
     get_document,
     list_document_chunks,
     list_documents,
+    patch_document,
+    replace_document,
 )
-from generated.client.api.ingestion import get_job, ingest_documents
+from generated.client.api.ingestion import cancel_job, get_job, ingest_documents, list_jobs
 from generated.client.api.retrieval import query_documents, search_chunks
 from generated.client.models import (
+    DocumentPatch,
+    DocumentPatchMetadataType0,
     IngestText,
     IngestUpload,
     Job,
@@ -64,7 +68,7 @@ def finished(api: AuthenticatedClient, job_id: str) -> Job:
     deadline = time.monotonic() + 120
     while True:
         job = parsed(get_job.sync_detailed(client=api, job_id=job_id))
-        if job.status in ("succeeded", "failed"):
+        if job.status in ("succeeded", "failed", "cancelled"):
             return job
         assert time.monotonic() < deadline, f"job {job_id} is still {job.status}"
         time.sleep(0.2)
@@ -135,6 +139,29 @@ def test_ingest_list_search_query_and_delete(api: AuthenticatedClient) -> None:
     cited = answer.citations[0]
     assert cited.document_id == pdf_id and f"[{cited.marker}]" in answer.answer
     assert any(cited.quote in c.text for c in chunks if c.id == cited.chunk_id)
+
+    # A new version under the same id, then a merge patch guarded by the ETag.
+    revised = IngestText(text="\n\n".join(saturn.paragraphs[::-1]))
+    replaced = parsed(
+        replace_document.sync_detailed(client=api, doc_id=typed.id, body=revised), 202
+    )
+    assert finished(api, replaced.job.id).status == "succeeded"
+    current = get_document.sync_detailed(client=api, doc_id=typed.id)
+    assert parsed(current).version == 2
+    etag = current.headers["etag"]
+    changes = DocumentPatchMetadataType0.from_dict({"run": run, "revised": True})
+    patch = DocumentPatch(title=f"Saturn {run} (revised)", metadata=changes)
+    patched = parsed(
+        patch_document.sync_detailed(client=api, doc_id=typed.id, body=patch, if_match=etag)
+    )
+    assert patched.title == f"Saturn {run} (revised)" and patched.version == 2
+    assert patched.metadata.to_dict() == {"run": run, "revised": True}
+    stale = patch_document.sync_detailed(client=api, doc_id=typed.id, body=patch, if_match=etag)
+    assert stale.status_code == 412 and isinstance(stale.parsed, Problem)
+    jobs = parsed(list_jobs.sync_detailed(client=api, limit=100)).items
+    assert replaced.job.id in [j.id for j in jobs]
+    done = cancel_job.sync_detailed(client=api, job_id=replaced.job.id)
+    assert done.status_code == 409 and isinstance(done.parsed, Problem)
 
     # Deleted: gone from the documents and from search, told as a 404 problem.
     for doc_id in (pdf_id, typed.id):

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from impl.db import open_database
-from impl.errors import ConfigurationError, InvalidInput
+from impl.errors import ConfigurationError, Conflict, IdempotencyKeyReused, InvalidInput
 from impl.rag.documents import NewDocument
-from impl.rag.job_queue import LeaseLost
+from impl.rag.job_queue import DocumentWork, LeaseLost
 from impl.rag.registry import Registry
 from impl.rag.types import Chunk, Document, JobError
 
@@ -177,17 +177,22 @@ def test_a_job_is_claimed_once_and_oldest_first(registry: Registry) -> None:
     assert registry.claim_job(None, "worker-c", LEASE) is None
 
 
+def new_work(doc_id: str) -> DocumentWork:
+    """What a worker indexes of a new document (tenant "t")."""
+    return DocumentWork(id=doc_id, tenant="t", extracted_key="", metadata={})
+
+
 def test_progress_needs_the_lease(registry: Registry) -> None:
     job = registry.register_ingest("t", [new_document("x")])
     doc_id = job.document_ids[0]
     registry.claim_job(job.id, "owner", LEASE)
-    registry.start_progress(job.id, "owner", LEASE, total=2, document_ids=[doc_id])
+    registry.start_progress(job.id, "owner", LEASE, total=2, work=registry.job_work(job.id))
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
-    assert registry.add_chunks(job.id, "owner", LEASE, doc_id, [chunk])
+    assert registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), [chunk])
     assert registry.get_job("t", job.id).chunks_done == 1  # type: ignore[union-attr]
     second = Chunk(f"{doc_id}-1", doc_id, 1, "more", None, 4, 8)
     with pytest.raises(LeaseLost):
-        registry.add_chunks(job.id, "intruder", LEASE, doc_id, [second])
+        registry.add_chunks(job.id, "intruder", LEASE, new_work(doc_id), [second])
     # The refused write left nothing behind.
     page = registry.list_chunks("t", doc_id, limit=10, cursor=None)
     assert page is not None and [c.index for c in page.items] == [0]
@@ -206,7 +211,7 @@ def test_chunks_are_refused_once_deletion_began(registry: Registry) -> None:
     # Asked again (a DELETE retried after an outage stopped the first), it is still to finish.
     assert registry.mark_deleting("t", doc_id) == target
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
-    assert not registry.add_chunks(job.id, "owner", LEASE, doc_id, [chunk])
+    assert not registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), [chunk])
     assert not registry.mark_ready(doc_id, 1)
     assert registry.get_document("t", doc_id) is None
 
@@ -217,8 +222,8 @@ def test_chunk_pages_follow_the_index(registry: Registry) -> None:
     registry.claim_job(job.id, "owner", LEASE)
     chunks = [Chunk(f"{doc_id}-{i}", doc_id, i, f"c{i}", 1, i, i + 1) for i in range(7)]
     # Written out of order, read back by index.
-    registry.add_chunks(job.id, "owner", LEASE, doc_id, chunks[4:])
-    registry.add_chunks(job.id, "owner", LEASE, doc_id, chunks[:4])
+    registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), chunks[4:])
+    registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), chunks[:4])
     seen, cursor = [], None
     while True:
         page = registry.list_chunks("t", doc_id, limit=3, cursor=cursor)
@@ -370,3 +375,67 @@ def test_processes_starting_at_once_record_the_model_once(registry: Registry) ->
     assert errors == []
     with pytest.raises(ConfigurationError, match="built with model model-a"):
         registry.check_model("model-b", 384)
+
+
+def ready(registry: Registry, content: str) -> str:
+    """A ready document of tenant "t" holding ``content``."""
+    job = registry.register_ingest("t", [new_document(content)])
+    doc_id = job.document_ids[0]
+    assert registry.mark_ready(doc_id, 0)
+    return doc_id
+
+
+def test_a_swap_moves_the_replacement_onto_the_document_in_one_step(registry: Registry) -> None:
+    doc_id = ready(registry, "old")
+    job = registry.register_replacement(
+        "t", doc_id, new_document("new"), title=None, metadata={"k": 1}, if_match=None
+    )
+    assert job.status == "queued" and registry.being_replaced(doc_id)
+    [work] = registry.job_work(job.id)
+    assert (work.id, work.version, work.replacement, work.metadata) == (doc_id, 2, True, {"k": 1})
+    # Until the swap, the document is the old version.
+    assert registry.get_document("t", doc_id).version == 1  # type: ignore[union-attr]
+    retired = registry.swap_version(doc_id, 2)
+    assert retired is not None and retired.version == 1
+    document = registry.get_document("t", doc_id)
+    assert document is not None
+    assert (document.version, document.sha256) == (2, hashlib.sha256(b"new").hexdigest())
+    assert document.metadata == {"k": 1} and not registry.being_replaced(doc_id)
+    assert [r.version for r in registry.retired_versions()] == [1]
+    # A second swap of the same replacement finds nothing to do.
+    assert registry.swap_version(doc_id, 2) is None
+
+
+def test_a_replacement_whose_job_ended_is_found_abandoned(registry: Registry) -> None:
+    doc_id = ready(registry, "kept")
+    job = registry.register_replacement(
+        "t", doc_id, new_document("dropped"), title=None, metadata=None, if_match=None
+    )
+    assert registry.abandoned_replacements() == []
+    cancelled = registry.cancel_job("t", job.id)
+    assert cancelled is not None and cancelled[0].status == "cancelled"
+    assert cancelled[2] == [(doc_id, 2)]
+    # The process died before dropping it: the next start finds it.
+    assert registry.abandoned_replacements() == [("t", doc_id, 2)]
+    dropped = new_document("dropped")
+    assert registry.drop_replacement(doc_id, 2) == (dropped.original_key, dropped.extracted_key)
+    assert registry.abandoned_replacements() == [] and not registry.being_replaced(doc_id)
+
+
+def test_an_idempotency_key_replays_refuses_and_expires(registry: Registry) -> None:
+    day, minute = timedelta(days=1), timedelta(minutes=1)
+    assert registry.claim_idempotency_key("t", "k", "f1", ttl=day, in_flight=minute) is None
+    with pytest.raises(Conflict):  # the first request is still being answered
+        registry.claim_idempotency_key("t", "k", "f1", ttl=day, in_flight=minute)
+    registry.record_response("t", "k", 202, '{"job": {}}')
+    replay = registry.claim_idempotency_key("t", "k", "f1", ttl=day, in_flight=minute)
+    assert replay is not None and (replay.status_code, replay.body) == (202, '{"job": {}}')
+    with pytest.raises(IdempotencyKeyReused):
+        registry.claim_idempotency_key("t", "k", "f2", ttl=day, in_flight=minute)
+    # Another tenant's key of the same name is its own.
+    assert registry.claim_idempotency_key("u", "k", "f2", ttl=day, in_flight=minute) is None
+    # Past its time the key is forgotten, and so is a first request that never answered.
+    assert (
+        registry.claim_idempotency_key("t", "k", "f2", ttl=timedelta(0), in_flight=minute) is None
+    )
+    assert registry.claim_idempotency_key("t", "k", "f3", ttl=day, in_flight=timedelta(0)) is None

@@ -36,6 +36,8 @@ from .conversation_turn import ConversationTurn
 from .conversation_turn_provider import ConversationTurnProvider
 from .document import Document
 from .document_page import DocumentPage
+from .document_patch import DocumentPatch
+from .document_patch_metadata_type_0 import DocumentPatchMetadataType0
 from .document_status import DocumentStatus
 from .field_error import FieldError
 from .health import Health
@@ -44,6 +46,7 @@ from .ingest_response import IngestResponse
 from .ingest_text import IngestText
 from .ingest_upload import IngestUpload
 from .job import Job
+from .job_page import JobPage
 from .job_status import JobStatus
 from .media_type import MediaType
 from .metadata import Metadata
@@ -62,6 +65,7 @@ from .rate_limit_overrides import RateLimitOverrides
 from .readiness import Readiness
 from .readiness_components import ReadinessComponents
 from .readiness_status import ReadinessStatus
+from .replace_upload import ReplaceUpload
 from .retrieval import Retrieval
 from .retrieval_mode import RetrievalMode
 from .retrieval_weights import RetrievalWeights
@@ -116,6 +120,8 @@ __all__ = (
     "ConversationTurnProvider",
     "Document",
     "DocumentPage",
+    "DocumentPatch",
+    "DocumentPatchMetadataType0",
     "DocumentStatus",
     "FieldError",
     "Health",
@@ -124,6 +130,7 @@ __all__ = (
     "IngestText",
     "IngestUpload",
     "Job",
+    "JobPage",
     "JobStatus",
     "MediaType",
     "Metadata",
@@ -142,6 +149,7 @@ __all__ = (
     "Readiness",
     "ReadinessComponents",
     "ReadinessStatus",
+    "ReplaceUpload",
     "Retrieval",
     "RetrievalMode",
     "RetrievalWeights",

@@ -24,9 +24,9 @@ class Document:
     Example:
         {'id': 'doc_c9f0f895fb98ab91', 'title': 'Sourdough notes', 'filename': 'sourdough.pdf', 'media_type':
             'application/pdf', 'size_bytes': 48213, 'sha256':
-            '3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7', 'chunk_count': 12, 'status': 'ready',
-            'created_at': '2026-11-26T14:00:00Z', 'updated_at': '2026-11-26T14:00:03Z', 'metadata': {'team': 'kitchen'},
-            'error': None}
+            '3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7', 'chunk_count': 12, 'version': 1, 'status':
+            'ready', 'created_at': '2026-11-26T14:00:00Z', 'updated_at': '2026-11-26T14:00:03Z', 'metadata': {'team':
+            'kitchen'}, 'error': None}
 
     Attributes:
         id (str):  Example: doc_c9f0f895fb98ab91.
@@ -36,6 +36,7 @@ class Document:
         size_bytes (int):
         sha256 (str):
         chunk_count (int):
+        version (int): 1 when ingested; one more with each replacement of its content.
         status (DocumentStatus):
         created_at (datetime.datetime):
         updated_at (datetime.datetime):
@@ -51,6 +52,7 @@ class Document:
     size_bytes: int
     sha256: str
     chunk_count: int
+    version: int
     status: DocumentStatus
     created_at: datetime.datetime
     updated_at: datetime.datetime
@@ -72,6 +74,8 @@ class Document:
         sha256 = self.sha256
 
         chunk_count = self.chunk_count
+
+        version = self.version
 
         status: str = self.status
 
@@ -95,6 +99,7 @@ class Document:
                 "size_bytes": size_bytes,
                 "sha256": sha256,
                 "chunk_count": chunk_count,
+                "version": version,
                 "status": status,
                 "created_at": created_at,
                 "updated_at": updated_at,
@@ -129,6 +134,8 @@ class Document:
 
         chunk_count = d.pop("chunk_count")
 
+        version = d.pop("version")
+
         status = check_document_status(d.pop("status"))
 
         created_at = datetime.datetime.fromisoformat(d.pop("created_at"))
@@ -152,6 +159,7 @@ class Document:
             size_bytes=size_bytes,
             sha256=sha256,
             chunk_count=chunk_count,
+            version=version,
             status=status,
             created_at=created_at,
             updated_at=updated_at,

@@ -20,9 +20,9 @@ class DocumentPage:
     Example:
         {'items': [{'id': 'doc_c9f0f895fb98ab91', 'title': 'Sourdough notes', 'filename': 'sourdough.pdf', 'media_type':
             'application/pdf', 'size_bytes': 48213, 'sha256':
-            '3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7', 'chunk_count': 12, 'status': 'ready',
-            'created_at': '2026-11-26T14:00:00Z', 'updated_at': '2026-11-26T14:00:03Z', 'metadata': {'team': 'kitchen'},
-            'error': None}], 'next_cursor': 'MjAyNi0xMS0yNlQxNDowMDowMFp8ZG9jX2M5ZjA'}
+            '3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7', 'chunk_count': 12, 'version': 1, 'status':
+            'ready', 'created_at': '2026-11-26T14:00:00Z', 'updated_at': '2026-11-26T14:00:03Z', 'metadata': {'team':
+            'kitchen'}, 'error': None}], 'next_cursor': 'MjAyNi0xMS0yNlQxNDowMDowMFp8ZG9jX2M5ZjA'}
 
     Attributes:
         items (list[Document]):

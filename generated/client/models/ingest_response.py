@@ -21,17 +21,17 @@ class IngestResponse:
     Example:
         {'job': {'id': 'job_8f14e45fceea167a', 'status': 'succeeded', 'created_at': '2026-11-26T14:00:00Z',
             'updated_at': '2026-11-26T14:00:03Z', 'chunks_done': 12, 'chunks_total': 12, 'document_ids':
-            ['doc_c9f0f895fb98ab91'], 'duplicate_document_ids': [], 'error': None}, 'documents': [{'id':
-            'doc_c9f0f895fb98ab91', 'title': 'Sourdough notes', 'filename': 'sourdough.pdf', 'media_type':
+            ['doc_c9f0f895fb98ab91'], 'duplicate_document_ids': [], 'cancel_requested': False, 'error': None}, 'documents':
+            [{'id': 'doc_c9f0f895fb98ab91', 'title': 'Sourdough notes', 'filename': 'sourdough.pdf', 'media_type':
             'application/pdf', 'size_bytes': 48213, 'sha256':
-            '3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7', 'chunk_count': 12, 'status': 'ready',
-            'created_at': '2026-11-26T14:00:00Z', 'updated_at': '2026-11-26T14:00:03Z', 'metadata': {'team': 'kitchen'},
-            'error': None}]}
+            '3a6eb0790f39ac87c94f3856b2dd2c5d110e6811602261a9a923d3bb23adc8b7', 'chunk_count': 12, 'version': 1, 'status':
+            'ready', 'created_at': '2026-11-26T14:00:00Z', 'updated_at': '2026-11-26T14:00:03Z', 'metadata': {'team':
+            'kitchen'}, 'error': None}]}
 
     Attributes:
         job (Job):  Example: {'id': 'job_8f14e45fceea167a', 'status': 'succeeded', 'created_at': '2026-11-26T14:00:00Z',
             'updated_at': '2026-11-26T14:00:03Z', 'chunks_done': 40, 'chunks_total': 40, 'document_ids':
-            ['doc_c9f0f895fb98ab91'], 'duplicate_document_ids': [], 'error': None}.
+            ['doc_c9f0f895fb98ab91'], 'duplicate_document_ids': [], 'cancel_requested': False, 'error': None}.
         documents (list[Document]):
     """
 

@@ -23,7 +23,7 @@ class Job:
     Example:
         {'id': 'job_8f14e45fceea167a', 'status': 'succeeded', 'created_at': '2026-11-26T14:00:00Z', 'updated_at':
             '2026-11-26T14:00:03Z', 'chunks_done': 40, 'chunks_total': 40, 'document_ids': ['doc_c9f0f895fb98ab91'],
-            'duplicate_document_ids': [], 'error': None}
+            'duplicate_document_ids': [], 'cancel_requested': False, 'error': None}
 
     Attributes:
         id (str):  Example: doc_c9f0f895fb98ab91.
@@ -33,7 +33,9 @@ class Job:
         chunks_done (int): Chunks embedded and stored so far.
         chunks_total (int): Chunks to embed in all; 0 until the documents have been split.
         document_ids (list[str]): Every document of this job, duplicates included.
-        duplicate_document_ids (list[str]): The documents that were already stored with the same content.
+        duplicate_document_ids (list[str]): The documents that were already stored with the same content (for a
+            replacement: the document, when its content is unchanged).
+        cancel_requested (bool): A cancellation was asked for; a running job stops at its next batch.
         error (None | Problem): Why the job failed; null unless `status` is `failed`.
     """
 
@@ -45,6 +47,7 @@ class Job:
     chunks_total: int
     document_ids: list[str]
     duplicate_document_ids: list[str]
+    cancel_requested: bool
     error: None | Problem
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +69,8 @@ class Job:
 
         duplicate_document_ids = self.duplicate_document_ids
 
+        cancel_requested = self.cancel_requested
+
         error: dict[str, Any] | None
         if isinstance(self.error, Problem):
             error = self.error.to_dict()
@@ -84,6 +89,7 @@ class Job:
                 "chunks_total": chunks_total,
                 "document_ids": document_ids,
                 "duplicate_document_ids": duplicate_document_ids,
+                "cancel_requested": cancel_requested,
                 "error": error,
             }
         )
@@ -111,6 +117,8 @@ class Job:
 
         duplicate_document_ids = cast(list[str], d.pop("duplicate_document_ids"))
 
+        cancel_requested = d.pop("cancel_requested")
+
         def _parse_error(data: object) -> None | Problem:
             if data is None:
                 return data
@@ -135,6 +143,7 @@ class Job:
             chunks_total=chunks_total,
             document_ids=document_ids,
             duplicate_document_ids=duplicate_document_ids,
+            cancel_requested=cancel_requested,
             error=error,
         )
 

@@ -2,9 +2,10 @@
 # Change the contract, then run: python scripts/generate.py
 from typing import Literal
 
-JobStatus = Literal["failed", "queued", "running", "succeeded"]
+JobStatus = Literal["cancelled", "failed", "queued", "running", "succeeded"]
 
 JOB_STATUS_VALUES: set[JobStatus] = {
+    "cancelled",
     "failed",
     "queued",
     "running",

@@ -9,12 +9,17 @@ import httpx
 from ... import errors
 from ...client import AuthenticatedClient, Client
 from ...models.problem import Problem
-from ...types import Response
+from ...types import UNSET, Response, Unset
 
 
 def _get_kwargs(
     doc_id: str,
+    *,
+    if_match: str | Unset = UNSET,
 ) -> dict[str, Any]:
+    headers: dict[str, Any] = {}
+    if not isinstance(if_match, Unset):
+        headers["If-Match"] = if_match
 
     _kwargs: dict[str, Any] = {
         "method": "delete",
@@ -23,6 +28,7 @@ def _get_kwargs(
         ),
     }
 
+    _kwargs["headers"] = headers
     return _kwargs
 
 
@@ -52,6 +58,16 @@ def _parse_response(
         response_404 = Problem.from_dict(response.json())
 
         return response_404
+
+    if response.status_code == 412:
+        response_412 = Problem.from_dict(response.json())
+
+        return response_412
+
+    if response.status_code == 428:
+        response_428 = Problem.from_dict(response.json())
+
+        return response_428
 
     if response.status_code == 429:
         response_429 = Problem.from_dict(response.json())
@@ -89,14 +105,19 @@ def sync_detailed(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Response[Any | Problem]:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -108,6 +129,7 @@ def sync_detailed(
 
     kwargs = _get_kwargs(
         doc_id=doc_id,
+        if_match=if_match,
     )
 
     response = client.get_httpx_client().request(
@@ -121,14 +143,19 @@ def sync(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Any | Problem | None:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -141,6 +168,7 @@ def sync(
     return sync_detailed(
         doc_id=doc_id,
         client=client,
+        if_match=if_match,
     ).parsed
 
 
@@ -148,14 +176,19 @@ async def asyncio_detailed(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Response[Any | Problem]:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -167,6 +200,7 @@ async def asyncio_detailed(
 
     kwargs = _get_kwargs(
         doc_id=doc_id,
+        if_match=if_match,
     )
 
     response = await client.get_async_httpx_client().request(**kwargs)
@@ -178,14 +212,19 @@ async def asyncio(
     doc_id: str,
     *,
     client: AuthenticatedClient | Client,
+    if_match: str | Unset = UNSET,
 ) -> Any | Problem | None:
     """Delete a document
 
      Removes the document, every vector made from it and its stored original. No search or
-    answer returns its text again.
+    answer returns its text again. With `If-Match`, only while the document has that
+    `ETag`.
 
     Args:
         doc_id (str):  Example: doc_c9f0f895fb98ab91.
+        if_match (str | Unset): `*`, or entity tags in double quotes separated by commas (RFC
+            9110). A member that is not a quoted tag names no state of any document: it never matches.
+            Example: "3f2a9c0d41b7e6a5".
 
     Raises:
         errors.UnexpectedStatus: If the server returns an undocumented status code and Client.raise_on_unexpected_status is True.
@@ -199,5 +238,6 @@ async def asyncio(
         await asyncio_detailed(
             doc_id=doc_id,
             client=client,
+            if_match=if_match,
         )
     ).parsed

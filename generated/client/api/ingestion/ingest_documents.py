@@ -18,8 +18,11 @@ def _get_kwargs(
     *,
     body: IngestUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
+    idempotency_key: str | Unset = UNSET,
 ) -> dict[str, Any]:
     headers: dict[str, Any] = {}
+    if not isinstance(idempotency_key, Unset):
+        headers["Idempotency-Key"] = idempotency_key
 
     params: dict[str, Any] = {}
 
@@ -79,6 +82,11 @@ def _parse_response(
 
         return response_408
 
+    if response.status_code == 409:
+        response_409 = Problem.from_dict(response.json())
+
+        return response_409
+
     if response.status_code == 413:
         response_413 = Problem.from_dict(response.json())
 
@@ -88,6 +96,11 @@ def _parse_response(
         response_415 = Problem.from_dict(response.json())
 
         return response_415
+
+    if response.status_code == 422:
+        response_422 = Problem.from_dict(response.json())
+
+        return response_422
 
     if response.status_code == 429:
         response_429 = Problem.from_dict(response.json())
@@ -126,6 +139,7 @@ def sync_detailed(
     client: AuthenticatedClient | Client,
     body: IngestUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
+    idempotency_key: str | Unset = UNSET,
 ) -> Response[IngestResponse | Problem]:
     """Ingest documents
 
@@ -138,8 +152,15 @@ def sync_detailed(
     it. With `wait=true` the call waits for the job (up to a bound) and answers 200 once it
     has finished.
 
+    With an `Idempotency-Key` header (the IETF draft's semantics) a retried request is safe:
+    the same key with the same body answers the first response again (the same job, nothing
+    stored twice), the same key with another body is 422, and a retry while the first
+    request is still being answered is 409. A key is remembered for
+    `RAGAPI_IDEMPOTENCY_KEY_SECONDS` (24 hours by default) after its first use.
+
     Args:
         wait (bool | Unset):  Default: False.
+        idempotency_key (str | Unset):
         body (IngestUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
@@ -155,6 +176,7 @@ def sync_detailed(
     kwargs = _get_kwargs(
         body=body,
         wait=wait,
+        idempotency_key=idempotency_key,
     )
 
     response = client.get_httpx_client().request(
@@ -169,6 +191,7 @@ def sync(
     client: AuthenticatedClient | Client,
     body: IngestUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
+    idempotency_key: str | Unset = UNSET,
 ) -> IngestResponse | Problem | None:
     """Ingest documents
 
@@ -181,8 +204,15 @@ def sync(
     it. With `wait=true` the call waits for the job (up to a bound) and answers 200 once it
     has finished.
 
+    With an `Idempotency-Key` header (the IETF draft's semantics) a retried request is safe:
+    the same key with the same body answers the first response again (the same job, nothing
+    stored twice), the same key with another body is 422, and a retry while the first
+    request is still being answered is 409. A key is remembered for
+    `RAGAPI_IDEMPOTENCY_KEY_SECONDS` (24 hours by default) after its first use.
+
     Args:
         wait (bool | Unset):  Default: False.
+        idempotency_key (str | Unset):
         body (IngestUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
@@ -199,6 +229,7 @@ def sync(
         client=client,
         body=body,
         wait=wait,
+        idempotency_key=idempotency_key,
     ).parsed
 
 
@@ -207,6 +238,7 @@ async def asyncio_detailed(
     client: AuthenticatedClient | Client,
     body: IngestUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
+    idempotency_key: str | Unset = UNSET,
 ) -> Response[IngestResponse | Problem]:
     """Ingest documents
 
@@ -219,8 +251,15 @@ async def asyncio_detailed(
     it. With `wait=true` the call waits for the job (up to a bound) and answers 200 once it
     has finished.
 
+    With an `Idempotency-Key` header (the IETF draft's semantics) a retried request is safe:
+    the same key with the same body answers the first response again (the same job, nothing
+    stored twice), the same key with another body is 422, and a retry while the first
+    request is still being answered is 409. A key is remembered for
+    `RAGAPI_IDEMPOTENCY_KEY_SECONDS` (24 hours by default) after its first use.
+
     Args:
         wait (bool | Unset):  Default: False.
+        idempotency_key (str | Unset):
         body (IngestUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
@@ -236,6 +275,7 @@ async def asyncio_detailed(
     kwargs = _get_kwargs(
         body=body,
         wait=wait,
+        idempotency_key=idempotency_key,
     )
 
     response = await client.get_async_httpx_client().request(**kwargs)
@@ -248,6 +288,7 @@ async def asyncio(
     client: AuthenticatedClient | Client,
     body: IngestUpload | IngestText | Unset = UNSET,
     wait: bool | Unset = False,
+    idempotency_key: str | Unset = UNSET,
 ) -> IngestResponse | Problem | None:
     """Ingest documents
 
@@ -260,8 +301,15 @@ async def asyncio(
     it. With `wait=true` the call waits for the job (up to a bound) and answers 200 once it
     has finished.
 
+    With an `Idempotency-Key` header (the IETF draft's semantics) a retried request is safe:
+    the same key with the same body answers the first response again (the same job, nothing
+    stored twice), the same key with another body is 422, and a retry while the first
+    request is still being answered is 409. A key is remembered for
+    `RAGAPI_IDEMPOTENCY_KEY_SECONDS` (24 hours by default) after its first use.
+
     Args:
         wait (bool | Unset):  Default: False.
+        idempotency_key (str | Unset):
         body (IngestUpload):
         body (IngestText):  Example: {'title': 'Sourdough notes', 'text': 'A sourdough starter is
             a culture of wild yeast and lactic acid bacteria.', 'metadata': {'team': 'kitchen'}}.
@@ -279,5 +327,6 @@ async def asyncio(
             client=client,
             body=body,
             wait=wait,
+            idempotency_key=idempotency_key,
         )
     ).parsed
