@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePath
@@ -227,6 +228,7 @@ class RagService:
         # Held while originals are stored and registered, and while a deletion frees them, so
         # a deletion never removes bytes that a new document is about to reference.
         self._ingest_lock = threading.Lock()
+        self._lexical_threads = ThreadPoolExecutor(thread_name_prefix="lexical-search")
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -255,6 +257,7 @@ class RagService:
                 return
             self._closed = True
         self._workers.stop(_STOP_TIMEOUT_SECONDS)
+        self._lexical_threads.shutdown(wait=True)
         self._store.close()
         self._registry.close()
 
@@ -449,24 +452,38 @@ class RagService:
         if filters is not None and filters.document_ids is not None and not filters.document_ids:
             return []
         started = time.perf_counter()
+        depth = top_k if retrieval.mode != "hybrid" else max(top_k, retrieval.candidates)
+        scope = self._lexical_scope(tenant, filters) if retrieval.mode != "dense" else None
+
+        def start_lexical(excluded: frozenset[str]) -> Future[list[LexicalHit]]:
+            """BM25 in a thread of its own, while this one embeds and queries Chroma: SQLite,
+            onnxruntime and Chroma release the GIL while they work, so hybrid's latency is
+            about the longer of the two retrievals instead of their sum."""
+            if retrieval.mode == "dense":
+                done: Future[list[LexicalHit]] = Future()
+                done.set_result([])
+                return done
+            return self._lexical_threads.submit(
+                self._registry.lexical_search,
+                tenant,
+                query,
+                limit=depth,
+                document_ids=scope,
+                exclude_documents=excluded,
+            )
+
+        excluded: frozenset[str] = frozenset()
+        lexical = start_lexical(excluded)
         vector = None
         if retrieval.mode != "lexical":
             vector = self._embeddings.embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()
-        depth = top_k if retrieval.mode != "hybrid" else max(top_k, retrieval.candidates)
-        use_lexical = retrieval.mode != "dense"
-        scope = self._lexical_scope(tenant, filters) if use_lexical else None
-        excluded: set[str] = set()
         for _ in range(_SEARCH_ROUNDS):
             dense = []
             if vector is not None:
                 dense = self._store.query(tenant, vector, depth, filters, excluded)
-            lexical_hits = []
-            if use_lexical:
-                lexical_hits = self._registry.lexical_search(
-                    tenant, query, limit=depth, document_ids=scope, exclude_documents=excluded
-                )
+            lexical_hits = lexical.result()
             found = {hit.chunk.document_id for hit in dense} | {
                 hit.document_id for hit in lexical_hits
             }
@@ -475,6 +492,7 @@ class RagService:
             if not not_ready:
                 break
             excluded |= not_ready
+            lexical = start_lexical(excluded)
         ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
         chunks = {hit.chunk.id: hit.chunk for hit in dense}
         chunks.update(
