@@ -41,7 +41,7 @@ from impl.rag.loaders import ExtractedText
 from impl.rag.originals import LocalOriginalStore
 from impl.rag.parsing import ParserProcesses
 from impl.rag.registry import Registry
-from impl.rag.store import ScoredChunk, VectorStore, admits, build_where, validate_metadata
+from impl.rag.store import DenseHit, VectorStore, admits, build_where, validate_metadata
 from impl.rag.types import (
     NO_OBSERVER,
     Answer,
@@ -160,14 +160,14 @@ def _check_retrieval(options: RetrievalOptions) -> None:
 
 
 def _fuse(
-    options: RetrievalOptions, dense: list[ScoredChunk], lexical_hits: list[LexicalHit]
+    options: RetrievalOptions, dense: list[DenseHit], lexical_hits: list[LexicalHit]
 ) -> list[_Ranked]:
     """The hits in the mode's order, each with its score and every signal's score and rank.
     Hybrid is weighted reciprocal-rank fusion: sum over signals of weight / (rrf_k + rank);
     ties go to the better dense rank, then the chunk id, so the order is stable."""
     explain: dict[str, dict[Signal, SignalScore]] = {}
     for rank, found in enumerate(dense, start=1):
-        explain.setdefault(found.chunk.id, {})["dense"] = SignalScore(found.score, rank)
+        explain.setdefault(found.chunk_id, {})["dense"] = SignalScore(found.score, rank)
     for rank, hit in enumerate(lexical_hits, start=1):
         explain.setdefault(hit.chunk_id, {})["lexical"] = SignalScore(hit.score, rank)
     if options.mode != "hybrid":
@@ -480,13 +480,17 @@ class RagService:
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()
         for _ in range(_SEARCH_ROUNDS):
-            dense = []
-            if vector is not None:
-                dense = self._store.query(tenant, vector, depth, filters, excluded)
+            dense: list[DenseHit] = []
+            chunks: dict[str, Chunk] = {}
+            if vector is not None and retrieval.mode == "dense":
+                scored = self._store.query(tenant, vector, depth, filters, excluded)
+                chunks = {hit.chunk.id: hit.chunk for hit in scored}
+                dense = [DenseHit(hit.chunk.id, hit.chunk.document_id, hit.score) for hit in scored]
+            elif vector is not None:
+                # Hybrid keeps a few of its candidates: their texts come from the registry.
+                dense = self._store.nearest(tenant, vector, depth, filters, excluded)
             lexical_hits = lexical.result()
-            found = {hit.chunk.document_id for hit in dense} | {
-                hit.document_id for hit in lexical_hits
-            }
+            found = {hit.document_id for hit in dense} | {hit.document_id for hit in lexical_hits}
             titles = self._registry.ready_titles(tenant, list(found))
             not_ready = found - titles.keys()
             if not not_ready:
@@ -494,7 +498,6 @@ class RagService:
             excluded |= not_ready
             lexical = start_lexical(excluded)
         ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
-        chunks = {hit.chunk.id: hit.chunk for hit in dense}
         chunks.update(
             self._registry.get_chunks(tenant, [c for c, _, _ in ranked if c not in chunks])
         )
