@@ -455,22 +455,21 @@ class RagService:
         depth = top_k if retrieval.mode != "hybrid" else max(top_k, retrieval.candidates)
         scope = self._lexical_scope(tenant, filters) if retrieval.mode != "dense" else None
 
-        def start_lexical(excluded: frozenset[str]) -> Future[list[LexicalHit]]:
-            """BM25 in a thread of its own, while this one embeds and queries Chroma: SQLite,
-            onnxruntime and Chroma release the GIL while they work, so hybrid's latency is
-            about the longer of the two retrievals instead of their sum."""
-            if retrieval.mode == "dense":
-                done: Future[list[LexicalHit]] = Future()
-                done.set_result([])
-                return done
-            return self._lexical_threads.submit(
-                self._registry.lexical_search,
-                tenant,
-                query,
-                limit=depth,
-                document_ids=scope,
-                exclude_documents=excluded,
+        def lexical_search(excluded: frozenset[str]) -> list[LexicalHit]:
+            return self._registry.lexical_search(
+                tenant, query, limit=depth, document_ids=scope, exclude_documents=excluded
             )
+
+        def start_lexical(excluded: frozenset[str]) -> Future[list[LexicalHit]]:
+            """Hybrid's BM25 in a thread of its own, while this one embeds and queries Chroma:
+            SQLite, onnxruntime and Chroma release the GIL while they work, so hybrid's latency
+            is about the longer of the two retrievals instead of their sum. The other modes
+            have nothing to overlap it with."""
+            if retrieval.mode == "hybrid":
+                return self._lexical_threads.submit(lexical_search, excluded)
+            done: Future[list[LexicalHit]] = Future()
+            done.set_result(lexical_search(excluded) if retrieval.mode == "lexical" else [])
+            return done
 
         excluded: frozenset[str] = frozenset()
         lexical = start_lexical(excluded)
