@@ -17,6 +17,7 @@ indexed included; the service's ready guard removes their hits, not their statis
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from collections import Counter
@@ -25,13 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     CursorResult,
+    Double,
     Index,
     Integer,
+    Select,
     String,
     and_,
+    bindparam,
     case,
+    cast,
     delete,
     func,
     insert,
@@ -156,6 +162,76 @@ def _count(session: Session, tenant: str, chunks: int, total_terms: int) -> None
         session.flush()
 
 
+_STATS = select(LexicalStatsRow.chunks, LexicalStatsRow.terms).where(
+    LexicalStatsRow.tenant == bindparam("tenant")
+)
+
+
+def _term_params(count: int) -> list[BindParameter[str]]:
+    return [bindparam(f"t{i}", type_=String) for i in range(count)]
+
+
+@functools.cache
+def _document_frequencies(term_count: int) -> Select[str, int]:
+    return (
+        select(PostingRow.term, func.count())
+        .where(
+            PostingRow.tenant == bindparam("tenant"), PostingRow.term.in_(_term_params(term_count))
+        )
+        .group_by(PostingRow.term)
+    )
+
+
+@functools.cache
+def _scoring(
+    term_count: int, only: bool, excluding: bool, pinned: int
+) -> Select[str, str, int, float]:
+    """BM25 of every chunk holding a term :t<i> (whose IDF is :idf<i>), best first: one
+    statement per shape, built once, so that a search only binds its values. The arithmetic
+    is in double precision on every backend. ``pinned``: how many documents are searched in
+    one version only (:pinned_document<i> in :pinned_version<i>)."""
+    number: Double[float] = Double()
+    terms_ = _term_params(term_count)
+    idf = case(
+        *(
+            (PostingRow.term == term, bindparam(f"idf{i}", type_=number))
+            for i, term in enumerate(terms_)
+        )
+    )
+    frequency = cast(PostingRow.frequency, number)
+    k1, b = bindparam("k1", type_=number), bindparam("b", type_=number)
+    saturation = (
+        frequency
+        * (k1 + 1)
+        / (
+            frequency
+            + k1 * (1 - b + b * PostingRow.chunk_terms / bindparam("average_length", type_=number))
+        )
+    )
+    score = func.sum(idf * saturation).label("score")
+    statement = (
+        select(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version, score)
+        .where(PostingRow.tenant == bindparam("tenant"), PostingRow.term.in_(terms_))
+        .group_by(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version)
+        .order_by(score.desc(), PostingRow.chunk_id)
+        .limit(bindparam("limit", type_=Integer))
+    )
+    if only:
+        statement = statement.where(PostingRow.document_id.in_(bindparam("only", expanding=True)))
+    if excluding:
+        statement = statement.where(
+            PostingRow.document_id.not_in(bindparam("excluded", expanding=True))
+        )
+    for i in range(pinned):
+        statement = statement.where(
+            or_(
+                PostingRow.document_id != bindparam(f"pinned_document{i}", type_=String),
+                PostingRow.version == bindparam(f"pinned_version{i}", type_=Integer),
+            )
+        )
+    return statement
+
+
 def search(
     session: Session,
     tenant: str,
@@ -170,48 +246,45 @@ def search(
     only of ``document_ids`` when given, never of ``exclude_documents``, and of the documents
     in ``only_versions`` only that version."""
     query_terms = sorted(set(terms(query)))
-    stats = session.get(LexicalStatsRow, tenant)
-    if not query_terms or stats is None or stats.chunks <= 0 or document_ids == set():
+    if not query_terms or document_ids == set():
         return []
+    # Core statements on the session's connection: the ORM's execution path and building the
+    # statement anew cost more CPU than SQLite's scan of a 10k-chunk store (docs/benchmarks.md).
+    connection = session.connection()
+    stats = connection.execute(_STATS, {"tenant": tenant}).first()
+    if stats is None or stats.chunks <= 0:
+        return []
+    term_params = {f"t{i}": term for i, term in enumerate(query_terms)}
     frequencies = dict(
-        session.execute(
-            select(PostingRow.term, func.count())
-            .where(PostingRow.tenant == tenant, PostingRow.term.in_(query_terms))
-            .group_by(PostingRow.term)
+        connection.execute(
+            _document_frequencies(len(query_terms)), {"tenant": tenant, **term_params}
         ).all()
     )
     if not frequencies:
         return []
-    idf = {
-        term: math.log(1 + (stats.chunks - df + 0.5) / (df + 0.5))
-        for term, df in frequencies.items()
+    params: dict[str, Any] = {
+        "tenant": tenant,
+        "limit": limit,
+        "average_length": max(stats.terms / stats.chunks, 1.0),
+        "k1": K1,
+        "b": B,
     }
-    average_length = max(stats.terms / stats.chunks, 1.0)
-    frequency = PostingRow.frequency * 1.0  # real arithmetic on every backend
-    saturation = (
-        frequency
-        * (K1 + 1)
-        / (frequency + K1 * (1 - B + B * PostingRow.chunk_terms / average_length))
-    )
-    score = func.sum(case(idf, value=PostingRow.term) * saturation).label("score")
-    statement = (
-        select(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version, score)
-        .where(PostingRow.tenant == tenant, PostingRow.term.in_(list(idf)))
-        .group_by(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version)
-        .order_by(score.desc(), PostingRow.chunk_id)
-        .limit(limit)
-    )
+    for i, (term, df) in enumerate(sorted(frequencies.items())):
+        params[f"t{i}"] = term
+        params[f"idf{i}"] = math.log(1 + (stats.chunks - df + 0.5) / (df + 0.5))
     if document_ids is not None:
-        statement = statement.where(PostingRow.document_id.in_(list(document_ids)))
+        params["only"] = list(document_ids)
     if exclude_documents:
-        statement = statement.where(PostingRow.document_id.not_in(list(exclude_documents)))
-    for document_id, version in only_versions.items():
-        statement = statement.where(
-            or_(PostingRow.document_id != document_id, PostingRow.version == version)
-        )
+        params["excluded"] = list(exclude_documents)
+    for i, (document_id, version) in enumerate(only_versions.items()):
+        params[f"pinned_document{i}"] = document_id
+        params[f"pinned_version{i}"] = version
+    statement = _scoring(
+        len(frequencies), document_ids is not None, bool(exclude_documents), len(only_versions)
+    )
     return [
         LexicalHit(chunk_id=chunk_id, document_id=document_id, version=version, score=float(value))
-        for chunk_id, document_id, version, value in session.execute(statement)
+        for chunk_id, document_id, version, value in connection.execute(statement, params)
     ]
 
 

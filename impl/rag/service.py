@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import PurePath
@@ -42,7 +43,7 @@ from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import content_key
 from impl.rag.parsing import ParserProcesses
-from impl.rag.store import ScoredChunk, admits, build_where, validate_metadata
+from impl.rag.store import DenseHit, admits, build_where, validate_metadata
 from impl.rag.stores import Stores, build_stores
 from impl.rag.types import (
     FINISHED_JOB_STATUSES,
@@ -165,14 +166,14 @@ def _check_retrieval(options: RetrievalOptions) -> None:
 
 
 def _fuse(
-    options: RetrievalOptions, dense: list[ScoredChunk], lexical_hits: list[LexicalHit]
+    options: RetrievalOptions, dense: list[DenseHit], lexical_hits: list[LexicalHit]
 ) -> list[_Ranked]:
     """The hits in the mode's order, each with its score and every signal's score and rank.
     Hybrid is weighted reciprocal-rank fusion: sum over signals of weight / (rrf_k + rank);
     ties go to the better dense rank, then the chunk id, so the order is stable."""
     explain: dict[str, dict[Signal, SignalScore]] = {}
     for rank, found in enumerate(dense, start=1):
-        explain.setdefault(found.chunk.id, {})["dense"] = SignalScore(found.score, rank)
+        explain.setdefault(found.chunk_id, {})["dense"] = SignalScore(found.score, rank)
     for rank, hit in enumerate(lexical_hits, start=1):
         explain.setdefault(hit.chunk_id, {})["lexical"] = SignalScore(hit.score, rank)
     if options.mode != "hybrid":
@@ -242,6 +243,7 @@ class RagService:
                 observer=observer,
             )
             cleanup.pop_all()
+        self._lexical_threads = ThreadPoolExecutor(thread_name_prefix="lexical-search")
         self._state_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -279,6 +281,7 @@ class RagService:
                 return
             self._closed = True
         self._workers.stop(self._settings.worker_stop_seconds)
+        self._lexical_threads.shutdown(wait=True)
         self._stores.close()
 
     def ingestion_alive(self) -> bool:
@@ -657,33 +660,61 @@ class RagService:
         if filters is not None and filters.document_ids is not None and not filters.document_ids:
             return []
         started = time.perf_counter()
+        depth = top_k if retrieval.mode != "hybrid" else max(top_k, retrieval.candidates)
+        scope = self._lexical_scope(tenant, filters) if retrieval.mode != "dense" else None
+
+        # Documents some hit of which was of a version other than the current one (a
+        # replacement being indexed, or one just swapped out): only the current one is asked for.
+        only_versions: dict[str, int] = {}
+
+        def lexical_search(excluded: frozenset[str], pinned: dict[str, int]) -> list[LexicalHit]:
+            return self._lexical.lexical_search(
+                tenant,
+                query,
+                limit=depth,
+                document_ids=scope,
+                exclude_documents=excluded,
+                only_versions=pinned,
+            )
+
+        def start_lexical(excluded: frozenset[str]) -> Future[list[LexicalHit]]:
+            """Hybrid's BM25 in a thread of its own, while this one embeds and queries Chroma:
+            SQLite, onnxruntime and Chroma release the GIL while they work, so hybrid's latency
+            is about the longer of the two retrievals instead of their sum. The other modes
+            have nothing to overlap it with."""
+            pinned = dict(only_versions)  # the thread's own copy
+            if retrieval.mode == "hybrid":
+                return self._lexical_threads.submit(lexical_search, excluded, pinned)
+            done: Future[list[LexicalHit]] = Future()
+            done.set_result(lexical_search(excluded, pinned) if retrieval.mode == "lexical" else [])
+            return done
+
+        excluded: frozenset[str] = frozenset()
+        lexical = start_lexical(excluded)
         vector = None
         if retrieval.mode != "lexical":
             vector = self._embeddings.embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()
-        depth = top_k if retrieval.mode != "hybrid" else max(top_k, retrieval.candidates)
-        use_lexical = retrieval.mode != "dense"
-        scope = self._lexical_scope(tenant, filters) if use_lexical else None
-        excluded: set[str] = set()
-        # Documents some hit of which was of a version other than the current one (a
-        # replacement being indexed, or one just swapped out): only the current one is asked for.
-        only_versions: dict[str, int] = {}
         for _ in range(_SEARCH_ROUNDS):
-            dense = []
-            if vector is not None:
-                dense = self._vectors.query(tenant, vector, depth, filters, excluded, only_versions)
-            lexical_hits = []
-            if use_lexical:
-                lexical_hits = self._lexical.lexical_search(
-                    tenant,
-                    query,
-                    limit=depth,
-                    document_ids=scope,
-                    exclude_documents=excluded,
-                    only_versions=only_versions,
+            dense: list[DenseHit] = []
+            chunks: dict[str, Chunk] = {}
+            if vector is not None and retrieval.mode == "dense":
+                scored = self._vectors.query(
+                    tenant, vector, depth, filters, excluded, only_versions
                 )
-            found = {(hit.chunk.document_id, hit.chunk.version) for hit in dense} | {
+                chunks = {hit.chunk.id: hit.chunk for hit in scored}
+                dense = [
+                    DenseHit(hit.chunk.id, hit.chunk.document_id, hit.chunk.version, hit.score)
+                    for hit in scored
+                ]
+            elif vector is not None:
+                # Hybrid keeps a few of its candidates: their texts come from the registry.
+                dense = self._vectors.nearest(
+                    tenant, vector, depth, filters, excluded, only_versions
+                )
+            lexical_hits = lexical.result()
+            found = {(hit.document_id, hit.version) for hit in dense} | {
                 (hit.document_id, hit.version) for hit in lexical_hits
             }
             current = self._documents.ready_versions(tenant, list({doc for doc, _ in found}))
@@ -697,8 +728,8 @@ class RagService:
                 break
             excluded |= not_ready
             only_versions.update(stale)
+            lexical = start_lexical(excluded)
         ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
-        chunks = {hit.chunk.id: hit.chunk for hit in dense}
         chunks.update(
             self._documents.get_chunks(tenant, [c for c, _, _ in ranked if c not in chunks])
         )

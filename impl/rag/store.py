@@ -107,6 +107,16 @@ class ScoredChunk:
     score: float  # 1 - cosine distance: cosine similarity, higher is closer
 
 
+@dataclass(frozen=True)
+class DenseHit:
+    """A nearest chunk without its text: what fusion needs of it."""
+
+    chunk_id: str
+    document_id: str
+    version: int
+    score: float  # as ScoredChunk's
+
+
 def _connect(settings: Settings) -> Client:
     if settings.chroma_url is None:
         path = settings.data_dir / "chroma"
@@ -371,6 +381,42 @@ class VectorStore:
             )
             hits.append(ScoredChunk(chunk=chunk, score=1.0 - float(distance)))
         return hits
+
+    def nearest(
+        self,
+        tenant: str,
+        vector: Sequence[float],
+        top_k: int,
+        filters: SearchFilters | None,
+        exclude_documents: AbstractSet[str] = frozenset(),
+        only_versions: Mapping[str, int] | None = None,
+    ) -> list[DenseHit]:
+        """query's hits as ids and scores only. Reading the results' metadata and texts is most
+        of the cost of a wide query (hybrid asks for 50 candidates and keeps a few, whose texts
+        the registry holds): 5.6 ms of CPU against 3.4 ms for 50 at 10k chunks."""
+        if filters is not None and filters.document_ids is not None and not filters.document_ids:
+            return []
+        collection = self._collection(tenant, create=False)
+        if collection is None:
+            return []
+        result = collection.query(
+            query_embeddings=np.asarray([vector], dtype=np.float32),
+            n_results=top_k,
+            where=cast(Any, build_where(filters, exclude_documents, only_versions or {})),
+            include=["distances"],
+        )
+        distances = (result["distances"] or [[]])[0]
+        return [
+            DenseHit(chunk_id, *_document_and_version(chunk_id), 1.0 - float(distance))
+            for chunk_id, distance in zip(result["ids"][0], distances, strict=True)
+        ]
+
+
+def _document_and_version(chunk_id: str) -> tuple[str, int]:
+    """The document and version a chunk id names (jobs.chunk_id): the document's id, which
+    holds no "-", then "-v<version>" for versions after the first, then "-<index>"."""
+    parts = chunk_id.split("-")
+    return parts[0], int(parts[1].removeprefix("v")) if len(parts) == 3 else 1
 
 
 def build_where(

@@ -22,7 +22,7 @@ from impl.rag.job_queue import ClaimedJob, DocumentWork, Interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.originals import OriginalStore, open_originals
 from impl.rag.registry import Registry
-from impl.rag.store import ScoredChunk, VectorStore
+from impl.rag.store import DenseHit, ScoredChunk, VectorStore
 from impl.rag.types import (
     Chunk,
     Document,
@@ -288,6 +288,18 @@ class VectorIndex(Protocol):
     def count(self, tenant: str, chunk_ids: Sequence[str]) -> int: ...
 
     def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> None: ...
+
+    def nearest(
+        self,
+        tenant: str,
+        vector: Sequence[float],
+        top_k: int,
+        filters: SearchFilters | None,
+        exclude_documents: Collection[str] = frozenset(),
+        only_versions: Mapping[str, int] | None = None,
+    ) -> list[DenseHit]:
+        """query's hits as ids, versions and scores only, without their texts."""
+        ...
 
     def query(
         self,

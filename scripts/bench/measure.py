@@ -212,6 +212,7 @@ def latency(api: Api, raw: Raw, queries: Sequence[str], rounds: int) -> dict[str
         # the raw one (embed, then query Chroma); hybrid's extra cost has its own ratio below.
         "search_p95_ratio": ratio(dense["p95_ms"], raw_p95),
         "query_p95_ratio": ratio(figures["query"]["p95_ms"], raw_p95),
+        "hybrid_dense_p50_ratio": ratio(hybrid["p50_ms"], dense["p50_ms"]),
         "hybrid_dense_p95_ratio": ratio(hybrid["p95_ms"], dense["p95_ms"]),
         "hybrid_dense_cpu_ratio": ratio(hybrid["cpu_ms"], dense["cpu_ms"]),
     }

@@ -101,10 +101,10 @@ def table(results: dict[str, Any], checked: list[Target]) -> str:
         hybrid, dense = lat["search"], lat["search_dense"]
         rows.append(
             (
-                f"hybrid p95 ms, CPU ms @{size} (dense)",
-                f"{_f(hybrid['p95_ms'])}, {_f(hybrid['cpu_ms'])}",
-                f"{_f(dense['p95_ms'])}, {_f(dense['cpu_ms'])}",
-                f"{_f(lat['hybrid_dense_p95_ratio'], 2)}, {_f(lat['hybrid_dense_cpu_ratio'], 2)}",
+                f"hybrid p50, p95, CPU ms @{size} (dense)",
+                ", ".join(_f(hybrid[f]) for f in ("p50_ms", "p95_ms", "cpu_ms")),
+                ", ".join(_f(dense[f]) for f in ("p50_ms", "p95_ms", "cpu_ms")),
+                ", ".join(_f(lat[f"hybrid_dense_{f}_ratio"], 2) for f in ("p50", "p95", "cpu")),
             )
         )
     ing = results["ingestion"]

@@ -62,9 +62,10 @@ def test_identifiers_are_found_whole_and_by_their_parts(
         assert hits[0].chunk.document_id == ids[key], (retrieval.mode, query, hits[0])
 
 
-def test_lexical_scores_are_bm25(service: RagService) -> None:
+def test_lexical_scores_are_bm25(make_service: ServiceFactory, registry_url: str) -> None:
     """Every lexical score equals BM25 (k1 1.2, b 0.75, Lucene's IDF) computed here from the
-    chunks' own terms."""
+    chunks' own terms, with the registry on SQLite and on PostgreSQL."""
+    service = make_service(registry_url=registry_url, registry_auto_upgrade=True)
     ingest_notes(service)
     chunks = [
         chunk
