@@ -11,7 +11,11 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -36,6 +40,8 @@ _TOKENIZER_RESOURCE = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "toke
 # batches of 8, 147 ms in batches of 32, whose attention activations outgrow the caches.
 _ONNX_BATCH = 8
 _OPENAI_BATCH = 64
+# Questions embedded in one call at most: 32 clients' questions at once, which are short.
+_QUERY_BATCH = 32
 
 
 class EmbeddingModel(Embeddings, abc.ABC):
@@ -242,6 +248,89 @@ class OpenAICompatibleEmbeddings(EmbeddingModel):
         return matrix
 
 
+@dataclass(eq=False)
+class _QueryBatch:
+    texts: list[str] = field(default_factory=list)
+    slots: dict[str, int] = field(default_factory=dict)  # text -> its index in texts
+    vectors: list[list[float]] = field(default_factory=list)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class SharedQueries(EmbeddingModel):
+    """``model`` with queries that share work: questions that arrive while the model is busy
+    (or within ``wait_seconds`` of each other while it is idle) are embedded in one call, and
+    the vectors of the last ``cache_size`` distinct questions are remembered, because front
+    ends repeat questions. Documents go straight to ``model``.
+
+    Safe to call from many threads: the first question of a batch runs it for everyone in it."""
+
+    def __init__(
+        self, model: EmbeddingModel, *, wait_seconds: float, max_batch: int, cache_size: int
+    ) -> None:
+        self.model = model
+        self.model_id = model.model_id
+        self._wait_seconds = wait_seconds
+        self._max_batch = max_batch
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[float, ...]] = OrderedDict()
+        self._lock = threading.Lock()  # guards _cache and _open
+        self._open: _QueryBatch | None = None  # the batch new questions join
+        self._running = threading.Lock()  # held while the model embeds a batch
+
+    @property
+    def dimension(self) -> int:
+        return self.model.dimension
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.model.embed_documents(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        with self._lock:
+            cached = self._cache.get(text)
+            if cached is not None:
+                self._cache.move_to_end(text)
+                return list(cached)
+            batch = self._open
+            leads = batch is None
+            if batch is None:
+                batch = self._open = _QueryBatch()
+            slot = batch.slots.setdefault(text, len(batch.texts))
+            if slot == len(batch.texts):
+                batch.texts.append(text)
+            if len(batch.texts) >= self._max_batch:
+                self._open = None
+        if leads:
+            self._run(batch)
+        else:
+            batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return list(batch.vectors[slot])
+
+    def _run(self, batch: _QueryBatch) -> None:
+        try:
+            # Under load the wait for the running batch gathers the next one; on an idle
+            # model, questions that arrive together get this short wait to join.
+            if not self._running.locked():
+                time.sleep(self._wait_seconds)
+            with self._running:
+                with self._lock:
+                    if self._open is batch:
+                        self._open = None
+                batch.vectors = self.model.embed_documents(batch.texts)
+            with self._lock:
+                for text, vector in zip(batch.texts, batch.vectors, strict=True):
+                    self._cache[text] = tuple(vector)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        except BaseException as exc:
+            batch.error = exc
+            raise
+        finally:
+            batch.done.set()
+
+
 def _status_detail(status: int) -> str:
     if status in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
         return f"the embedding endpoint rejected the credentials (HTTP {status})"
@@ -253,8 +342,17 @@ def _status_detail(status: int) -> str:
 
 
 def build_embeddings(settings: Settings) -> EmbeddingModel:
-    """The embedding model the settings name. Loads the ONNX model, but sends nothing to a
-    remote endpoint until it is first used."""
+    """The embedding model the settings name, its queries batched and remembered. Loads the
+    ONNX model, but sends nothing to a remote endpoint until it is first used."""
+    return SharedQueries(
+        _build_model(settings),
+        wait_seconds=settings.embedding_query_wait_ms / 1000,
+        max_batch=_QUERY_BATCH,
+        cache_size=settings.embedding_query_cache_size,
+    )
+
+
+def _build_model(settings: Settings) -> EmbeddingModel:
     if settings.embedding_provider == "onnx":
         return OnnxMiniLM(threads=settings.embedding_threads)
     if not settings.embedding_base_url:
