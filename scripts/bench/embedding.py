@@ -271,6 +271,33 @@ def variants(work: Path) -> dict[str, Embed]:
     return found
 
 
+def efficiency(model: OnnxMiniLM, chunks: int, rounds: int) -> dict[str, float]:
+    """The figure ``python -m scripts.bench`` records: ragapi's embedder on real chunks, in the
+    calls an ingestion worker makes, as a share of the measured FP32 GEMM peak of one core."""
+    texts = real_chunks(chunks)
+    tokenizer = load_tokenizer()
+    tokenizer.no_padding()
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    flops = sum(sequence_flops(n) for n in lengths)
+    embed = _in_calls_of(model.embed_documents, WORKER_BATCH)
+    seconds = []
+    for _ in range(rounds):
+        started = time.process_time()
+        embed(texts)
+        seconds.append(time.process_time() - started)
+    cpu = statistics.median(seconds)
+    gemm = _gemm_gflops()
+    return {
+        "chunks": len(texts),
+        "tokens_mean": statistics.mean(lengths),
+        "gflop_per_chunk": flops / len(texts) / 1e9,
+        "cpu_ms_per_chunk": 1000 * cpu / len(texts),
+        "gflops_per_cpu_s": flops / cpu / 1e9,
+        "gemm_gflops_1core": gemm,
+        "peak_fraction": flops / cpu / 1e9 / gemm,
+    }
+
+
 # ------------------------------------------------------------------------------ the run
 
 
