@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -363,7 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     peak = machine_peak()
     texts = real_chunks(args.chunks)
-    result = measure(texts, variants(work), args.rounds)
+    try:
+        result = measure(texts, variants(work), args.rounds)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     result.update(peak=peak, load_before=load_before, load_after=os.getloadavg())
     gemm = peak["gemm_gflops_1core"]
     print(
