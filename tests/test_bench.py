@@ -23,9 +23,10 @@ FIGURES = {
     "footprint": ("rss_idle_mb", "rss_loaded_mb", "peak_rss_mb", "ready_seconds"),
     "recall": ("server_recall", "raw_recall"),
     "corpus": ("cache_check_min_cosine", "distinct_chunk_share", "seed_chunk_chars_mean"),
+    "embedding": ("cpu_ms_per_chunk", "gflops_per_cpu_s", "gemm_gflops_1core", "peak_fraction"),
 }
 CONCURRENCY = ("http_rps", "http_p95_ms", "raw_rps", "raw_p95_ms", "rps_ratio")
-TARGETS = 10
+TARGETS = 11
 
 
 def figure(value: Any) -> bool:

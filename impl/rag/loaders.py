@@ -17,15 +17,21 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-
-import docx
-import pypdf
-from bs4 import BeautifulSoup
-from bs4.element import NavigableString, Tag
-from docx.table import Table
+from typing import TYPE_CHECKING
 
 from impl.errors import DocumentTooLarge, UnreadableDocument, UnsupportedMediaType
 from impl.settings import Settings
+
+if TYPE_CHECKING:
+    import pypdf
+    from bs4 import BeautifulSoup
+    from bs4.element import NavigableString, Tag
+    from docx.table import Table
+
+# pypdf, python-docx and BeautifulSoup are imported by the functions that read each format:
+# documents are read only in the parsing processes (parsing.py preloads these modules into
+# their forkserver), and the server process would otherwise hold about 25 MB of them unused.
+PARSER_MODULES = ("pypdf", "docx", "docx.table", "bs4", "bs4.element")
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +342,8 @@ def _extract_markdown(content: bytes, budget: _Budget) -> ExtractedText:
 
 
 def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
+    import pypdf
+
     try:
         reader = pypdf.PdfReader(io.BytesIO(content))
         if reader.is_encrypted:
@@ -380,6 +388,8 @@ def _extract_pdf(content: bytes, budget: _Budget) -> ExtractedText:
 def _unlock(reader: pypdf.PdfReader) -> None:
     """Open a PDF that is encrypted with an empty user password (only printing or copying is
     restricted), which every PDF viewer opens without asking."""
+    import pypdf
+
     try:
         unlocked = reader.decrypt("")
     except pypdf.errors.DependencyError as exc:
@@ -389,6 +399,9 @@ def _unlock(reader: pypdf.PdfReader) -> None:
 
 
 def _extract_docx(content: bytes, budget: _Budget) -> ExtractedText:
+    import docx
+    from docx.table import Table
+
     _check_zip_size(content, budget.limits.max_unzipped_bytes)
     unpacked = _unpack_bounded(content)
     try:
@@ -558,6 +571,8 @@ _CELL_MARK = "\ue002"
 
 
 def _extract_html(content: bytes, budget: _Budget) -> ExtractedText:
+    from bs4 import BeautifulSoup
+
     markup = _decode(content)
     if markup is None:
         raise UnreadableDocument("the HTML file is not UTF-8 text")
@@ -608,6 +623,8 @@ def _is_chrome(tag: Tag) -> bool:
 def _main_content(soup: BeautifulSoup) -> Tag:
     """The page's <main> (or its only <article>) when it holds text, else the whole body, so
     that site menus and sidebars do not crowd out the content."""
+    from bs4.element import Tag
+
     for candidate in (soup.find("main"), _only(soup.find_all("article"))):
         if isinstance(candidate, Tag) and candidate.get_text(strip=True):
             return candidate
@@ -620,6 +637,8 @@ def _only(tags: list[Tag]) -> Tag | None:
 
 
 def _strings(root: Tag) -> Iterator[NavigableString]:
+    from bs4.element import NavigableString
+
     for node in root.descendants:
         # Comments, doctypes and CDATA are NavigableString subclasses that get_text() skips.
         if type(node) is NavigableString:

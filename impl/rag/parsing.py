@@ -22,7 +22,13 @@ import time
 from multiprocessing.connection import Connection
 
 from impl.errors import DocumentTooLarge, RagapiError, ServiceUnavailable, UnreadableDocument
-from impl.rag.loaders import ExtractedText, ParseLimits, detect_media_type, extract_text
+from impl.rag.loaders import (
+    PARSER_MODULES,
+    ExtractedText,
+    ParseLimits,
+    detect_media_type,
+    extract_text,
+)
 from impl.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +49,7 @@ class ParserProcesses:
         self.wait_seconds = settings.parse_wait_seconds
         self._slots = threading.BoundedSemaphore(settings.parse_workers)
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload([__name__])
+        self._context.set_forkserver_preload([__name__, *PARSER_MODULES])
 
     def parse(
         self, content: bytes, filename: str | None, declared: str | None

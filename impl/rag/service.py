@@ -303,7 +303,8 @@ class RagService:
         }
 
     def _check_embeddings(self) -> None:
-        if len(self._embeddings.embed_query("ready")) != self._embeddings.dimension:
+        # A document, not a query: a remembered query vector would not reach the model.
+        if len(self._embeddings.embed_documents(["ready"])[0]) != self._embeddings.dimension:
             raise RuntimeError("the embedding model returned a vector of the wrong width")
 
     # -- ingestion ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 
 from impl.rag.embeddings import OnnxMiniLM
 from impl.settings import Settings
-from scripts.bench import corpus, measure, report, seed
+from scripts.bench import corpus, embedding, measure, report, seed
 from scripts.bench.cache import DEFAULT_DIR, CachedEmbeddings, EmbeddingCache
 from scripts.bench.corpus import SourceDocument
 from scripts.bench.server import ROOT, Server, start_bare, start_ragapi
@@ -51,6 +51,8 @@ class Profile:
     ingest_round_bytes: list[int]  # one ingest request per entry
     interference_bytes: int
     idle_seconds: float  # idle searching around the interference ingestion, in all
+    embedding_chunks: int  # real 200-token chunks timed for the embedding-efficiency figure
+    embedding_rounds: int
 
 
 FULL = Profile(
@@ -64,6 +66,8 @@ FULL = Profile(
     ingest_round_bytes=[100_000] * 3,
     interference_bytes=250_000,
     idle_seconds=30.0,
+    embedding_chunks=64,
+    embedding_rounds=3,
 )
 QUICK = Profile(
     sizes=[300],
@@ -76,6 +80,8 @@ QUICK = Profile(
     ingest_round_bytes=[8_000],
     interference_bytes=16_000,
     idle_seconds=3.0,
+    embedding_chunks=8,
+    embedding_rounds=1,
 )
 CONCURRENCY = [1, 8, 32]
 HEALTH_CLIENTS = 8
@@ -309,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.prepare:
             _say(f"cache ready: {json.dumps(run.results['corpus'])}")
             return 0
+        _say("embedding efficiency")
+        run.results["embedding"] = embedding.efficiency(
+            run.model, profile.embedding_chunks, profile.embedding_rounds
+        )
         run.empty_server()
         run.stages()
     finally:

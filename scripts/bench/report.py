@@ -57,6 +57,12 @@ def targets(results: dict[str, Any]) -> list[Target]:
             "search p95 during ingestion / idle", results["interference"]["p95_ratio"], "<=", 3.0
         ),
         Target(f"server RSS {at} (MB)", results["footprint"]["rss_loaded_mb"], "<=", 1200.0),
+        Target(
+            "embedding FLOP/s per CPU-s / FP32 GEMM peak of a core",
+            results["embedding"]["peak_fraction"],
+            ">=",
+            0.7,
+        ),
         Target(f"top-5 recall {at}", results["recall"]["server_recall"], ">=", 0.95),
     ]
 
@@ -107,6 +113,15 @@ def table(results: dict[str, Any], checked: list[Target]) -> str:
                 ", ".join(_f(lat[f"hybrid_dense_{f}_ratio"], 2) for f in ("p50", "p95", "cpu")),
             )
         )
+    emb = results["embedding"]
+    rows.append(
+        (
+            "embedding CPU ms per chunk, GFLOP/s per CPU-s (GEMM)",
+            f"{_f(emb['cpu_ms_per_chunk'])}, {_f(emb['gflops_per_cpu_s'])}",
+            _f(emb["gemm_gflops_1core"]),
+            _f(emb["peak_fraction"], 2),
+        )
+    )
     ing = results["ingestion"]
     rows.append(
         (

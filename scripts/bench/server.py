@@ -88,6 +88,9 @@ def _start(command: list[str], env: dict[str, str], log: Path, port: int, path: 
 def _environment(data_dir: Path, port: int) -> dict[str, str]:
     # Logs at info (one access line per request) and metrics are on, as in production.
     env = {**os.environ, **UNLIMITED, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_LOG_LEVEL": "info"}
+    # The benchmark asks the same 200 questions round after round: remembered question vectors
+    # would measure that memory instead of a search, and the raw side has none.
+    env["RAGAPI_EMBEDDING_QUERY_CACHE_SIZE"] = "0"
     # One process: the figures are per process, and the bare app is patched into this one.
     env.update(RAGAPI_PORT=str(port), RAGAPI_HOST=HOST, RAGAPI_WORKERS="1")
     return env

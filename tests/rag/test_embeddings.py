@@ -21,6 +21,7 @@ from impl.errors import ConfigurationError, UpstreamError
 from impl.rag.embeddings import (
     OnnxMiniLM,
     OpenAICompatibleEmbeddings,
+    SharedQueries,
     build_embeddings,
     count_tokens,
     load_tokenizer,
@@ -308,6 +309,81 @@ def test_unreachable_endpoint_becomes_upstream_error() -> None:
     client.close()
 
 
+# ------------------------------------------------------------------------------ shared queries
+
+
+def shared(stand_in: StandIn, behaviour: str = "ok", cache_size: int = 0) -> SharedQueries:
+    """Queries batched over the stand-in, which records every request the batches make."""
+    remote = OpenAICompatibleEmbeddings(stand_in.url(behaviour), "minilm", None)
+    return SharedQueries(remote, wait_seconds=0.05, max_batch=32, cache_size=cache_size)
+
+
+def ask_together(model: SharedQueries, questions: list[str]) -> list[list[float] | Exception]:
+    """Each question from its own thread, all released at once, as concurrent clients ask."""
+    answers: list[list[float] | Exception] = [[] for _ in questions]
+    start = threading.Barrier(len(questions))
+
+    def ask(i: int) -> None:
+        start.wait()
+        try:
+            answers[i] = model.embed_query(questions[i])
+        except Exception as exc:
+            answers[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_questions_asked_together_share_a_request_and_get_their_own_vectors(
+    stand_in: StandIn, model: OnnxMiniLM
+) -> None:
+    questions = [f"What happened in the year {1900 + i}?" for i in range(16)] + ["Hi"] * 4
+    before = len(stand_in.requests)
+    answers = ask_together(shared(stand_in), questions)
+    sent = stand_in.requests[before:]
+    assert len(sent) < 4, "20 questions asked at once went out in as many requests"
+    # Each distinct question is embedded once, however many ask it.
+    assert sorted(text for request in sent for text in request["input"]) == sorted(set(questions))
+    for question, answer in zip(questions, answers, strict=True):
+        assert isinstance(answer, list)
+        np.testing.assert_allclose(answer, model.embed_query(question), atol=1e-5)
+
+
+def test_recent_questions_are_answered_from_memory(stand_in: StandIn) -> None:
+    remembering = shared(stand_in, cache_size=2)
+    before = len(stand_in.requests)
+    first = remembering.embed_query("How is a starter fed?")
+    assert remembering.embed_query("How is a starter fed?") == first
+    assert len(stand_in.requests) == before + 1
+    remembering.embed_query("What is ownership in Rust?")
+    remembering.embed_query("When was the Bastille stormed?")  # the first drops out
+    remembering.embed_query("How is a starter fed?")
+    assert len(stand_in.requests) == before + 4
+
+
+def test_a_failed_batch_fails_every_question_in_it_and_nothing_is_remembered(
+    stand_in: StandIn,
+) -> None:
+    failing = shared(stand_in, "broken", cache_size=8)
+    answers = ask_together(failing, ["one", "two", "three", "four"])
+    assert all(isinstance(a, UpstreamError) for a in answers), answers
+    before = len(stand_in.requests)
+    with pytest.raises(UpstreamError):
+        failing.embed_query("one")
+    assert len(stand_in.requests) == before + 1
+
+
+def test_documents_go_to_the_model_whole(stand_in: StandIn) -> None:
+    before = len(stand_in.requests)
+    vectors = shared(stand_in, cache_size=8).embed_documents(["a", "b", "c"])
+    assert len(vectors) == 3
+    assert [r["input"] for r in stand_in.requests[before:]] == [["a", "b", "c"]]
+
+
 # ------------------------------------------------------------------------------ settings
 
 
@@ -317,7 +393,9 @@ def settings(**values: Any) -> Settings:
 
 def test_build_embeddings_defaults_to_the_packaged_model() -> None:
     built = build_embeddings(settings(embedding_threads=1))
-    assert isinstance(built, OnnxMiniLM)
+    assert isinstance(built, SharedQueries)
+    assert isinstance(built.model, OnnxMiniLM)
+    assert built.model_id == built.model.model_id
     assert built.dimension == 384
 
 
@@ -335,7 +413,8 @@ def test_build_embeddings_for_openai_uses_url_model_and_key(stand_in: StandIn) -
             embedding_api_key=API_KEY,
         )
     )
-    assert isinstance(built, OpenAICompatibleEmbeddings)
+    assert isinstance(built, SharedQueries)
+    assert isinstance(built.model, OpenAICompatibleEmbeddings)
     assert built.model_id == f"openai:minilm@{stand_in.url('auth')}"
-    assert built.probe() == 384
+    assert built.model.probe() == 384
     assert stand_in.authorizations[-1] == f"Bearer {API_KEY}"
