@@ -288,6 +288,8 @@ class IngestWorkers:
                     logger.warning(
                         "job %s: lease taken by another worker", job_id, extra={"job_id": job_id}
                     )
+                except DependencyUnavailable:
+                    pass  # the store's Dependency logged the outage once
                 except Exception:
                     logger.warning("job %s: lease not renewed", job_id, exc_info=True)
             if self._stopping.is_set():
@@ -300,6 +302,8 @@ class IngestWorkers:
                     every_running=False,
                     observer=self._observer,
                 )
+            except DependencyUnavailable:
+                continue  # the store's Dependency logged the outage once
             except Exception:
                 logger.warning("expired leases not checked", exc_info=True)
                 continue

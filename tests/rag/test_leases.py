@@ -17,6 +17,7 @@ import pytest
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.service import RagService
 from impl.rag.types import JobEvent
+from tests.conftest import chroma_server
 from tests.rag.conftest import make_settings, text_item
 
 TENANT = "lease-test"
@@ -76,12 +77,20 @@ class Events:
         self.jobs[event] += 1
 
 
+@pytest.fixture
+def own_chroma(tmp_path: Path) -> Iterator[str]:
+    """A Chroma server of its own: the session's holds collections of the packaged model, and
+    the server refuses to start on a store of another model."""
+    with chroma_server(tmp_path / "chroma") as url:
+        yield url
+
+
 def test_a_batch_slower_than_the_lease_keeps_its_job(
-    tmp_path: Path, chroma_url: str, slow_embeddings: str
+    tmp_path: Path, own_chroma: str, slow_embeddings: str
 ) -> None:
     settings = make_settings(
         tmp_path / "data",
-        chroma_url=chroma_url,
+        chroma_url=own_chroma,
         embedding_provider="openai",
         embedding_base_url=slow_embeddings,
         embedding_model="minilm",
