@@ -382,6 +382,7 @@ class VectorStore:
             hits.append(ScoredChunk(chunk=chunk, score=1.0 - float(distance)))
         return hits
 
+    @_reaching
     def nearest(
         self,
         tenant: str,

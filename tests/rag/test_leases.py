@@ -81,7 +81,9 @@ class Events:
 def own_chroma(tmp_path: Path) -> Iterator[str]:
     """A Chroma server of its own: the session's holds collections of the packaged model, and
     the server refuses to start on a store of another model."""
-    with chroma_server(tmp_path / "chroma") as url:
+    folder = tmp_path / "chroma"
+    folder.mkdir()
+    with chroma_server(folder) as url:
         yield url
 
 

@@ -170,8 +170,18 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
     # no migrations: they came later).
     with sqlite3.connect(data_dir / "registry.db") as db:
         db.execute("DROP TABLE alembic_version")
-        db.execute("DROP TABLE lexical_postings")
-        db.execute("DROP TABLE lexical_stats")
+        # The tables of the lexical index and of the migrations after 0002.
+        for table in (
+            "lexical_postings",
+            "lexical_stats",
+            "originals",
+            "document_replacements",
+            "retired_versions",
+            "idempotency_keys",
+            "conversation_turns",
+            "conversations",
+        ):
+            db.execute(f"DROP TABLE {table}")
         db.execute("DELETE FROM meta WHERE key = 'lexical_index'")
     reopened = make_service()
     hits = reopened.search(TENANT, "E1234", top_k=1, retrieval=LEXICAL)
