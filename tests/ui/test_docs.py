@@ -22,7 +22,7 @@ def test_try_it_out_calls_the_server_on_its_own_port(page: Page, server: Server)
     # The X-API-Key scheme's field (the dialog also offers the Bearer scheme of /v1).
     dialog.locator("input").first.fill(key)
     dialog.get_by_role("button", name="Apply credentials").first.click()
-    dialog.locator("button.btn-done").click()
+    dialog.locator("button.btn-done").first.click()
 
     operation = page.locator("#operations-documents-listDocuments")
     operation.locator(".opblock-summary").click()
