@@ -465,9 +465,10 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
                 http.post(f"{API}/search", json={"query": saturn.question}),
             ):
                 assert_unavailable(response)
-        assert [readiness(api) for api in topology.apis] == [(503, {"rate_limit_storage"})] * 2
+        down = (503, {"rate_limit_storage": "down"})
+        assert [readiness(api) for api in topology.apis] == [down, down]
         redis.start()
-        assert [readiness(api) for api in topology.apis] == [(200, set())] * 2
+        assert [readiness(api) for api in topology.apis] == [(200, {}), (200, {})]
         for http in (a, b):
             assert search_finds(http, saturn.question) == documents["saturn"]
         for api in topology.apis:
@@ -545,11 +546,12 @@ def assert_unavailable(response: httpx.Response) -> None:
     assert int(response.headers["retry-after"]) > 0
 
 
-def readiness(api: Server) -> tuple[int, set[str]]:
-    """The readiness status code and the components it does not call up."""
+def readiness(api: Server) -> tuple[int, dict[str, str]]:
+    """The readiness status code and the state of each component it does not call up."""
     response = httpx.get(f"{api.url}{API}/health/ready", timeout=30)
     components: dict[str, str] = response.json()["components"]
-    return response.status_code, {name for name, state in components.items() if state != "up"}
+    not_up = {name: state for name, state in components.items() if state != "up"}
+    return response.status_code, not_up
 
 
 def search_finds(http: httpx.Client, question: str) -> str:
