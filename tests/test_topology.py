@@ -2,7 +2,9 @@
 `redis-server`, two API processes that only queue (RAGAPI_INGEST_WORKERS=0) and two
 `ragapi worker` processes, each process with a data directory of its own, as separate machines
 would have. The originals live in the registry (registry://), so no process needs another's
-disk.
+disk. Every process is started with the commands and variables of the README's Deployment
+section, read from it; only what is this machine's (addresses, ports, data directories) and
+the test's own settings (small chunks, logs, rate limits) are put in place of its values.
 
 One test, in steps, because each step needs the state the one before left:
 1. every process started at once on a fresh PostgreSQL, several times: no crash (the
@@ -14,10 +16,13 @@ One test, in steps, because each step needs the state the one before left:
 4. a worker killed with SIGKILL mid-job: the other one reclaims the job when its lease runs
    out (default lease), finishes it well under a minute later, and logs the reclaim;
 5. SIGTERM to the workers mid-job: each exits within its stop time, giving its job back;
-6. every process and server restarted: every document, chunk, vector and original is still
+6. Redis stopped: every authenticated request to either API is a 503 dependency-unavailable
+   with Retry-After, and both APIs' readiness names rate_limit_storage as down; Redis started
+   again on its port: both serve again, not restarted, and each logged the outage once;
+7. every process and server restarted: every document, chunk, vector and original is still
    there, the registry's counts equal Chroma's, every document is found by its question, and
    none twice; the interrupted job finishes;
-7. metrics add up across processes: the workers' embedded chunks are the chunks indexed, the
+8. metrics add up across processes: the workers' embedded chunks are the chunks indexed, the
    APIs' ingest counts are the ingests sent.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,6 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,7 @@ import pytest
 
 from impl.db import SCHEMA_HEAD
 from impl.rag.store import collection_name
+from impl.settings import Settings
 from tests.conftest import (
     ROOT,
     UNLIMITED,
@@ -51,15 +59,10 @@ from tests.conftest import (
     Server,
     chroma_server,
     free_port,
-    launch_server,
     redis_server,
     wait_until_ready,
 )
 from tests.documents import CORPUS
-
-# About 2 minutes of CPU in all (sixteen process starts, each loading the model); the suite's
-# 600 s guard is too tight for that on a machine shared with other work.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 API = "/api/v1"
 TENANT = "default"
@@ -69,6 +72,58 @@ START_ROUNDS = 3
 LEASE_SECONDS = 20.0
 STOP_SECONDS = 15.0  # RAGAPI_WORKER_STOP_SECONDS' default
 START_SECONDS = 180.0
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of the README's recipe: the variables set on its line, and its arguments
+    after `ragapi`."""
+
+    env: dict[str, str]
+    args: list[str]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The README's Deployment commands, which this test runs: `shared` is what every process
+    exports, `commands` the ragapi commands by their arguments ("db upgrade", "serve", ...)."""
+
+    shared: dict[str, str]
+    commands: dict[str, Command]
+
+    @classmethod
+    def from_readme(cls) -> Recipe:
+        section = (ROOT / "README.md").read_text().split("\n## Deployment\n")[1]
+        block = section.split("```sh\n")[1].split("```")[0]
+        shared: dict[str, str] = {}
+        commands: dict[str, Command] = {}
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["export"]:
+                name, value = words[1].split("=", 1)
+                shared[name] = value
+            elif words:
+                assignments = takewhile(lambda word: re.fullmatch(r"\w+=.*", word), words)
+                env = dict(word.split("=", 1) for word in assignments)
+                program, *args = words[len(env) :]
+                assert program == "ragapi", line
+                commands[" ".join(args)] = Command(env, args)
+        return cls(shared, commands)
+
+    def process(self, command: str, settings: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of `command`, `settings` put in place of the
+        README's values where they are this machine's (addresses, ports, data directory)."""
+        given = self.commands[command]
+        env = {
+            **os.environ,
+            **self.shared,
+            **given.env,
+            **{f"RAGAPI_{name.upper()}": value for name, value in settings.items()},
+        }
+        return [sys.executable, "-m", "impl.cli", *given.args], env
+
+
+RECIPE = Recipe.from_readme()
 
 
 def ledger(name: str, lines: int) -> str:
@@ -99,19 +154,26 @@ class Worker:
         return time.monotonic() - started
 
 
+def launch(
+    command: str, data_dir: Path, settings: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """The README's `ragapi <command>`, started with a data directory of its own."""
+    argv, env = RECIPE.process(command, {**settings, "data_dir": str(data_dir)})
+    log = data_dir.parent / f"{data_dir.name}-{command}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return process, log
+
+
+def launch_api(data_dir: Path, settings: dict[str, str]) -> Server:
+    port = free_port()
+    process, log = launch("serve", data_dir, {**settings, "host": "127.0.0.1", "port": str(port)})
+    return Server(f"http://127.0.0.1:{port}", data_dir, process, log)
+
+
 def launch_worker(data_dir: Path, settings: dict[str, str]) -> Worker:
     port = free_port()
-    env = {**os.environ, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_WORKER_PORT": str(port)}
-    env.update({f"RAGAPI_{k.upper()}": v for k, v in settings.items()})
-    log = data_dir.parent / f"{data_dir.name}-worker.log"
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "impl.cli", "worker"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    process, log = launch("worker", data_dir, {**settings, "worker_port": str(port)})
     return Worker(data_dir, port, process, log)
 
 
@@ -158,11 +220,12 @@ class Deployment:
         self.database = postgres.create_database()
 
     def settings(self, **extra: str) -> dict[str, str]:
+        """The stores' loopback addresses in place of the README's, and this test's own
+        settings; the rest is the README's."""
         return {
             "registry_url": self.postgres.url(self.database),
             "chroma_url": self.chroma_url,
             "rate_limit_storage_url": self.redis_url,
-            "originals_url": "registry://",
             "chunk_tokens": "32",
             "chunk_overlap_tokens": "0",
             "log_level": "info",
@@ -172,17 +235,8 @@ class Deployment:
 
     def start(self, **extra: str) -> Topology:
         """Two APIs and two workers, started at once, each with its own data directory."""
-        apis = [
-            launch_server(self.root / f"api-{n}", **self.settings(ingest_workers="0", **extra))
-            for n in (1, 2)
-        ]
-        workers = [
-            launch_worker(
-                self.root / f"worker-{n}",
-                self.settings(ingest_workers="1", embedding_threads="1", **extra),
-            )
-            for n in (1, 2)
-        ]
+        apis = [launch_api(self.root / f"api-{n}", self.settings(**extra)) for n in (1, 2)]
+        workers = [launch_worker(self.root / f"worker-{n}", self.settings(**extra)) for n in (1, 2)]
         # Four processes loading the model at once take a while on a small machine.
         for api in apis:
             wait_until_ready(api, timeout=START_SECONDS)
@@ -197,12 +251,30 @@ class Deployment:
             return list(connection.execute(statement.encode(), params).fetchall())
 
 
+class Redis:
+    """redis-server on a port of its own, which it keeps when stopped and started again."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.running = ExitStack()
+
+    def start(self) -> None:
+        self.running.enter_context(redis_server(self.folder, self.port))
+
+    def stop(self) -> None:
+        self.running.close()
+
+
 @contextmanager
-def servers(folder: Path) -> Iterator[tuple[str, str]]:
+def servers(folder: Path) -> Iterator[tuple[str, Redis]]:
     """Chroma and Redis; entered again on the same folder, Chroma finds its data."""
     for name in ("chroma", "redis"):
         (folder / name).mkdir(parents=True, exist_ok=True)
-    with chroma_server(folder / "chroma") as chroma, redis_server(folder / "redis") as redis:
+    redis = Redis(folder / "redis")
+    with chroma_server(folder / "chroma") as chroma, redis.running:
+        redis.start()
         yield chroma, redis
 
 
@@ -247,28 +319,48 @@ def ingest(http: httpx.Client, text: str, title: str) -> dict[str, Any]:
     return body
 
 
+def test_the_readme_gives_the_recipe_this_test_runs() -> None:
+    """The topology runs the README's commands; they are the ones the deployment needs, and
+    every variable they set is a setting ragapi reads."""
+    assert set(RECIPE.commands) == {"db upgrade", "serve", "worker"}
+    assert set(RECIPE.shared) == {
+        "RAGAPI_REGISTRY_URL",
+        "RAGAPI_CHROMA_URL",
+        "RAGAPI_RATE_LIMIT_STORAGE_URL",
+        "RAGAPI_ORIGINALS_URL",
+    }
+    assert RECIPE.shared["RAGAPI_REGISTRY_URL"].startswith("postgresql+psycopg://")
+    assert RECIPE.shared["RAGAPI_ORIGINALS_URL"] == "registry://"  # every machine reads them
+    assert RECIPE.commands["serve"].env["RAGAPI_INGEST_WORKERS"] == "0"
+    settings = {f"RAGAPI_{name.upper()}" for name in Settings.model_fields}
+    named = set(RECIPE.shared).union(*(c.env for c in RECIPE.commands.values()))
+    assert named <= settings, named - settings
+
+
+# About 2 minutes of CPU in all (sixteen process starts, each loading the model); the suite's
+# 600 s guard is too tight for that on a machine shared with other work.
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
     with ExitStack() as stack:
-        chroma_url, redis_url = stack.enter_context(servers(tmp_path / "servers"))
+        chroma_url, redis = stack.enter_context(servers(tmp_path / "servers"))
 
         # 1. Every process at once on a fresh PostgreSQL, each electing itself to migrate;
         # then as the README deploys: `ragapi db upgrade`, and every process at once.
         for round_number in range(1, START_ROUNDS + 1):
             deployment = Deployment(
-                tmp_path / f"round-{round_number}", postgres, chroma_url, redis_url
+                tmp_path / f"round-{round_number}", postgres, chroma_url, redis.url
             )
             if round_number < START_ROUNDS:
                 topology = deployment.start(registry_auto_upgrade="true")
                 topology.stop()
                 assert all(w.process.returncode == 0 for w in topology.workers)
             else:
+                argv, env = RECIPE.process("db upgrade", deployment.settings())
                 upgrade = subprocess.run(
-                    [sys.executable, "-m", "impl.cli", "db", "upgrade"],
+                    argv,
                     cwd=ROOT,
-                    env={
-                        **os.environ,
-                        "RAGAPI_REGISTRY_URL": deployment.settings()["registry_url"],
-                    },
+                    env=env,
                     capture_output=True,
                     text=True,
                     timeout=120,
@@ -350,9 +442,7 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
         assert re.search(rf'"message": "job {job_id} claimed by \S+ \(attempt 2\)"', survivor_log)
         harbour = finished["document_ids"][0]
         topology.workers[topology.workers.index(victim)] = wait_until_live(
-            launch_worker(
-                victim.data_dir, deployment.settings(ingest_workers="1", embedding_threads="1")
-            )
+            launch_worker(victim.data_dir, deployment.settings())
         )
 
         # 5. SIGTERM mid-job: the worker gives the job back within its stop time.
@@ -366,10 +456,29 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
         assert stopping.process.returncode == 0, read(stopping)
         assert f"job {interrupted_job} given back at shutdown" in read(stopping)
 
-        # (Redis down: 503 with Retry-After and readiness naming it belongs here, between the
-        # ingests and the restart; it is the readiness work's step, not this one's.)
+        # 6. Redis stopped: both APIs answer 503 dependency-unavailable, and their readiness
+        # names it; started again on its port, both serve again with no restart.
+        redis.stop()
+        for http in (a, b):
+            for response in (
+                http.get(f"{API}/documents"),
+                http.post(f"{API}/search", json={"query": saturn.question}),
+            ):
+                assert_unavailable(response)
+        down = (503, {"rate_limit_storage": "down"})
+        assert [readiness(api) for api in topology.apis] == [down, down]
+        redis.start()
+        assert [readiness(api) for api in topology.apis] == [(200, {}), (200, {})]
+        for http in (a, b):
+            assert search_finds(http, saturn.question) == documents["saturn"]
+        for api in topology.apis:
+            outage = [line for line in read(api).splitlines() if f"storage {redis.url}" in line]
+            assert [("unreachable" in line, "reachable again" in line) for line in outage] == [
+                (True, False),
+                (False, True),
+            ], outage
 
-        # 6. Restart every process and server.
+        # 7. Restart every process and server.
         topology.stop()
         assert all(w.process.returncode == 0 for w in topology.workers)
         a.close()
@@ -378,8 +487,8 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
         postgres.restart()
         before_restart_ready = {key: documents[key] for key in CORPUS} | {"harbour": harbour}
         with ExitStack() as restarted:
-            chroma_url, redis_url = restarted.enter_context(servers(tmp_path / "servers"))
-            deployment.chroma_url, deployment.redis_url = chroma_url, redis_url
+            chroma_url, redis = restarted.enter_context(servers(tmp_path / "servers"))
+            deployment.chroma_url, deployment.redis_url = chroma_url, redis.url
             topology = deployment.start()
             restarted.callback(topology.stop)
             api_a, api_b = topology.apis
@@ -393,7 +502,7 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
                 "the job given back at shutdown finished after the restart",
             )["document_ids"][0]
 
-            # 7. Metrics add up across processes, counted from the restart on.
+            # 8. Metrics add up across processes, counted from the restart on.
             fresh = [
                 ingest(http, ledger(name, 40), name.title())["documents"][0]["id"]
                 for http, name in ((a, "quarry"), (b, "orchard"))
@@ -428,6 +537,21 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
             for key in CORPUS:
                 assert search_finds(b, CORPUS[key].question) == held[key], key
             assert search_finds(a, "crate 7 of the granary ledger") == granary
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "urn:ragapi:problem:dependency-unavailable"
+    assert int(response.headers["retry-after"]) > 0
+
+
+def readiness(api: Server) -> tuple[int, dict[str, str]]:
+    """The readiness status code and the state of each component it does not call up."""
+    response = httpx.get(f"{api.url}{API}/health/ready", timeout=30)
+    components: dict[str, str] = response.json()["components"]
+    not_up = {name: state for name, state in components.items() if state != "up"}
+    return response.status_code, not_up
 
 
 def search_finds(http: httpx.Client, question: str) -> str:
