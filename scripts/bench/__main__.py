@@ -207,16 +207,14 @@ class Run:
         }
         self.footprint: dict[str, float] = {}
         self.scaling_counts: list[int] = args.scaling_counts
-        scaling_budgets = scaling.job_budgets(
-            self.scaling_counts, profile.scaling_jobs_per_process, profile.scaling_job_bytes
-        )
+        scaling_budgets = [profile.scaling_job_bytes] * profile.scaling_jobs_per_process
         budgets = [*profile.ingest_round_bytes, profile.interference_bytes, *scaling_budgets]
         _say("reading the corpus")
         self.plan = corpus.plan(
             profile.sizes, profile.queries, sum(budgets) + len(budgets) * corpus.MAX_INGEST_BYTES
         )
         groups = _split_by_bytes(self.plan.ingest, budgets)
-        self.scaling_jobs = groups[len(groups) - len(scaling_budgets) :]
+        self.scaling_pool = groups[len(groups) - len(scaling_budgets) :]
         *self.ingest_rounds, self.bulk = groups[: len(groups) - len(scaling_budgets)]
         # The model the server runs, with the server's thread setting.
         self.model = OnnxMiniLM(threads=Settings().embedding_threads)
@@ -351,8 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.results["scaling"] = scaling.worker_scaling(
             work / "scaling",
             run.scaling_counts,
-            run.scaling_jobs,
-            profile.scaling_jobs_per_process,
+            run.scaling_pool,
             run.plan.queries,
             profile.idle_seconds,
             _say,

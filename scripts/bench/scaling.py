@@ -56,10 +56,21 @@ def default_counts() -> list[int]:
     return counts if counts[-1] == cores else [*counts, cores]
 
 
-def job_budgets(counts: Sequence[int], jobs_per_process: int, job_bytes: int) -> list[int]:
-    """The bytes of each ingest request the block sends, in order: every count's jobs, then
-    the jobs ingested under search at the largest count."""
-    return [job_bytes] * (jobs_per_process * (sum(counts) + max(counts)))
+def _copies(
+    pool: Sequence[Sequence[SourceDocument]], processes: int, label: str
+) -> list[list[SourceDocument]]:
+    """The pool's ingest requests once per process, every document made a copy of its own by a
+    first line naming it (the server would take a second upload of the same bytes for the
+    first): each process gets the same work, and the corpus need not hold a new document for
+    every job of a run."""
+    return [
+        [
+            SourceDocument(d.name, (f"Copy {label}-{process} of {d.name}.", *d.docstrings))
+            for d in group
+        ]
+        for process in range(processes)
+        for group in pool
+    ]
 
 
 def _chunk_texts(jobs: Sequence[Sequence[SourceDocument]]) -> list[list[str]]:
@@ -178,20 +189,19 @@ def _interference(
 def worker_scaling(
     work: Path,
     counts: Sequence[int],
-    jobs: Sequence[Sequence[SourceDocument]],
-    jobs_per_process: int,
+    pool: Sequence[Sequence[SourceDocument]],
     queries: Sequence[str],
     idle_seconds: float,
     say: Any,
 ) -> dict[str, Any]:
-    """The block; ``jobs`` are the ingest requests ``job_budgets`` sized, in its order."""
+    """The block; ``pool`` holds the ingest requests each process gets at each count."""
     work.mkdir(parents=True)
     data_dir = work / "data"
     chroma = start_chroma(work / "chroma")
-    servers: list[Server] = [chroma]
+    servers: list[Server] = [chroma]  # stopped in reverse order
+    workers: list[Server] = []
     shared = {"RAGAPI_CHROMA_URL": f"http://{HOST}:{chroma.port}"}
-    results: dict[str, Any] = {"jobs_per_process": jobs_per_process, "counts": {}}
-    remaining = list(jobs)
+    results: dict[str, Any] = {"jobs_per_process": len(pool), "counts": {}}
     try:
         api_server = start_ragapi(
             data_dir, work / "api.log", {**shared, "RAGAPI_INGEST_WORKERS": "0"}
@@ -203,18 +213,15 @@ def worker_scaling(
         api = Api(api_server, key)
         one_job_each = {**shared, "RAGAPI_INGEST_WORKERS": "1", "RAGAPI_EMBEDDING_THREADS": "1"}
         for round_number, count in enumerate(counts):
-            mine, remaining = (
-                remaining[: count * jobs_per_process],
-                remaining[count * jobs_per_process :],
-            )
+            mine = _copies(pool, count, str(count))
             say(f"worker scaling: {count} worker(s) and {count} raw process(es)")
-            workers = [
-                start_worker(
-                    data_dir, work / f"worker-{count}-{n}.log", {**one_job_each, **_ONE_THREAD}
-                )
-                for n in range(count)
+            # The counts ascend: the workers of the last count stay, the missing ones start.
+            started = [
+                start_worker(data_dir, work / f"worker-{n}.log", {**one_job_each, **_ONE_THREAD})
+                for n in range(len(workers), count)
             ]
-            servers += workers
+            workers += started
+            servers += started
             texts = _chunk_texts(mine)
             figures: dict[str, Any] = {}
             # Alternating which side goes first, so that a change in load falls on both.
@@ -232,10 +239,8 @@ def worker_scaling(
                 say(f"worker scaling: search while {count} worker(s) ingest")
                 results["interference"] = {
                     "workers": count,
-                    **_interference(api, queries, remaining, idle_seconds),
+                    **_interference(api, queries, _copies(pool, count, "search"), idle_seconds),
                 }
-            for worker in workers:
-                worker.stop()
     finally:
         for server in reversed(servers):
             server.stop()
