@@ -119,12 +119,13 @@ def _workers_block(api: Api, jobs: Sequence[Sequence[SourceDocument]]) -> dict[s
 
 
 def _raw_block(texts: list[list[str]], processes: int, folder: Path) -> dict[str, float]:
-    """``processes`` raw embedders, the documents dealt out in turn so each gets an even
-    share; all load their model, then start together."""
+    """``processes`` raw embedders, each with one process's copy of the pool (``texts`` holds
+    the copies one after another); all load their model, then start together."""
     children = []
+    per_process = len(texts) // processes
     for number in range(processes):
         share = folder / f"raw-{processes}-{number}.json"
-        share.write_text(json.dumps(texts[number::processes]))
+        share.write_text(json.dumps(texts[number * per_process : (number + 1) * per_process]))
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "scripts.bench.scaling", str(share)],
