@@ -26,7 +26,8 @@ FIGURES = {
     "embedding": ("cpu_ms_per_chunk", "gflops_per_cpu_s", "gemm_gflops_1core", "peak_fraction"),
 }
 CONCURRENCY = ("http_rps", "http_p95_ms", "raw_rps", "raw_p95_ms", "rps_ratio")
-TARGETS = 11
+SCALING_COUNTS = ["1", "2"]  # given, not the machine's cores: the same block on every runner
+TARGETS = 14
 
 
 def figure(value: Any) -> bool:
@@ -43,13 +44,15 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
             "--quick",
             "--sizes",
             str(QUICK_CHUNKS),
+            "--scaling-counts",
+            ",".join(SCALING_COUNTS),
             "--out",
             str(out),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=540,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -83,9 +86,27 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
             assert figure(level[key]), (clients, key)
     assert results["ingestion"]["chunks"] == results["ingestion"]["raw_chunks"] > 0
 
+    scaling = results["scaling"]
+    assert list(scaling["counts"]) == SCALING_COUNTS
+    for count in SCALING_COUNTS:
+        figures = scaling["counts"][count]
+        # The workers embedded exactly the chunks the raw processes embedded.
+        assert figures["workers"]["chunks"] == figures["raw"]["chunks"] > 0, count
+        for side in ("workers", "raw"):
+            assert figure(figures[side]["chunks_per_s"]), (count, side)
+        assert figure(figures["ratio"]), count
+    for key in ("lowest_ratio", "workers_2_over_1", "raw_2_over_1"):
+        assert figure(scaling[key]), key
+    interference = scaling["interference"]
+    assert interference["workers"] == 2 and interference["during_searches"] > 0
+    assert interference["errors"] == 0
+    for key in ("idle_p95_ms", "during_p95_ms", "p95_ratio"):
+        assert figure(interference[key]), key
+
     targets = results["targets"]
     assert len(targets) == TARGETS
     for target in targets:
         assert figure(target["value"]) and isinstance(target["met"], bool), target
     assert "target" in done.stdout  # the table was printed
     assert f"hybrid p50, p95, CPU ms @{QUICK_CHUNKS} (dense)" in done.stdout
+    assert "2 worker(s) chunks/s" in done.stdout

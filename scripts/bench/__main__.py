@@ -4,6 +4,8 @@
     python -m scripts.bench --quick        # 300 chunks, about a minute: the CI smoke test
     python -m scripts.bench --prepare      # only fill the embedding cache
     python -m scripts.bench --sizes 10000  # only these stages (chunks in the store)
+    python -m scripts.bench --scaling      # only the worker-scaling block (issue 12)
+    python -m scripts.bench --scaling-counts 1,2,4  # worker processes in the scaling block
 
 A real ``ragapi serve`` on loopback (authentication, logging and metrics on; rate limits set
 out of reach) is measured next to the raw work in this process, in the same run. The table goes
@@ -31,7 +33,7 @@ import numpy as np
 
 from impl.rag.embeddings import OnnxMiniLM
 from impl.settings import Settings
-from scripts.bench import corpus, embedding, measure, report, seed
+from scripts.bench import corpus, embedding, measure, report, scaling, seed
 from scripts.bench.cache import DEFAULT_DIR, CachedEmbeddings, EmbeddingCache
 from scripts.bench.corpus import SourceDocument
 from scripts.bench.server import ROOT, Server, start_bare, start_ragapi
@@ -53,6 +55,8 @@ class Profile:
     idle_seconds: float  # idle searching around the interference ingestion, in all
     embedding_chunks: int  # real 200-token chunks timed for the embedding-efficiency figure
     embedding_rounds: int
+    scaling_jobs_per_process: int  # ingest requests per worker at each count of the scaling block
+    scaling_job_bytes: int  # each of them
 
 
 FULL = Profile(
@@ -68,6 +72,8 @@ FULL = Profile(
     idle_seconds=30.0,
     embedding_chunks=64,
     embedding_rounds=3,
+    scaling_jobs_per_process=3,
+    scaling_job_bytes=60_000,
 )
 QUICK = Profile(
     sizes=[300],
@@ -82,6 +88,8 @@ QUICK = Profile(
     idle_seconds=3.0,
     embedding_chunks=8,
     embedding_rounds=1,
+    scaling_jobs_per_process=1,
+    scaling_job_bytes=3_000,
 )
 CONCURRENCY = [1, 8, 32]
 HEALTH_CLIENTS = 8
@@ -93,9 +101,19 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="tiny sizes, for CI; no cache kept")
     mode.add_argument("--prepare", action="store_true", help="fill the embedding cache, then stop")
     parser.add_argument(
+        "--scaling", action="store_true", help="only the worker-scaling block: no store to seed"
+    )
+    parser.add_argument(
         "--sizes",
         type=_sizes,
         help="comma-separated stage sizes in chunks, instead of the profile's (e.g. 10000)",
+    )
+    parser.add_argument(
+        "--scaling-counts",
+        type=_sizes,
+        default=scaling.default_counts(),
+        help="comma-separated worker-process counts of the scaling block; default 1, 2, 4, ... "
+        "up to the machine's cores",
     )
     parser.add_argument("--out", type=Path, help="the JSON file to write")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_DIR, help="the embedding cache")
@@ -178,7 +196,7 @@ class Run:
         self.work = work
         self.results: dict[str, Any] = {
             "command": " ".join(["python -m scripts.bench", *sys.argv[1:]]),
-            "mode": "quick" if args.quick else "full",
+            "mode": "quick" if args.quick else "scaling" if args.scaling else "full",
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": _machine(),
             "load_before": os.getloadavg(),
@@ -188,12 +206,16 @@ class Run:
             "stages": {},
         }
         self.footprint: dict[str, float] = {}
-        budgets = [*profile.ingest_round_bytes, profile.interference_bytes]
+        self.scaling_counts: list[int] = args.scaling_counts
+        scaling_budgets = [profile.scaling_job_bytes] * profile.scaling_jobs_per_process
+        budgets = [*profile.ingest_round_bytes, profile.interference_bytes, *scaling_budgets]
         _say("reading the corpus")
         self.plan = corpus.plan(
             profile.sizes, profile.queries, sum(budgets) + len(budgets) * corpus.MAX_INGEST_BYTES
         )
-        *self.ingest_rounds, self.bulk = _split_by_bytes(self.plan.ingest, budgets)
+        groups = _split_by_bytes(self.plan.ingest, budgets)
+        self.scaling_pool = groups[len(groups) - len(scaling_budgets) :]
+        *self.ingest_rounds, self.bulk = groups[: len(groups) - len(scaling_budgets)]
         # The model the server runs, with the server's thread setting.
         self.model = OnnxMiniLM(threads=Settings().embedding_threads)
         self.cache = EmbeddingCache(
@@ -306,21 +328,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = QUICK if args.quick else FULL
     if args.sizes:
         profile = replace(profile, sizes=args.sizes)
+    if args.scaling:
+        profile = replace(profile, sizes=[])
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ragapi-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
         run = Run(profile, args, work)
-        run.prepare()
-        if args.prepare:
-            _say(f"cache ready: {json.dumps(run.results['corpus'])}")
-            return 0
-        _say("embedding efficiency")
-        run.results["embedding"] = embedding.efficiency(
-            run.model, profile.embedding_chunks, profile.embedding_rounds
+        if not args.scaling:
+            run.prepare()
+            if args.prepare:
+                _say(f"cache ready: {json.dumps(run.results['corpus'])}")
+                return 0
+            _say("embedding efficiency")
+            run.results["embedding"] = embedding.efficiency(
+                run.model, profile.embedding_chunks, profile.embedding_rounds
+            )
+            run.empty_server()
+            run.stages()
+        run.results["scaling"] = scaling.worker_scaling(
+            work / "scaling",
+            run.scaling_counts,
+            run.scaling_pool,
+            run.plan.queries,
+            profile.idle_seconds,
+            _say,
         )
-        run.empty_server()
-        run.stages()
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

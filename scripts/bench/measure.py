@@ -292,7 +292,7 @@ def health(
     }
 
 
-def _server_chunker() -> tuple[Chunker, ParseLimits]:
+def server_chunker() -> tuple[Chunker, ParseLimits]:
     """The chunker and parse limits of a server on default settings."""
     settings = Settings()
     chunker = Chunker(
@@ -303,7 +303,7 @@ def _server_chunker() -> tuple[Chunker, ParseLimits]:
     return chunker, ParseLimits.from_settings(settings)
 
 
-def _ingest(api: Api, documents: Sequence[SourceDocument], wait: bool) -> dict[str, Any]:
+def post_ingest(api: Api, documents: Sequence[SourceDocument], wait: bool) -> dict[str, Any]:
     body, content_type = multipart([(d.filename, d.content) for d in documents])
     path = "/api/v1/ingest?wait=true" if wait else "/api/v1/ingest"
 
@@ -324,13 +324,13 @@ def ingestion(
 ) -> dict[str, Any]:
     """POST /api/v1/ingest?wait=true against embedding the same chunks in-process, in batches of
     the size an ingestion worker embeds."""
-    chunker, limits = _server_chunker()
+    chunker, limits = server_chunker()
     http = {"chunks": 0, "bytes": 0, "seconds": 0.0}
     raw = {"chunks": 0, "seconds": 0.0}
 
     def http_block(documents: Sequence[SourceDocument]) -> None:
         started = time.perf_counter()
-        job = _ingest(api, documents, wait=True)
+        job = post_ingest(api, documents, wait=True)
         http["seconds"] += time.perf_counter() - started
         http["chunks"] += job["chunks_total"]
         http["bytes"] += sum(len(d.content) for d in documents)
@@ -372,7 +372,7 @@ def interference(
     on the idle server just before and just after."""
     idle = api.load(search_call(queries), clients=1, seconds=idle_seconds / 2)
     jobs = [
-        _ingest(api, documents[start : start + FILES_PER_REQUEST], wait=False)["id"]
+        post_ingest(api, documents[start : start + FILES_PER_REQUEST], wait=False)["id"]
         for start in range(0, len(documents), FILES_PER_REQUEST)
     ]
     started = time.perf_counter()

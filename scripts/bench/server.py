@@ -96,14 +96,37 @@ def _environment(data_dir: Path, port: int) -> dict[str, str]:
     return env
 
 
-def start_ragapi(data_dir: Path, log: Path) -> Server:
-    """``ragapi serve`` with authentication on (the default), timed until it is ready."""
+def start_ragapi(data_dir: Path, log: Path, settings: dict[str, str] | None = None) -> Server:
+    """``ragapi serve`` with authentication on (the default), timed until it is ready;
+    ``settings`` are more RAGAPI_ variables."""
     port = free_port()
     command = [sys.executable, "-m", "impl.cli", "serve"]
-    return _start(command, _environment(data_dir, port), log, port, "/api/v1/health/ready")
+    env = {**_environment(data_dir, port), **(settings or {})}
+    return _start(command, env, log, port, "/api/v1/health/ready")
 
 
 def start_bare(data_dir: Path, log: Path) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "scripts.bench.bare_app"]
     return _start(command, _environment(data_dir, port), log, port, "/api/v1/health")
+
+
+def start_chroma(folder: Path) -> Server:
+    """A Chroma server (the chromadb package's own ``chroma run``) with its data in ``folder``:
+    what several processes need to share one vector store."""
+    port = free_port()
+    # chromadb installs its `chroma` command beside the interpreter.
+    command = [str(Path(sys.executable).parent / "chroma"), "run", "--path", str(folder)]
+    command += ["--host", HOST, "--port", str(port)]
+    return _start(
+        command, dict(os.environ), folder.parent / "chroma.log", port, "/api/v2/heartbeat"
+    )
+
+
+def start_worker(data_dir: Path, log: Path, settings: dict[str, str]) -> Server:
+    """``ragapi worker`` with ``settings`` (RAGAPI_ variables), timed until its /health answers
+    200: its ingestion threads run."""
+    port = free_port()
+    env = {**os.environ, "RAGAPI_DATA_DIR": str(data_dir), "RAGAPI_LOG_LEVEL": "info"}
+    env.update(settings, RAGAPI_HOST=HOST, RAGAPI_WORKER_PORT=str(port))
+    return _start([sys.executable, "-m", "impl.cli", "worker"], env, log, port, "/health")

@@ -1,0 +1,276 @@
+"""Ingestion throughput with 1, 2, ... ``ragapi worker`` processes against as many raw embedding
+processes, in the same run (issue 12).
+
+The deployment is the scaled-out one on one machine: ``chroma run``, one ``ragapi serve`` that
+only queues (RAGAPI_INGEST_WORKERS=0), and N workers, each running one job at a time on one
+onnxruntime thread (RAGAPI_INGEST_WORKERS=1, RAGAPI_EMBEDDING_THREADS=1); the registry is
+SQLite (WAL) in a data directory they all share. The raw side is N processes embedding the same
+chunk texts with the packaged model on one thread each, the work split evenly among them, no
+parsing, no stores. Each process loads its model before the clock starts.
+
+Workers count from the first job queued to the last one's end (its ``updated_at``); raw
+processes from one start signal to the last one's end. Then, with the largest count, one client
+searches while the workers ingest more, against the same client before and after.
+
+    python -m scripts.bench.scaling TEXTS.json   # one raw embedding process (run by the block)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from impl.rag.embeddings import OnnxMiniLM
+from impl.rag.jobs import EMBED_BATCH
+from impl.rag.loaders import detect_media_type, extract_text
+from scripts.bench.client import Connection, load
+from scripts.bench.corpus import SourceDocument
+from scripts.bench.measure import (
+    Api,
+    percentiles,
+    post_ingest,
+    ratio,
+    search_call,
+    server_chunker,
+)
+from scripts.bench.server import HOST, ROOT, Server, start_chroma, start_ragapi, start_worker
+
+_JOB_POLL_SECONDS = 0.25
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def default_counts() -> list[int]:
+    """1, 2, 4, ... up to the machine's cores, and the cores themselves."""
+    cores = os.cpu_count() or 1
+    counts = [1]
+    while counts[-1] * 2 <= cores:
+        counts.append(counts[-1] * 2)
+    return counts if counts[-1] == cores else [*counts, cores]
+
+
+def _copies(
+    pool: Sequence[Sequence[SourceDocument]], processes: int, label: str
+) -> list[list[SourceDocument]]:
+    """The pool's ingest requests once per process, every document made a copy of its own by a
+    first line naming it (the server would take a second upload of the same bytes for the
+    first): each process gets the same work, and the corpus need not hold a new document for
+    every job of a run."""
+    return [
+        [
+            SourceDocument(d.name, (f"Copy {label}-{process} of {d.name}.", *d.docstrings))
+            for d in group
+        ]
+        for process in range(processes)
+        for group in pool
+    ]
+
+
+def _chunk_texts(jobs: Sequence[Sequence[SourceDocument]]) -> list[list[str]]:
+    """Each document's chunks as the server cuts them."""
+    chunker, limits = server_chunker()
+    texts = []
+    for documents in jobs:
+        for d in documents:
+            media_type = detect_media_type(d.content, d.filename, "application/octet-stream")
+            texts.append(
+                [span.text for span in chunker.split(extract_text(d.content, media_type, limits))]
+            )
+    return texts
+
+
+def _queue(api: Api, jobs: Sequence[Sequence[SourceDocument]]) -> list[str]:
+    return [post_ingest(api, documents, wait=False)["id"] for documents in jobs]
+
+
+def _finished(api: Api, job_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Wait for every job to end; their final states."""
+
+    async def states(connection: Connection) -> list[dict[str, Any]]:
+        return [(await connection.request("GET", f"/api/v1/jobs/{j}")).json() for j in job_ids]
+
+    while True:
+        found = api.once(states)
+        if all(s["status"] in ("succeeded", "failed") for s in found):
+            failed = [s for s in found if s["status"] == "failed"]
+            if failed:
+                raise SystemExit(f"ingestion job failed: {failed[0]['error']}")
+            return found
+        time.sleep(_JOB_POLL_SECONDS)
+
+
+def _workers_block(api: Api, jobs: Sequence[Sequence[SourceDocument]]) -> dict[str, float]:
+    started = time.time()
+    states = _finished(api, _queue(api, jobs))
+    ended = max(datetime.fromisoformat(s["updated_at"]).timestamp() for s in states)
+    chunks = sum(s["chunks_done"] for s in states)
+    return {
+        "chunks": chunks,
+        "seconds": ended - started,
+        "chunks_per_s": chunks / (ended - started),
+    }
+
+
+def _raw_block(texts: list[list[str]], processes: int, folder: Path) -> dict[str, float]:
+    """``processes`` raw embedders, each with one process's copy of the pool (``texts`` holds
+    the copies one after another); all load their model, then start together."""
+    children = []
+    per_process = len(texts) // processes
+    for number in range(processes):
+        share = folder / f"raw-{processes}-{number}.json"
+        share.write_text(json.dumps(texts[number * per_process : (number + 1) * per_process]))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "scripts.bench.scaling", str(share)],
+                cwd=ROOT,
+                env={**os.environ, **_ONE_THREAD},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for child in children:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise SystemExit("a raw embedding process did not start")
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    reports = []
+    for child in children:
+        out, _ = child.communicate(timeout=3600)
+        if child.returncode != 0:
+            raise SystemExit(f"a raw embedding process failed ({child.returncode})")
+        reports.append(json.loads(out))
+    chunks = sum(r["chunks"] for r in reports)
+    seconds = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
+    return {"chunks": chunks, "seconds": seconds, "chunks_per_s": chunks / seconds}
+
+
+def _interference(
+    api: Api, queries: Sequence[str], jobs: Sequence[Sequence[SourceDocument]], idle_seconds: float
+) -> dict[str, Any]:
+    idle = api.load(search_call(queries), clients=1, seconds=idle_seconds / 2)
+    job_ids = _queue(api, jobs)
+    done = False
+
+    async def watch() -> None:
+        nonlocal done
+        await asyncio.to_thread(_finished, api, job_ids)
+        done = True
+
+    async def measure() -> Any:
+        searching = load(
+            HOST, api.server.port, api.headers, search_call(queries), clients=1, until=lambda: done
+        )
+        during, _ = await asyncio.gather(searching, watch())
+        return during
+
+    during = asyncio.run(measure())
+    after = api.load(search_call(queries), clients=1, seconds=idle_seconds / 2)
+    idle_p95 = percentiles(idle.latencies_ms + after.latencies_ms)["p95_ms"]
+    during_p95 = percentiles(during.latencies_ms)["p95_ms"]
+    return {
+        "idle_p95_ms": idle_p95,
+        "during_p95_ms": during_p95,
+        "during_searches": len(during.latencies_ms),
+        "errors": idle.errors + during.errors + after.errors,
+        "p95_ratio": ratio(during_p95, idle_p95),
+    }
+
+
+def worker_scaling(
+    work: Path,
+    counts: Sequence[int],
+    pool: Sequence[Sequence[SourceDocument]],
+    queries: Sequence[str],
+    idle_seconds: float,
+    say: Any,
+) -> dict[str, Any]:
+    """The block; ``pool`` holds the ingest requests each process gets at each count."""
+    work.mkdir(parents=True)
+    data_dir = work / "data"
+    chroma = start_chroma(work / "chroma")
+    servers: list[Server] = [chroma]  # stopped in reverse order
+    workers: list[Server] = []
+    shared = {"RAGAPI_CHROMA_URL": f"http://{HOST}:{chroma.port}"}
+    results: dict[str, Any] = {"jobs_per_process": len(pool), "counts": {}}
+    try:
+        api_server = start_ragapi(
+            data_dir, work / "api.log", {**shared, "RAGAPI_INGEST_WORKERS": "0"}
+        )
+        servers.append(api_server)
+        key = api_server.admin_key()
+        if key is None:
+            raise SystemExit(f"the server printed no admin key; see {api_server.log}")
+        api = Api(api_server, key)
+        one_job_each = {**shared, "RAGAPI_INGEST_WORKERS": "1", "RAGAPI_EMBEDDING_THREADS": "1"}
+        for round_number, count in enumerate(counts):
+            mine = _copies(pool, count, str(count))
+            say(f"worker scaling: {count} worker(s) and {count} raw process(es)")
+            # The counts ascend: the workers of the last count stay, the missing ones start.
+            started = [
+                start_worker(data_dir, work / f"worker-{n}.log", {**one_job_each, **_ONE_THREAD})
+                for n in range(len(workers), count)
+            ]
+            workers += started
+            servers += started
+            texts = _chunk_texts(mine)
+            figures: dict[str, Any] = {}
+            # Alternating which side goes first, so that a change in load falls on both.
+            order = ["workers", "raw"] if round_number % 2 == 0 else ["raw", "workers"]
+            for side in order:
+                if side == "workers":
+                    figures["workers"] = _workers_block(api, mine)
+                else:
+                    figures["raw"] = _raw_block(texts, count, work)
+            figures["ratio"] = ratio(
+                figures["workers"]["chunks_per_s"], figures["raw"]["chunks_per_s"]
+            )
+            results["counts"][str(count)] = figures
+            if count == max(counts):
+                say(f"worker scaling: search while {count} worker(s) ingest")
+                results["interference"] = {
+                    "workers": count,
+                    **_interference(api, queries, _copies(pool, count, "search"), idle_seconds),
+                }
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    by_count = results["counts"]
+    results["lowest_ratio"] = min(c["ratio"] for c in by_count.values())
+    if "1" in by_count and "2" in by_count:
+        one, two = by_count["1"], by_count["2"]
+        results["workers_2_over_1"] = ratio(
+            two["workers"]["chunks_per_s"], one["workers"]["chunks_per_s"]
+        )
+        results["raw_2_over_1"] = ratio(two["raw"]["chunks_per_s"], one["raw"]["chunks_per_s"])
+    return results
+
+
+def _raw_process(share: Path) -> None:
+    """One raw embedding process: load the model, say so, wait for the start, embed each
+    document's chunks in the batches a worker embeds, report."""
+    texts: list[list[str]] = json.loads(share.read_text())
+    model = OnnxMiniLM(threads=1)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    started = time.time()
+    for document in texts:
+        for start in range(0, len(document), EMBED_BATCH):
+            model.embed_documents(document[start : start + EMBED_BATCH])
+    finished = time.time()
+    chunks = sum(len(document) for document in texts)
+    print(json.dumps({"started": started, "finished": finished, "chunks": chunks}), flush=True)
+
+
+if __name__ == "__main__":
+    _raw_process(Path(sys.argv[1]))
