@@ -97,6 +97,11 @@ def decode_cursor(cursor: str) -> dict[str, Any]:
     return payload
 
 
+def encode_time_cursor(created_at: datetime, item_id: str) -> str:
+    """The cursor of a newest-first page that ended with the item created at ``created_at``."""
+    return encode_cursor({"t": created_at.isoformat(), "i": item_id})
+
+
 def decode_time_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, id) a newest-first page ended with, from its cursor."""
     payload = decode_cursor(cursor)

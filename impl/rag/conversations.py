@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
-from impl.db import Base, decode_cursor, encode_cursor, open_database, utcnow
+from impl.db import Base, decode_time_cursor, encode_time_cursor, open_database, utcnow
 from impl.errors import InvalidInput, NotFound
 from impl.rag.types import (
     Citation,
@@ -191,7 +191,7 @@ class Conversations:
             raise InvalidInput(f"limit must be between 1 and {MAX_PAGE_SIZE}")
         query = select(ConversationRow).where(self._visible(owner))
         if cursor is not None:
-            last_created, last_id = _cursor(cursor)
+            last_created, last_id = decode_time_cursor(cursor)
             query = query.where(
                 or_(
                     ConversationRow.created_at < last_created,
@@ -205,7 +205,7 @@ class Conversations:
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            next_cursor = encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
+            next_cursor = encode_time_cursor(last.created_at, last.id)
         return Page([_conversation(row) for row in rows], next_cursor)
 
     def get(self, owner: Owner, conversation_id: str) -> ConversationDetail:
@@ -333,17 +333,3 @@ class Conversations:
             except IntegrityError:
                 if attempts == _INSERT_ATTEMPTS:
                     raise
-
-
-def _cursor(cursor: str) -> tuple[datetime, str]:
-    payload = decode_cursor(cursor)
-    created, last_id = payload.get("t"), payload.get("i")
-    if not isinstance(created, str) or not isinstance(last_id, str):
-        raise InvalidInput("the cursor is not valid")
-    try:
-        moment = datetime.fromisoformat(created)
-    except ValueError:
-        raise InvalidInput("the cursor is not valid") from None
-    if moment.tzinfo is None:
-        raise InvalidInput("the cursor is not valid")
-    return moment, last_id

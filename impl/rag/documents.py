@@ -17,7 +17,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from impl.db import Database, decode_time_cursor, encode_cursor, utcnow
+from impl.db import Database, decode_time_cursor, encode_time_cursor, utcnow
 from impl.errors import Conflict, NotFound, PreconditionFailed
 from impl.rag.job_queue import job_from_row
 from impl.rag.originals import drop_unreferenced_contents, referenced_keys, store_contents
@@ -480,7 +480,7 @@ class Documents:
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            next_cursor = encode_cursor({"t": last.created_at.isoformat(), "i": last.id})
+            next_cursor = encode_time_cursor(last.created_at, last.id)
         return Page(items=[document_from_row(row) for row in rows], next_cursor=next_cursor)
 
     def ready_versions(

@@ -11,7 +11,7 @@ from typing import Any, cast
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from impl.db import Database, decode_time_cursor, encode_cursor, utcnow
+from impl.db import Database, decode_time_cursor, encode_time_cursor, utcnow
 from impl.errors import Conflict
 from impl.rag import lexical
 from impl.rag.tables import (
@@ -392,9 +392,7 @@ class JobRows:
             next_cursor = None
             if len(rows) > limit:
                 rows = rows[:limit]
-                next_cursor = encode_cursor(
-                    {"t": rows[-1].created_at.isoformat(), "i": rows[-1].id}
-                )
+                next_cursor = encode_time_cursor(rows[-1].created_at, rows[-1].id)
             return Page(items=[job_from_row(session, row) for row in rows], next_cursor=next_cursor)
 
     def cancel_job(
