@@ -276,12 +276,14 @@ class Documents:
         title: str | None,
         metadata: Metadata | None,
         if_match: Sequence[str] | None,
+        contents: Mapping[str, bytes] | None = None,
     ) -> Job:
         """The next version of a ready document and the job that indexes it, in one
         transaction; the same content as now makes a job that has already succeeded, listing
         the document as a duplicate. ``item`` None: a re-index, the stored content cut and
         embedded again under the current settings. ``title`` and ``metadata``: None keeps the
-        document's."""
+        document's. ``contents``: the new version's bytes by storage key, when the registry
+        holds the originals; written in the same transaction."""
         now = utcnow()
         with self._db.write() as session:
             row = self._visible(session, tenant, document_id)
@@ -310,6 +312,7 @@ class Documents:
                 holder = self._find_live(session, tenant, [item.sha256]).get(item.sha256)
                 if holder not in (None, document_id):
                     raise Conflict(f"document {holder} already holds this content")
+                store_contents(session, dict(contents or {}))
             job = JobRow(
                 id=new_id("job"),
                 tenant=tenant,

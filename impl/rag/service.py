@@ -424,10 +424,6 @@ class RagService:
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
             contents: dict[str, bytes] = {}
             new = self._store_original(prepared, contents)
-            # Registering a replacement writes no contents: a registry that holds the originals
-            # gets them just before (a failed registration frees them below).
-            for data in contents.values():
-                self._originals.put(data)
             try:
                 job = self._documents.register_replacement(
                     tenant,
@@ -436,6 +432,7 @@ class RagService:
                     title=prepared.title if item.title else None,
                     metadata=metadata,
                     if_match=if_match,
+                    contents=contents,
                 )
             except RagapiError:
                 self._free_locked((new.original_key, new.extracted_key))

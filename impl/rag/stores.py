@@ -145,6 +145,7 @@ class DocumentRegistry(Protocol):
         title: str | None,
         metadata: Metadata | None,
         if_match: Sequence[str] | None,
+        contents: Mapping[str, bytes] | None = None,
     ) -> Job:
         """The next version of a ready document and the job that indexes it, in one
         transaction; the same content as now makes a job that has already succeeded, listing

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from impl.errors import ConfigurationError
+from impl.errors import ConfigurationError, PreconditionFailed
 from impl.rag.originals import LocalOriginalStore, content_key, open_originals
 from tests.documents import CORPUS
 from tests.rag.conftest import ServiceFactory, ingest, make_settings, text_item
@@ -57,6 +57,33 @@ def test_the_registry_holds_the_originals_and_frees_them_with_their_last_documen
     service.delete_document(TENANT, bread_id)
     assert content_key(saturn_text.encode()) in stored_keys(registry_url)
     assert len(stored_keys(registry_url)) == 2
+
+
+def test_a_replacement_stores_its_bytes_in_the_registry_with_its_registration(
+    make_service: ServiceFactory, registry_url: str
+) -> None:
+    service = make_service(
+        registry_url=registry_url, registry_auto_upgrade=True, originals_url="registry://"
+    )
+    (document_id,) = ingest(service, TENANT, [text_item("The lamp is lit at dusk.")]).document_ids
+    first = stored_keys(registry_url)
+
+    refused = "The lamp is lit at dawn."
+    with pytest.raises(PreconditionFailed):
+        service.replace_document(
+            TENANT, document_id, text_item(refused), metadata=None, if_match=['"stale"']
+        )
+    assert stored_keys(registry_url) == first  # a refused replacement stores nothing
+
+    replacement = "The lamp is lit an hour before sunset."
+    job = service.replace_document(
+        TENANT, document_id, text_item(replacement), metadata=None, if_match=None
+    )
+    assert service.wait_for_job(TENANT, job.id, 120).status == "succeeded"
+    assert content_key(replacement.encode()) in stored_keys(registry_url)
+    hit = service.search(TENANT, "when is the lamp lit before sunset", top_k=1)[0]
+    assert (hit.chunk.document_id, hit.chunk.version) == (document_id, 2)
+    assert "hour before sunset" in hit.chunk.text
 
 
 def test_a_folder_by_url_holds_the_originals(make_service: ServiceFactory, tmp_path: Path) -> None:
