@@ -149,6 +149,9 @@ def worker(args: argparse.Namespace) -> int:
         )
     configure_logging(settings.log_level)
     log = logging.getLogger("impl.worker")
+    if settings.worker_nice and hasattr(os, "nice"):
+        # Before any thread starts (onnxruntime's included): threads inherit it on Linux.
+        os.nice(settings.worker_nice)
     stopping = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stopping.set())
@@ -163,9 +166,11 @@ def worker(args: argparse.Namespace) -> int:
             )
             endpoint.start()
         log.info(
-            "worker started: %d ingestion threads, %d onnxruntime threads (0: its choice)",
+            "worker started: %d ingestion threads, %d onnxruntime threads (0: its choice), "
+            "niceness %d",
             settings.ingest_workers,
             settings.embedding_threads,
+            os.nice(0) if hasattr(os, "nice") else 0,
         )
         while not stopping.wait(1.0):
             pass

@@ -140,6 +140,14 @@ class Settings(BaseSettings):
         description="Longest a process takes at shutdown (SIGTERM) to finish its ingestion "
         "batches and give its jobs back; a job still running then goes back to the queue.",
     )
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Niceness `ragapi worker` adds to its own CPU priority at start (Unix), so "
+        "that on a machine it shares with an API process, searches take the CPU first and "
+        "ingestion the rest; 0 keeps the priority it was started with.",
+    )
     worker_port: int = Field(
         0,
         ge=0,
