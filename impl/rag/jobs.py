@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Protocol
 
@@ -467,35 +468,41 @@ class IngestWorkers:
     def _index_document(
         self, job: ClaimedJob, owner: str, document: DocumentWork, spans: Sequence[ChunkSpan]
     ) -> None:
-        for start in range(0, len(spans), EMBED_BATCH):
-            self._check_in_hand(job)
-            if self._registry.cancel_requested(job.id):
-                raise _Cancelled
-            chunks = [
-                Chunk(
-                    id=chunk_id(document.id, span.index, document.version),
-                    document_id=document.id,
-                    version=document.version,
-                    index=span.index,
-                    text=span.text,
-                    page=span.page,
-                    start_char=span.start_char,
-                    end_char=span.end_char,
-                )
-                for span in spans[start : start + EMBED_BATCH]
-            ]
-            started = time.perf_counter()
-            vectors = self._embeddings.embed_documents([chunk.text for chunk in chunks])
-            self._observer.observe("embedding", time.perf_counter() - started)
-            self._observer.chunks_embedded(len(chunks))
-            if len(vectors) != len(chunks):
-                raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
-            self._store.add(document.tenant, chunks, vectors, document.metadata)
-            if not self._registry.add_chunks(job.id, owner, self._lease, document, chunks):
-                # Its deletion began after our vectors were written, perhaps after the deleter
-                # removed the document's vectors: remove ours, and count the rest as not due.
-                self._remove_vectors(document)
-                self._registry.skip_chunks(job.id, owner, self._lease, len(spans) - start)
+        # Each batch is embedded while the one before it is written: writing waits on the
+        # vector store's and the registry's work, and the embedding would wait with it (about
+        # a tenth of a worker's time, scripts/bench --scaling). Writes stay one at a time and in
+        # order, and leaving this block waits for the last one, whatever ends it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragapi-write") as writer:
+            writing: tuple[int, Future[bool]] | None = None  # a batch's start, its write
+            for start in range(0, len(spans), EMBED_BATCH):
+                self._check_in_hand(job)
+                if self._registry.cancel_requested(job.id):
+                    raise _Cancelled
+                chunks = [
+                    Chunk(
+                        id=chunk_id(document.id, span.index, document.version),
+                        document_id=document.id,
+                        version=document.version,
+                        index=span.index,
+                        text=span.text,
+                        page=span.page,
+                        start_char=span.start_char,
+                        end_char=span.end_char,
+                    )
+                    for span in spans[start : start + EMBED_BATCH]
+                ]
+                started = time.perf_counter()
+                vectors = self._embeddings.embed_documents([chunk.text for chunk in chunks])
+                self._observer.observe("embedding", time.perf_counter() - started)
+                self._observer.chunks_embedded(len(chunks))
+                if len(vectors) != len(chunks):
+                    raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+                if writing is not None and not writing[1].result():
+                    self._deletion_began(job, owner, document, len(spans) - writing[0])
+                    return
+                writing = (start, writer.submit(self._write, job, owner, document, chunks, vectors))
+            if writing is not None and not writing[1].result():
+                self._deletion_began(job, owner, document, len(spans) - writing[0])
                 return
         ids = [chunk_id(document.id, span.index, document.version) for span in spans]
         stored = self._store.count(document.tenant, ids)
@@ -512,6 +519,27 @@ class IngestWorkers:
             self._remove_vectors(document)
             return
         self._cleanup.retire(retired)
+
+    def _write(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        document: DocumentWork,
+        chunks: Sequence[Chunk],
+        vectors: Sequence[Sequence[float]],
+    ) -> bool:
+        """Vectors first, then the chunk rows and progress; False when the document's deletion
+        began before the rows were recorded."""
+        self._store.add(document.tenant, chunks, vectors, document.metadata)
+        return self._registry.add_chunks(job.id, owner, self._lease, document, chunks)
+
+    def _deletion_began(
+        self, job: ClaimedJob, owner: str, document: DocumentWork, not_written: int
+    ) -> None:
+        """Its deletion began after our vectors were written, perhaps after the deleter removed
+        the document's vectors: remove ours, and count the rest as not due."""
+        self._remove_vectors(document)
+        self._registry.skip_chunks(job.id, owner, self._lease, not_written)
 
     def _fail(self, document: DocumentWork, exc: Exception, failures: list[str]) -> None:
         if isinstance(exc, RagapiError):

@@ -141,6 +141,17 @@ def _scaling_rows(scaling: dict[str, Any]) -> list[tuple[str, ...]]:
                 _f(figures["ratio"], 2),
             )
         )
+        cpu = workers["cpu_seconds"]
+        per_chunk = {role: 1000 * seconds / workers["chunks"] for role, seconds in cpu.items()}
+        rows.append(
+            (
+                f"{count} worker(s) CPU ms per chunk: "
+                + ", ".join(f"{role} {_f(ms)}" for role, ms in per_chunk.items()),
+                _f(sum(per_chunk.values())),
+                _f(1000 * raw["cpu_seconds"] / raw["chunks"]),
+                _f(1000 * raw["cpu_seconds"] / raw["chunks"] / sum(per_chunk.values()), 2),
+            )
+        )
     if "workers_2_over_1" in scaling:
         rows.append(
             (

@@ -9,7 +9,8 @@ chunk texts with the packaged model on one thread each, the work split evenly am
 parsing, no stores. Each process loads its model before the clock starts.
 
 Workers count from the first job queued to the last one's end (its ``updated_at``); raw
-processes from one start signal to the last one's end. Then, with the largest count, one client
+processes from one start signal to the last one's end. Raw processes run at the workers'
+niceness (RAGAPI_WORKER_NICE). Then, with the largest count, one client
 searches while the workers ingest more, against the same client before and after.
 
     python -m scripts.bench.scaling TEXTS.json   # one raw embedding process (run by the block)
@@ -31,6 +32,7 @@ from typing import Any
 from impl.rag.embeddings import OnnxMiniLM
 from impl.rag.jobs import EMBED_BATCH
 from impl.rag.loaders import detect_media_type, extract_text
+from impl.settings import Settings
 from scripts.bench.client import Connection, load
 from scripts.bench.corpus import SourceDocument
 from scripts.bench.measure import (
@@ -43,7 +45,7 @@ from scripts.bench.measure import (
 )
 from scripts.bench.server import HOST, ROOT, Server, start_chroma, start_ragapi, start_worker
 
-_JOB_POLL_SECONDS = 0.25
+_JOB_POLL_SECONDS = 1.0
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -91,22 +93,35 @@ def _queue(api: Api, jobs: Sequence[Sequence[SourceDocument]]) -> list[str]:
 
 
 def _finished(api: Api, job_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """Wait for every job to end; their final states."""
+    """Wait for every job to end; their final states. One job asked at a time, the first not
+    yet seen ending, once a second: the timing comes from the jobs' own ``updated_at``, and
+    asking more often only adds the API's answers to the CPU the block measures."""
 
-    async def states(connection: Connection) -> list[dict[str, Any]]:
-        return [(await connection.request("GET", f"/api/v1/jobs/{j}")).json() for j in job_ids]
+    def state(job_id: str) -> dict[str, Any]:
+        async def ask(connection: Connection) -> dict[str, Any]:
+            answer: dict[str, Any] = (
+                await connection.request("GET", f"/api/v1/jobs/{job_id}")
+            ).json()
+            return answer
 
-    while True:
-        found = api.once(states)
-        if all(s["status"] in ("succeeded", "failed") for s in found):
-            failed = [s for s in found if s["status"] == "failed"]
-            if failed:
-                raise SystemExit(f"ingestion job failed: {failed[0]['error']}")
-            return found
-        time.sleep(_JOB_POLL_SECONDS)
+        return api.once(ask)
+
+    ended: list[dict[str, Any]] = []
+    for job_id in job_ids:
+        while (found := state(job_id))["status"] not in ("succeeded", "failed"):
+            time.sleep(_JOB_POLL_SECONDS)
+        if found["status"] == "failed":
+            raise SystemExit(f"ingestion job failed: {found['error']}")
+        ended.append(found)
+    return ended
 
 
-def _workers_block(api: Api, jobs: Sequence[Sequence[SourceDocument]]) -> dict[str, float]:
+def _workers_block(
+    api: Api, jobs: Sequence[Sequence[SourceDocument]], roles: dict[str, Sequence[Server]]
+) -> dict[str, Any]:
+    """The jobs through the workers, with the CPU seconds each role's processes spent meanwhile
+    (api, chroma, workers): what ingestion costs besides embedding, and where."""
+    cpu_before = {role: sum(s.cpu_seconds() for s in servers) for role, servers in roles.items()}
     started = time.time()
     states = _finished(api, _queue(api, jobs))
     ended = max(datetime.fromisoformat(s["updated_at"]).timestamp() for s in states)
@@ -115,6 +130,10 @@ def _workers_block(api: Api, jobs: Sequence[Sequence[SourceDocument]]) -> dict[s
         "chunks": chunks,
         "seconds": ended - started,
         "chunks_per_s": chunks / (ended - started),
+        "cpu_seconds": {
+            role: sum(s.cpu_seconds() for s in servers) - cpu_before[role]
+            for role, servers in roles.items()
+        },
     }
 
 
@@ -152,7 +171,12 @@ def _raw_block(texts: list[list[str]], processes: int, folder: Path) -> dict[str
         reports.append(json.loads(out))
     chunks = sum(r["chunks"] for r in reports)
     seconds = max(r["finished"] for r in reports) - min(r["started"] for r in reports)
-    return {"chunks": chunks, "seconds": seconds, "chunks_per_s": chunks / seconds}
+    return {
+        "chunks": chunks,
+        "seconds": seconds,
+        "chunks_per_s": chunks / seconds,
+        "cpu_seconds": sum(r["cpu_seconds"] for r in reports),
+    }
 
 
 def _interference(
@@ -229,7 +253,8 @@ def worker_scaling(
             order = ["workers", "raw"] if round_number % 2 == 0 else ["raw", "workers"]
             for side in order:
                 if side == "workers":
-                    figures["workers"] = _workers_block(api, mine)
+                    roles = {"api": [api_server], "chroma": [chroma], "workers": workers}
+                    figures["workers"] = _workers_block(api, mine, roles)
                 else:
                     figures["raw"] = _raw_block(texts, count, work)
             figures["ratio"] = ratio(
@@ -260,16 +285,24 @@ def _raw_process(share: Path) -> None:
     """One raw embedding process: load the model, say so, wait for the start, embed each
     document's chunks in the batches a worker embeds, report."""
     texts: list[list[str]] = json.loads(share.read_text())
+    # At the workers' niceness, so that both sides meet the same competition for the CPU.
+    os.nice(Settings().worker_nice)
     model = OnnxMiniLM(threads=1)
     print("ready", flush=True)
     sys.stdin.readline()
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     for document in texts:
         for start in range(0, len(document), EMBED_BATCH):
             model.embed_documents(document[start : start + EMBED_BATCH])
     finished = time.time()
     chunks = sum(len(document) for document in texts)
-    print(json.dumps({"started": started, "finished": finished, "chunks": chunks}), flush=True)
+    report = {
+        "started": started,
+        "finished": finished,
+        "chunks": chunks,
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,9 @@ class Server:
         }
 
     def cpu_seconds(self) -> float:
-        """User and system CPU time the server has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User and system CPU time the server has used so far, with that of the processes it
+        started (parse processes, for one): those alive and those it has waited for."""
+        return _tree_cpu_seconds(self.process.pid)
 
     def admin_key(self) -> str | None:
         printed = _ADMIN_KEY_LINE.search(self.log.read_text(errors="replace"))
@@ -59,6 +59,32 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=120)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name, or None for a process gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _tree_cpu_seconds(root: int) -> float:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = int(fields[1])
+    tree, added = {root}, True
+    while added:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        added = bool(children)
+    ticks = 0
+    for pid in tree:
+        if (fields := _stat(pid)) is not None:
+            # utime, stime, and the cutime and cstime of children it has waited for.
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _ready(port: int, path: str) -> bool:
