@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         description="URL of a Chroma server (http://host:8000); default: embedded Chroma "
         "under <data_dir>/chroma.",
     )
+    chroma_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Longest a request to the Chroma server may take; one that takes longer "
+        "counts as the server being down (503 dependency-unavailable), so a server that hangs "
+        "does not hold requests and ingestion forever.",
+    )
 
     # Ingestion
     chunk_tokens: int = Field(

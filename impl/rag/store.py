@@ -133,17 +133,29 @@ def _connect(settings: Settings) -> Client:
     if url.path not in ("", "/"):
         raise ConfigurationError("RAGAPI_CHROMA_URL must name a server root, without a path")
     ssl = url.scheme == "https"
+    port = port or (443 if ssl else 8000)
+    timeout = httpx.Timeout(settings.chroma_timeout_seconds)
     try:
-        client = chromadb.HttpClient(
-            host=url.hostname,
-            port=port or (443 if ssl else 8000),
-            ssl=ssl,
-            settings=chroma_settings(),
+        # The client asks the server for its tenant while being built, with no time limit: a
+        # server that hangs would hang the start, so it must answer a heartbeat in time first.
+        httpx.get(
+            f"{url.scheme}://{url.hostname}:{port}/api/v2/heartbeat", timeout=timeout
+        ).raise_for_status()
+        client = cast(
+            Client,
+            chromadb.HttpClient(host=url.hostname, port=port, ssl=ssl, settings=chroma_settings()),
         )
     except Exception as exc:
-        # The client asks the server for its tenant while being built.
         raise ServiceUnavailable("the Chroma server could not be reached") from exc
-    return cast(Client, client)
+    # chromadb builds its httpx session with no timeout and offers no setting for one
+    # (chroma-core/chroma#5805): set it on the session, and fail at start, not by hanging, if
+    # a chromadb upgrade moves it.
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):
+        client.close()
+        raise RuntimeError("this chromadb's HTTP client has no session to give a timeout")
+    session.timeout = timeout
+    return client
 
 
 _P = ParamSpec("_P")
@@ -156,12 +168,15 @@ def _reaching(
     """A Chroma server that cannot be reached is the vector store being down: the method is
     tried once more on a new connection (one the server dropped when it restarted costs a
     retry, not a failed request; every call here is idempotent), then DependencyUnavailable.
+    One that does not answer within RAGAPI_CHROMA_TIMEOUT_SECONDS is down at once.
     The embedded client makes no connections, so this never fires for it."""
 
     def reaching(self: VectorStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             try:
                 result = method(self, *args, **kwargs)
+            except httpx.TimeoutException:
+                raise  # a server too slow to answer once is no faster on a second try
             except httpx.TransportError:
                 result = method(self, *args, **kwargs)
         except httpx.TransportError as exc:

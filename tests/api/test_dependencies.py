@@ -6,6 +6,8 @@ store does, without a restart. Real servers on loopback, stopped and started on 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,49 @@ def test_a_chroma_server_that_stops_is_a_503_until_it_is_back(tmp_path: Path) ->
     assert down == (503, {**ALL_UP, "vector_store": "down"})
     assert back == (200, ALL_UP)
     assert_logged_once(running, f"vector store {url}")
+
+
+def _process_listening_on(port: int) -> int:
+    """The pid of the process whose command line names ``--port PORT``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            words = cmdline.read_bytes().split(b"\0")
+            if b"--port" in words and words[words.index(b"--port") + 1] == str(port).encode():
+                return int(cmdline.parent.name)
+    raise LookupError(port)
+
+
+def test_a_chroma_server_that_hangs_is_a_503_within_the_timeout(tmp_path: Path) -> None:
+    """A server that accepts connections but never answers (here: stopped with SIGSTOP) is down
+    once RAGAPI_CHROMA_TIMEOUT_SECONDS pass, not a request held forever; it serves again when
+    the server wakes."""
+    folder = tmp_path / "chroma"
+    folder.mkdir()
+    port = free_port()
+    with chroma_server(folder, port) as url:
+        chroma = _process_listening_on(port)
+        running = start_server(
+            tmp_path / "data",
+            chroma_url=url,
+            chroma_timeout_seconds="2",
+            log_level="info",
+            **UNLIMITED,
+        )
+        try:
+            with running.client() as http:
+                document_id = ingest_one(http)
+                os.kill(chroma, signal.SIGSTOP)
+                try:
+                    started = time.monotonic()
+                    searched = http.post(f"{API}/search", json={"query": "polishing brass lamps"})
+                    waited = time.monotonic() - started
+                finally:
+                    os.kill(chroma, signal.SIGCONT)
+                assert_served(http, document_id)
+        finally:
+            running.stop()
+    assert_unavailable(searched)
+    assert waited < 15, waited  # one timeout of 2 s, not a retry after it, not forever
 
 
 def test_redis_that_stops_is_a_503_until_it_is_back(tmp_path: Path) -> None:
