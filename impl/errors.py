@@ -77,7 +77,20 @@ class IdempotencyKeyReused(RagapiError):
 
 
 class Unauthenticated(RagapiError):
-    """No valid credentials (401)."""
+    """No valid credentials (401). ``bearer``: the operation takes a bearer credential too, so
+    the client is told it may send one (WWW-Authenticate: Bearer)."""
+
+    def __init__(self, detail: str, *, bearer: bool = False) -> None:
+        super().__init__(detail)
+        self.bearer = bearer
+
+
+class InvalidToken(Unauthenticated):
+    """A bearer token that is malformed, expired, not for this API, from another issuer or
+    not signed by the provider (401, error="invalid_token" as RFC 6750 has it)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, bearer=True)
 
 
 class Forbidden(RagapiError):
