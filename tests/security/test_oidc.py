@@ -1,0 +1,346 @@
+"""Sign-in with an OpenID Connect provider beside API keys, against a real provider on loopback:
+oidc-provider (a certified implementation, tests/security/oidc/provider.mjs), whose machine
+clients get JWT access tokens by the OAuth2 client credentials grant."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import (
+    ROOT,
+    UNLIMITED,
+    Server,
+    create_key,
+    free_port,
+    launch_server,
+    wait_until_ready,
+)
+
+PROVIDER_DIR = Path(__file__).resolve().parent / "oidc"
+AUDIENCE = "https://ragapi.test"
+API = "/api/v1"
+# ragapi's leeway in these tests, and its shortest time between two fetches of the keys.
+LEEWAY_SECONDS = 1
+MIN_REFRESH_SECONDS = 3
+
+
+@dataclass
+class Provider:
+    issuer: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Started (again): on the same port it is the same issuer, with a new signing key."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                ["node", "provider.mjs"],
+                cwd=PROVIDER_DIR,
+                env={**os.environ, "PORT": str(self.port), "AUDIENCE": AUDIENCE},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{self.issuer}/test/jwks-requests", timeout=5).raise_for_status()
+                return
+            except httpx.HTTPError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log = self.log.read_text()
+                    raise RuntimeError(f"the provider did not start:\n{log}") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def token(self, client: str, scope: str, resource: str | None = None) -> str:
+        """An access token from the token endpoint by the client credentials grant."""
+        form = {"grant_type": "client_credentials", "scope": scope}
+        if resource is not None:
+            form["resource"] = resource
+        answer = httpx.post(
+            f"{self.issuer}/token", data=form, auth=(client, f"{client}-secret"), timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["token_type"] == "Bearer"
+        return str(answer.json()["access_token"])
+
+    def jwks_requests(self) -> int:
+        return int(httpx.get(f"{self.issuer}/test/jwks-requests", timeout=10).json()["count"])
+
+
+@contextmanager
+def oidc_provider(folder: Path) -> Iterator[Provider]:
+    """A real OpenID provider on a free loopback port."""
+    if not (PROVIDER_DIR / "node_modules" / "oidc-provider").is_dir():
+        raise RuntimeError(f"run `npm ci` in {PROVIDER_DIR} (.ci/run does)")
+    port = free_port()
+    provider = Provider(f"http://127.0.0.1:{port}", port, folder / f"oidc-{port}.log")
+    provider.start()
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("oidc")
+
+
+@pytest.fixture(scope="module")
+def provider(folder: Path) -> Iterator[Provider]:
+    with oidc_provider(folder) as running:
+        yield running
+
+
+def oidc_settings(issuer: str) -> dict[str, str]:
+    return {
+        "oidc_issuer": issuer,
+        "oidc_audience": AUDIENCE,
+        "oidc_leeway_seconds": str(LEEWAY_SECONDS),
+        "oidc_jwks_min_refresh_seconds": str(MIN_REFRESH_SECONDS),
+        **UNLIMITED,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(folder: Path, provider: Provider) -> Iterator[Server]:
+    """ragapi trusting the provider."""
+    running = wait_until_ready(launch_server(folder / "data", **oidc_settings(provider.issuer)))
+    yield running
+    running.stop()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_invalid_token(response: httpx.Response, says: str) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "urn:ragapi:problem:unauthenticated"
+    assert says in response.json()["detail"]
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith('Bearer realm="ragapi", error="invalid_token"'), challenge
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def parts(token: str) -> tuple[dict[str, object], dict[str, object]]:
+    header, payload, _ = token.split(".")
+    return (
+        json.loads(base64.urlsafe_b64decode(header + "==")),
+        json.loads(base64.urlsafe_b64decode(payload + "==")),
+    )
+
+
+def forged(header: dict[str, object], payload: dict[str, object], signature: str = "") -> str:
+    head = b64url(json.dumps(header).encode())
+    body = b64url(json.dumps(payload).encode())
+    return f"{head}.{body}.{signature}"
+
+
+def test_a_client_credentials_token_acts_for_its_tenant_with_its_scopes(
+    server: Server, provider: Provider
+) -> None:
+    acme_key = create_key(server, "acme", "read", name="acme-key")
+    token = provider.token("acme-admin", "read write admin")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        # Keys of the token's tenant: the one made for acme, not the default tenant's.
+        keys = http.get(f"{API}/keys", headers=bearer(token))
+        assert keys.status_code == 200, keys.text
+        assert [k["name"] for k in keys.json()["items"]] == ["acme-key"]
+        # A document ingested with the token belongs to acme: acme's API key finds it.
+        ingested = http.post(
+            f"{API}/ingest",
+            params={"wait": "true"},
+            json={"title": "Sign-in", "text": "Machine clients sign in with client credentials."},
+            headers=bearer(token),
+        )
+        assert ingested.status_code in (200, 201), ingested.text
+        listed = http.get(f"{API}/documents", headers={"X-API-Key": acme_key})
+        assert [d["title"] for d in listed.json()["items"]] == ["Sign-in"]
+        default = http.get(f"{API}/documents", headers={"X-API-Key": server.api_key})
+        assert default.json()["items"] == []
+        # The OpenAI-compatible operations take the token where the SDKs put a key.
+        models = http.get("/v1/models", headers=bearer(token))
+        assert models.status_code == 200, models.text
+
+
+def test_a_token_without_the_scope_is_forbidden(server: Server, provider: Provider) -> None:
+    token = provider.token("acme-reader", "read")
+    with httpx.Client(base_url=server.url, timeout=60, headers=bearer(token)) as http:
+        assert http.get(f"{API}/documents").status_code == 200
+        refused = http.get(f"{API}/keys")
+    assert refused.status_code == 403, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "needs the admin scope; this token has read" in refused.json()["detail"]
+
+
+def test_an_expired_token_is_refused(server: Server, provider: Provider) -> None:
+    token = provider.token("acme-short-lived", "read")  # valid for 1 s
+    _, claims = parts(token)
+    assert claims["exp"] == claims["iat"] + 1  # type: ignore[operator]
+    time.sleep(1 + LEEWAY_SECONDS + 1.5)
+    answer = httpx.get(f"{server.url}{API}/documents", headers=bearer(token), timeout=60)
+    assert_invalid_token(answer, "expired")
+
+
+def test_a_token_for_another_audience_is_refused(server: Server, provider: Provider) -> None:
+    token = provider.token("acme-reader", "read", resource="https://another-api.test")
+    assert parts(token)[1]["aud"] == "https://another-api.test"
+    answer = httpx.get(f"{server.url}{API}/documents", headers=bearer(token), timeout=60)
+    assert_invalid_token(answer, "not meant for this API")
+
+
+def test_a_token_from_another_issuer_is_refused(
+    server: Server, provider: Provider, folder: Path
+) -> None:
+    with oidc_provider(folder) as another:
+        token = another.token("acme-admin", "read write admin")
+    fetches = provider.jwks_requests()
+    answer = httpx.get(f"{server.url}{API}/documents", headers=bearer(token), timeout=60)
+    assert_invalid_token(answer, "another issuer")
+    assert provider.jwks_requests() == fetches  # refused before any key is looked up
+
+
+def test_unsigned_and_symmetric_tokens_are_refused(server: Server, provider: Provider) -> None:
+    token = provider.token("acme-admin", "read write admin")
+    header, claims = parts(token)
+    unsigned = forged({**header, "alg": "none"}, claims)
+    answer = httpx.get(f"{server.url}{API}/documents", headers=bearer(unsigned), timeout=60)
+    assert_invalid_token(answer, "'none' are not accepted")
+    # HS256 keyed with the provider's public key, which anyone can read: the classic confusion.
+    jwks = httpx.get(f"{provider.issuer}/jwks", timeout=10).json()
+    secret = json.dumps(jwks["keys"][0]).encode()
+    unsigned_part = forged({**header, "alg": "HS256"}, claims)
+    signature = b64url(hmac.new(secret, unsigned_part.encode(), hashlib.sha256).digest())
+    answer = httpx.get(
+        f"{server.url}{API}/documents", headers=bearer(unsigned_part + signature), timeout=60
+    )
+    assert_invalid_token(answer, "'HS256' are not accepted")
+    # A real token whose claims were changed after signing.
+    tampered = token.split(".")
+    tampered[1] = b64url(json.dumps({**claims, "tenant": "default"}).encode())
+    answer = httpx.get(
+        f"{server.url}{API}/documents", headers=bearer(".".join(tampered)), timeout=60
+    )
+    assert_invalid_token(answer, "signature does not verify")
+
+
+def test_forged_key_ids_do_not_hammer_the_provider(server: Server, provider: Provider) -> None:
+    header, claims = parts(provider.token("acme-reader", "read"))
+    fetches = provider.jwks_requests()
+    started = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for _ in range(30):
+            token = forged({**header, "kid": uuid.uuid4().hex}, claims, "c2lnbmF0dXJl")
+            assert_invalid_token(http.get(f"{API}/documents", headers=bearer(token)), "key")
+    elapsed = time.monotonic() - started
+    # One fetch per interval at most, where one per forged kid would be 30.
+    assert provider.jwks_requests() - fetches <= elapsed / MIN_REFRESH_SECONDS + 1
+
+
+def test_a_rotated_signing_key_is_fetched_and_accepted(server: Server, provider: Provider) -> None:
+    before = provider.token("acme-reader", "read")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.get(f"{API}/documents", headers=bearer(before)).status_code == 200
+        provider.stop()
+        provider.start()  # the same issuer, with a new signing key under a new kid
+        after = provider.token("acme-reader", "read")
+        assert parts(after)[0]["kid"] != parts(before)[0]["kid"]
+        time.sleep(MIN_REFRESH_SECONDS)  # since ragapi's last fetch of the keys
+        answer = http.get(f"{API}/documents", headers=bearer(after))
+        assert answer.status_code == 200, answer.text
+        # The retired key is no longer the provider's: tokens it signed are refused.
+        assert_invalid_token(http.get(f"{API}/documents", headers=bearer(before)), "key")
+
+
+def test_api_keys_keep_working_beside_tokens(server: Server) -> None:
+    with server.client() as http:
+        assert http.get(f"{API}/documents").status_code == 200
+        missing = httpx.get(f"{server.url}{API}/documents", timeout=60)
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == 'Bearer realm="ragapi", ApiKey header="X-API-Key"'
+
+
+def test_the_served_contract_names_the_providers_token_endpoint(
+    server: Server, provider: Provider
+) -> None:
+    schemes = httpx.get(f"{server.url}/openapi.json", timeout=60).json()["components"][
+        "securitySchemes"
+    ]
+    token_url = schemes["OAuth2"]["flows"]["clientCredentials"]["tokenUrl"]
+    discovery = f"{provider.issuer}/.well-known/openid-configuration"
+    assert token_url == httpx.get(discovery, timeout=10).json()["token_endpoint"]
+    assert provider.issuer in token_url
+
+
+def test_a_provider_that_does_not_answer_is_a_503_not_a_500(
+    folder: Path, provider: Provider
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    header, claims = parts(provider.token("acme-reader", "read"))
+    token = forged(header, {**claims, "iss": down}, "c2lnbmF0dXJl")
+    running = wait_until_ready(launch_server(folder / "down-data", **oidc_settings(down)))
+    try:
+        answer = httpx.get(f"{running.url}{API}/documents", headers=bearer(token), timeout=60)
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["type"] == "urn:ragapi:problem:dependency-unavailable"
+        assert "identity provider" in answer.json()["detail"]
+        assert int(answer.headers["retry-after"]) > 0
+        # Keys do not depend on it.
+        with running.client() as http:
+            assert http.get(f"{API}/documents").status_code == 200
+        # Nothing of the token reached the log.
+        assert token.split(".")[1] not in running.log.read_text()
+    finally:
+        running.stop()
+
+
+def test_the_ui_signs_in_with_a_token(
+    server: Server, provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    title = f"ui-token-{uuid.uuid4().hex[:8]}"
+    ingested = httpx.post(
+        f"{server.url}{API}/ingest",
+        params={"wait": "true"},
+        json={"title": title, "text": "The UI takes an access token where it takes a key."},
+        headers=bearer(provider.token("acme-admin", "write")),
+        timeout=120,
+    )
+    assert ingested.status_code in (200, 201), ingested.text
+    monkeypatch.syspath_prepend(str(ROOT / "ui"))  # as `streamlit run ui/app.py` does
+    ui = AppTest.from_file(str(ROOT / "ui" / "app.py"), default_timeout=60)
+    ui.run()
+    ui.text_input(key="api_url").set_value(server.url)
+    ui.text_input(key="api_key").set_value(provider.token("acme-reader", "read"))
+    ui.radio(key="page").set_value("Documents")
+    ui.run()
+    assert not ui.exception and not ui.error, [e.value for e in ui.error]
+    shown = "\n".join(m.value for m in ui.markdown).replace("\\", "")
+    assert f"**{title}**" in shown
