@@ -97,6 +97,15 @@ class Forbidden(RagapiError):
     """Valid credentials without the needed scope (403)."""
 
 
+class InsufficientScope(Forbidden):
+    """A valid bearer token without the needed scope (403, error="insufficient_scope" as RFC
+    6750 has it, naming the scope)."""
+
+    def __init__(self, detail: str, scope: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+
 class RateLimited(RagapiError):
     """Too many requests (429)."""
 

@@ -152,6 +152,11 @@ def error_headers(exc: errors.RagapiError) -> dict[str, str]:
         return {"Retry-After": str(exc.retry_after_seconds)}
     if isinstance(exc, errors.Unauthenticated):
         return {"WWW-Authenticate": authenticate_challenges(exc)}
+    if isinstance(exc, errors.InsufficientScope):
+        return {
+            "WWW-Authenticate": f'Bearer realm="ragapi", error="insufficient_scope", '
+            f'scope="{exc.scope}"'
+        }
     if isinstance(exc, errors.RequestTimeout):
         return {"Connection": "close"}  # the rest of a late body is not waited for
     return {}

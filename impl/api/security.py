@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from impl.api.inputs import operation_of
-from impl.errors import Forbidden, RateLimited, Unauthenticated
+from impl.errors import Forbidden, InsufficientScope, RateLimited, Unauthenticated
 from impl.security.keys import KeyStore
 from impl.security.limits import RateLimiter
 from impl.security.oidc import OidcVerifier, looks_like_jwt
@@ -75,7 +75,9 @@ async def authenticate(request: Request, scope: str, takes_bearer: bool = False)
         identity = await run_in_threadpool(tokens.verify, token)
         if scope not in identity.scopes:
             granted = ", ".join(identity.scopes) or "none"
-            raise Forbidden(f"This operation needs the {scope} scope; this token has {granted}.")
+            raise InsufficientScope(
+                f"This operation needs the {scope} scope; this token has {granted}.", scope
+            )
         return Principal(subject_id(identity.subject), identity.tenant, {})
     # Where the operation takes a bearer key, an Authorization header is the credential
     # presented: a client that sends a wrong or malformed one is refused, whatever else it

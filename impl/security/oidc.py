@@ -73,6 +73,24 @@ def claim(claims: dict[str, Any], path: str) -> Any:
     return value
 
 
+def identity(claims: dict[str, Any], settings: Settings) -> TokenIdentity:
+    """Who a verified token's claims speak for, by the oidc_* claim settings."""
+    tenant = claim(claims, settings.oidc_tenant_claim) or settings.oidc_default_tenant
+    if not isinstance(tenant, str) or not 0 < len(tenant) <= MAX_TENANT_LENGTH:
+        raise InvalidToken(
+            f"The token names no tenant: its {settings.oidc_tenant_claim} claim must be "
+            f"a string of 1 to {MAX_TENANT_LENGTH} characters."
+        )
+    values = claim(claims, settings.oidc_scopes_claim)
+    if isinstance(values, str):
+        values = values.split()
+    if not isinstance(values, list):
+        values = []
+    mapping = settings.oidc_scope_map or {s: s for s in SCOPES}
+    granted = {mapping[v] for v in values if isinstance(v, str) and v in mapping}
+    return TokenIdentity(str(claims["sub"]), tenant, [s for s in SCOPES if s in granted])
+
+
 class OidcVerifier:
     """Verifies bearer JWTs of one issuer. Safe to share between threads; verify blocks (it
     may ask the provider), so async callers run it in a worker thread."""
@@ -139,25 +157,7 @@ class OidcVerifier:
             raise InvalidToken(f"The token lacks the {missing.claim} claim.") from None
         except jwt.PyJWTError:
             raise InvalidToken("The token's signature does not verify.") from None
-        return self._identity(claims)
-
-    def _identity(self, claims: dict[str, Any]) -> TokenIdentity:
-        settings = self._settings
-        tenant = claim(claims, settings.oidc_tenant_claim) or settings.oidc_default_tenant
-        if not isinstance(tenant, str) or not 0 < len(tenant) <= MAX_TENANT_LENGTH:
-            raise InvalidToken(
-                f"The token names no tenant: its {settings.oidc_tenant_claim} claim must be "
-                f"a string of 1 to {MAX_TENANT_LENGTH} characters."
-            )
-        values = claim(claims, settings.oidc_scopes_claim)
-        if isinstance(values, str):
-            values = values.split()
-        if not isinstance(values, list):
-            values = []
-        mapping = settings.oidc_scope_map or {s: s for s in SCOPES}
-        granted = {mapping[v] for v in values if isinstance(v, str) and v in mapping}
-        scopes = [s for s in SCOPES if s in granted]
-        return TokenIdentity(str(claims["sub"]), tenant, scopes)
+        return identity(claims, self._settings)
 
     def _signing_key(self, kid: str, alg: str) -> jwt.PyJWK:
         keys = self._keys

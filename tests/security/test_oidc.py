@@ -19,8 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from streamlit.testing.v1 import AppTest
 
+from impl.errors import InvalidToken
+from impl.security.oidc import identity
+from impl.settings import Settings
 from tests.conftest import (
     ROOT,
     UNLIMITED,
@@ -198,6 +202,8 @@ def test_a_token_without_the_scope_is_forbidden(server: Server, provider: Provid
     assert refused.status_code == 403, refused.text
     assert refused.headers["content-type"] == "application/problem+json"
     assert "needs the admin scope; this token has read" in refused.json()["detail"]
+    challenge = refused.headers["www-authenticate"]
+    assert challenge == 'Bearer realm="ragapi", error="insufficient_scope", scope="admin"'
 
 
 def test_an_expired_token_is_refused(server: Server, provider: Provider) -> None:
@@ -344,3 +350,46 @@ def test_the_ui_signs_in_with_a_token(
     assert not ui.exception and not ui.error, [e.value for e in ui.error]
     shown = "\n".join(m.value for m in ui.markdown).replace("\\", "")
     assert f"**{title}**" in shown
+
+
+def mapped(claims: dict[str, object], **settings: object) -> tuple[str, list[str]]:
+    """The tenant and scopes a verified token with these claims gets under these settings."""
+    configured = Settings(oidc_issuer="https://sso.test", oidc_audience=AUDIENCE, **settings)
+    found = identity({"sub": "client-1", **claims}, configured)
+    return found.tenant, list(found.scopes)
+
+
+def test_claims_map_to_tenant_and_scopes_as_the_settings_say() -> None:
+    # OAuth2's scope string; values that are not ragapi's scopes are ignored.
+    assert mapped({"tenant": "acme", "scope": "openid read admin"}) == ("acme", ["read", "admin"])
+    # Keycloak's roles in a nested list, named by a dotted path, through a map.
+    keycloak = {"org": {"id": "acme"}, "realm_access": {"roles": ["ragapi-write", "offline"]}}
+    assert mapped(
+        keycloak,
+        oidc_tenant_claim="org.id",
+        oidc_scopes_claim="realm_access.roles",
+        oidc_scope_map={"ragapi-write": "write"},
+    ) == ("acme", ["write"])
+    # With a map, only its values count: a bare "admin" is nothing.
+    assert mapped(
+        {"tenant": "acme", "scope": "admin read:docs"}, oidc_scope_map={"read:docs": "read"}
+    ) == ("acme", ["read"])
+    # Auth0's namespaced claim, dots and all; a token without scopes has none.
+    assert mapped(
+        {"https://ragapi.test/tenant": "acme"}, oidc_tenant_claim="https://ragapi.test/tenant"
+    ) == ("acme", [])
+    assert mapped({"scope": "read"}, oidc_default_tenant="shared") == ("shared", ["read"])
+
+
+def test_a_token_without_a_usable_tenant_is_refused() -> None:
+    for claims in ({"scope": "read"}, {"tenant": ""}, {"tenant": 7}, {"tenant": "x" * 65}):
+        with pytest.raises(InvalidToken, match="names no tenant"):
+            mapped(claims)
+
+
+def test_settings_refuse_algorithms_without_a_public_key() -> None:
+    for algorithms in (["none"], ["HS256"], ["RS256", "HS512"], []):
+        with pytest.raises(ValidationError, match="oidc_algorithms"):
+            Settings(oidc_algorithms=algorithms)
+    with pytest.raises(ValidationError, match="oidc_audience is required"):
+        Settings(oidc_issuer="https://sso.test")
