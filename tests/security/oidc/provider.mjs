@@ -71,6 +71,8 @@ const provider = new Provider(issuer, {
     },
   },
   extraTokenClaims: (ctx) => ({ tenant: ctx.oidc.client.tenant }),
+  // Swagger UI's Authorize dialog, on ragapi's origin, asks the token endpoint from the browser.
+  clientBasedCORS: () => true,
   ttl: {
     ClientCredentials: (ctx, token, client) => (client.clientId === 'acme-short-lived' ? 1 : 600),
   },
