@@ -130,6 +130,27 @@ def test_a_token_without_the_scope_is_forbidden(server: Server, provider: Provid
     assert challenge == 'Bearer realm="ragapi", error="insufficient_scope", scope="admin"'
 
 
+def remaining(response: httpx.Response) -> int:
+    """What is left of the budget the request counted against (the RateLimit header's r)."""
+    assert response.status_code == 200, response.text
+    return int(response.headers["ratelimit"].split(";r=")[1].split(";")[0])
+
+
+def test_a_tokens_budget_is_its_subjects_as_a_keys_is_its_own(
+    server: Server, provider: Provider
+) -> None:
+    first, second = provider.token("acme-reader", "read"), provider.token("acme-reader", "read")
+    key = create_key(server, "acme", "read", name="budget")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        before = remaining(http.get(f"{API}/documents", headers=bearer(first)))
+        # Another token of the same client is the same subject: the same budget, one less.
+        assert remaining(http.get(f"{API}/documents", headers=bearer(second))) == before - 1
+        # A new key of the same tenant has a budget of its own, whole (shared, it would have
+        # before - 2 left).
+        with_key = remaining(http.get(f"{API}/documents", headers={"X-API-Key": key}))
+        assert with_key >= before
+
+
 def test_an_expired_token_is_refused(server: Server, provider: Provider) -> None:
     token = provider.token("acme-short-lived", "read")  # valid for 1 s
     _, claims = parts(token)
