@@ -25,7 +25,7 @@ import jwt
 from impl.dependencies import Dependency
 from impl.errors import DependencyUnavailable, InvalidToken
 from impl.security.keys import SCOPES, Scope
-from impl.settings import Settings
+from impl.settings import PUBLIC_KEY_ALGORITHMS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 JWT_SHAPE = re.compile(r"^eyJ[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$")
 MAX_DOCUMENT_BYTES = 1 << 20  # a discovery document or key set is a few kilobytes
 MAX_TENANT_LENGTH = 64  # the registry's tenant columns
+KNOWN_ALGORITHMS = ("none", "HS256", "HS384", "HS512", *PUBLIC_KEY_ALGORITHMS)
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -124,11 +125,12 @@ class OidcVerifier:
         except jwt.PyJWTError:
             raise InvalidToken("The bearer token is not a well-formed JWT.") from None
         alg = header.get("alg")
-        if alg not in self._settings.oidc_algorithms:
-            # none and HS* never are (settings refuse them).
+        accepted = self._settings.oidc_algorithms  # never none nor HS* (settings refuse them)
+        if alg not in accepted:
+            # Only a name ragapi knows is repeated back, never whatever a header holds.
+            named = f"the {alg!r} algorithm" if alg in KNOWN_ALGORITHMS else "this algorithm"
             raise InvalidToken(
-                f"Tokens signed with {alg!r} are not accepted; accepted: "
-                f"{', '.join(self._settings.oidc_algorithms)}."
+                f"Tokens signed with {named} are not accepted; accepted: {', '.join(accepted)}."
             )
         # Checked before any key is looked up, so another issuer's tokens cost no fetch.
         if unverified.get("iss") != self._issuer:

@@ -183,7 +183,7 @@ def test_unsigned_and_symmetric_tokens_are_refused(server: Server, provider: Pro
     header, claims = parts(token)
     unsigned = forged({**header, "alg": "none"}, claims)
     answer = httpx.get(f"{server.url}{API}/documents", headers=bearer(unsigned), timeout=60)
-    assert_invalid_token(answer, "'none' are not accepted")
+    assert_invalid_token(answer, "the 'none' algorithm are not accepted")
     # HS256 keyed with the provider's public key, which anyone can read: the classic confusion.
     jwks = httpx.get(f"{provider.issuer}/jwks", timeout=10).json()
     secret = json.dumps(jwks["keys"][0]).encode()
@@ -192,7 +192,7 @@ def test_unsigned_and_symmetric_tokens_are_refused(server: Server, provider: Pro
     answer = httpx.get(
         f"{server.url}{API}/documents", headers=bearer(unsigned_part + signature), timeout=60
     )
-    assert_invalid_token(answer, "'HS256' are not accepted")
+    assert_invalid_token(answer, "the 'HS256' algorithm are not accepted")
     # A real token whose claims were changed after signing.
     tampered = token.split(".")
     tampered[1] = b64url(json.dumps({**claims, "tenant": "default"}).encode())
