@@ -77,11 +77,33 @@ class IdempotencyKeyReused(RagapiError):
 
 
 class Unauthenticated(RagapiError):
-    """No valid credentials (401)."""
+    """No valid credentials (401). ``bearer``: the operation takes a bearer credential too, so
+    the client is told it may send one (WWW-Authenticate: Bearer)."""
+
+    def __init__(self, detail: str, *, bearer: bool = False) -> None:
+        super().__init__(detail)
+        self.bearer = bearer
+
+
+class InvalidToken(Unauthenticated):
+    """A bearer token that is malformed, expired, not for this API, from another issuer or
+    not signed by the provider (401, error="invalid_token" as RFC 6750 has it)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, bearer=True)
 
 
 class Forbidden(RagapiError):
     """Valid credentials without the needed scope (403)."""
+
+
+class InsufficientScope(Forbidden):
+    """A valid bearer token without the needed scope (403, error="insufficient_scope" as RFC
+    6750 has it, naming the scope)."""
+
+    def __init__(self, detail: str, scope: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
 
 
 class RateLimited(RagapiError):

@@ -6,10 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# Algorithms verified with the provider's public keys; a shared-secret one (HS*) would let
+# anyone holding the public key sign tokens.
+PUBLIC_KEY_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
 
 
 class Settings(BaseSettings):
@@ -66,6 +80,69 @@ class Settings(BaseSettings):
         "exceed the server's, as a factor of its rate; 1: a key's budget may only be lower, "
         "so no tenant can crowd out the others.",
     )
+
+    # Sign-in with an OpenID Connect provider (bearer JWTs), beside the API keys
+    oidc_issuer: str = Field(
+        "",
+        description="Issuer URL of the OpenID Connect provider whose access tokens (JWTs, "
+        "sent as Authorization: Bearer) are accepted beside API keys, exactly as the tokens' "
+        "iss claim spells it, e.g. https://sso.example.com/realms/acme; empty: keys only.",
+    )
+    oidc_audience: str = Field(
+        "",
+        description="The aud a token must name to be accepted here (this API's identifier "
+        "at the provider); required with oidc_issuer.",
+    )
+    oidc_algorithms: list[str] = Field(
+        ["RS256", "PS256", "ES256", "EdDSA"],
+        description="Signature algorithms accepted, as a JSON list; only public-key ones "
+        f"({', '.join(PUBLIC_KEY_ALGORITHMS)}): never none, never HS256.",
+    )
+    oidc_leeway_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=300,
+        description="Clock difference allowed with the provider when checking exp and nbf.",
+    )
+    oidc_tenant_claim: str = Field(
+        "tenant",
+        description="The claim holding a token's tenant: the claim of that name, else dots "
+        'reach into objects (org.id reads {"org": {"id": ...}}).',
+    )
+    oidc_default_tenant: str = Field(
+        "",
+        description="Tenant of a token without the tenant claim; empty: such a token is "
+        "refused (401).",
+    )
+    oidc_scopes_claim: str = Field(
+        "scope",
+        description="The claim holding a token's scopes: a space-separated string (OAuth2's "
+        "scope) or a list of strings (for example realm_access.roles); dots as above.",
+    )
+    oidc_scope_map: dict[str, str] = Field(
+        {},
+        description="Scope claim values to ragapi scopes (read, write, admin), as a JSON "
+        'object such as {"ragapi:read": "read"}; empty: the values read, write and admin '
+        "count as themselves and others are ignored.",
+    )
+    oidc_jwks_min_refresh_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="Shortest time between two fetches of the provider's keys: a token "
+        "naming an unknown key (kid) makes a fetch only this often, so a flood of forged "
+        "tokens cannot hammer the provider.",
+    )
+    oidc_jwks_cache_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="How long the provider's keys are used before they are fetched again "
+        "(a key the provider withdrew stops working within this time; while the provider is "
+        "down, the keys in hand keep working).",
+    )
+    oidc_http_timeout_seconds: float = Field(
+        5.0, gt=0, description="Timeout of each request to the provider (discovery, keys)."
+    )
+
     header_timeout_seconds: float = Field(
         10.0,
         gt=0,
@@ -312,6 +389,31 @@ class Settings(BaseSettings):
         description="Most tokens of earlier questions and answers a rewrite reads (embedding "
         "tokenizer); older turns past it are dropped first.",
     )
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def public_key_algorithms_only(cls, algorithms: list[str]) -> list[str]:
+        refused = [a for a in algorithms if a not in PUBLIC_KEY_ALGORITHMS]
+        if refused or not algorithms:
+            raise ValueError(
+                f"accepted: some of {', '.join(PUBLIC_KEY_ALGORITHMS)}; "
+                f"refused: {', '.join(refused) or 'an empty list'}"
+            )
+        return algorithms
+
+    @field_validator("oidc_scope_map")
+    @classmethod
+    def known_scopes(cls, mapping: dict[str, str]) -> dict[str, str]:
+        unknown = sorted({v for v in mapping.values() if v not in ("read", "write", "admin")})
+        if unknown:
+            raise ValueError(f"ragapi's scopes are read, write and admin, not {', '.join(unknown)}")
+        return mapping
+
+    @model_validator(mode="after")
+    def audience_with_issuer(self) -> Settings:
+        if self.oidc_issuer and not self.oidc_audience:
+            raise ValueError("oidc_audience is required with oidc_issuer")
+        return self
 
     @property
     def resolved_registry_url(self) -> str:

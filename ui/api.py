@@ -73,8 +73,20 @@ class ApiError(Exception):
         return cls("Cannot reach the API", f"{url}: {str(error) or type(error).__name__}")
 
 
-def connect(url: str, key: str) -> Client:
-    """A client of the API at `url`, sending `key` as X-API-Key when there is one."""
+def credential_headers(credential: str) -> dict[str, str]:
+    """An access token from the server's identity provider (a JWT: eyJ..., three parts joined
+    by dots) goes as Authorization: Bearer; anything else is an API key, sent as X-API-Key."""
+    credential = credential.strip()
+    if not credential:
+        return {}
+    if credential.startswith("eyJ") and credential.count(".") == 2:
+        return {"Authorization": f"Bearer {credential}"}
+    return {"X-API-Key": credential}
+
+
+def connect(url: str, credential: str) -> Client:
+    """A client of the API at `url`, signed in with an API key or an access token when there
+    is one."""
     base = url.strip().rstrip("/")
     try:
         scheme = httpx.URL(base).scheme
@@ -82,8 +94,7 @@ def connect(url: str, key: str) -> Client:
         raise ApiError("Not a URL", f"{base}: {error}") from None
     if scheme not in ("http", "https"):
         raise ApiError("Not an API URL", f"{base or 'Nothing'} is not like http://host:port.")
-    headers = {"X-API-Key": key} if key else {}
-    return Client(base_url=base, headers=headers, timeout=TIMEOUT)
+    return Client(base_url=base, headers=credential_headers(credential), timeout=TIMEOUT)
 
 
 def result(response: Response[T | Problem]) -> T:

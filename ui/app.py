@@ -168,11 +168,12 @@ def sidebar() -> tuple[str, str]:
         st.title("ragapi")
         url = st.text_input("API URL", value=DEFAULT_API_URL, key="api_url")
         key = st.text_input(
-            "API key",
+            "API key or access token",
             type="password",
             key="api_key",
-            help="The server prints an admin key on its first start; `ragapi keys create` "
-            "or POST /api/v1/keys make more.",
+            help="An API key: the server prints an admin key on its first start; `ragapi keys "
+            "create` or POST /api/v1/keys make more. Or an access token (a JWT) from the "
+            "identity provider the server trusts (RAGAPI_OIDC_ISSUER).",
         )
         st.radio("Page", PAGES, key="page")
     return url, key

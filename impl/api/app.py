@@ -29,6 +29,7 @@ from impl.rag.rewriting import QuestionRewriting
 from impl.rag.service import RagService
 from impl.security.keys import KeyStore, SqlKeyStore
 from impl.security.limits import RateLimiter
+from impl.security.oidc import OidcVerifier
 from impl.settings import Settings
 
 log = logging.getLogger("ragapi.app")
@@ -39,6 +40,7 @@ class State(TypedDict):
     service: RagService
     metrics: Metrics
     keys: KeyStore
+    tokens: OidcVerifier | None  # None: no identity provider configured (keys only)
     limiter: RateLimiter
     readiness: Readiness
     conversations: Conversations
@@ -51,6 +53,7 @@ def create_app(
     settings = settings or Settings()
     configure_logging(settings.log_level)
     metrics = Metrics()
+    tokens = OidcVerifier(settings) if settings.oidc_issuer else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[State]:
@@ -72,6 +75,7 @@ def create_app(
                 "service": service,
                 "metrics": metrics,
                 "keys": keys,
+                "tokens": tokens,
                 "limiter": limiter,
                 "readiness": Readiness({**service.probes(), **limiter.probes()}),
                 "conversations": conversations,
@@ -92,7 +96,7 @@ def create_app(
         redirect_slashes=False,
     )
     add_routes(app, handlers)
-    mount_docs(app)
+    mount_docs(app, tokens)
     app.add_exception_handler(RagapiError, problems.handle_ragapi_error)
     app.add_exception_handler(HTTPException, problems.handle_http_exception)
     # Inputs are parsed by impl.api.inputs, so this only fires if a handler grows a parameter

@@ -1,5 +1,7 @@
 """The contract served as written, and the docs rendered from it with locally served assets
-(the docs must work on a machine with no internet)."""
+(the docs must work on a machine with no internet). Where an OpenID Connect provider is
+configured, its token endpoint replaces the contract's placeholder, so Swagger UI's Authorize
+dialog gets tokens from it."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import yaml
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, Response
+
+from impl.security.oidc import OidcVerifier
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "openapi" / "v1.yaml"
 # fastapi-offline exists to ship the Swagger UI and ReDoc bundles inside its wheel.
@@ -22,6 +27,8 @@ REDOC_JS_URL = "/docs/redoc.standalone.js"
 # place, so no docs page requests an outside address.
 REDOCLY_LOGO_URL = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 EMPTY_SVG = b"data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E"
+# The contract's placeholder for the identity provider's token endpoint (its OAuth2 scheme).
+PLACEHOLDER_TOKEN_URL = b"https://idp.example.com/oauth/token"
 
 
 def offline_redoc_bundle() -> bytes:
@@ -31,17 +38,36 @@ def offline_redoc_bundle() -> bytes:
     return bundle.replace(REDOCLY_LOGO_URL, EMPTY_SVG)
 
 
-def mount_docs(app: FastAPI) -> None:
-    spec_yaml = SPEC_PATH.read_bytes()
-    spec_json = json.dumps(yaml.safe_load(spec_yaml)).encode()
+def mount_docs(app: FastAPI, tokens: OidcVerifier | None) -> None:
+    written_yaml = SPEC_PATH.read_bytes()
+    # (yaml, json) once final: as written, or with the provider's token endpoint.
+    served: list[tuple[bytes, bytes]] = []
     redoc_js = offline_redoc_bundle()
     title = "ragapi API"
 
+    async def spec() -> tuple[bytes, bytes]:
+        """The contract, with the provider's token endpoint where one is configured; until its
+        discovery document has been read the token URL stays the placeholder, and the next
+        request tries again."""
+        if served:
+            return served[0]
+        spec_yaml, final = written_yaml, True
+        if tokens is not None:
+            token_url = await run_in_threadpool(tokens.token_endpoint)
+            if token_url is None:
+                final = False
+            else:
+                spec_yaml = spec_yaml.replace(PLACEHOLDER_TOKEN_URL, token_url.encode())
+        both = (spec_yaml, json.dumps(yaml.safe_load(spec_yaml)).encode())
+        if final:
+            served.append(both)
+        return both
+
     async def openapi_json() -> Response:
-        return Response(spec_json, media_type="application/json")
+        return Response((await spec())[1], media_type="application/json")
 
     async def openapi_yaml() -> Response:
-        return Response(spec_yaml, media_type="application/yaml")
+        return Response((await spec())[0], media_type="application/yaml")
 
     async def redoc_bundle() -> Response:
         return Response(redoc_js, media_type="text/javascript")

@@ -144,20 +144,33 @@ def response_for_error(exc: errors.RagapiError, rid: str, path: str) -> Response
         log.error("unmapped error", exc_info=exc, extra={"request_id": rid})
         detail = "The server failed to handle this request; it has been logged with its id."
         return openai_error_response(500, "internal-error", detail, None, {})
-    headers = error_headers(exc)
-    if isinstance(exc, errors.Unauthenticated):
-        headers["WWW-Authenticate"] = 'Bearer, ApiKey header="X-API-Key"'
-    return openai_error_response(status, slug, exc.detail, exc, headers)
+    return openai_error_response(status, slug, exc.detail, exc, error_headers(exc))
 
 
 def error_headers(exc: errors.RagapiError) -> dict[str, str]:
     if isinstance(exc, errors.RateLimited | errors.DependencyUnavailable):
         return {"Retry-After": str(exc.retry_after_seconds)}
     if isinstance(exc, errors.Unauthenticated):
-        return {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+        return {"WWW-Authenticate": authenticate_challenges(exc)}
+    if isinstance(exc, errors.InsufficientScope):
+        return {
+            "WWW-Authenticate": f'Bearer realm="ragapi", error="insufficient_scope", '
+            f'scope="{exc.scope}"'
+        }
     if isinstance(exc, errors.RequestTimeout):
         return {"Connection": "close"}  # the rest of a late body is not waited for
     return {}
+
+
+def authenticate_challenges(exc: errors.Unauthenticated) -> str:
+    """The schemes a client may authenticate with (RFC 9110, 11.6.1): a refused bearer token
+    says why in RFC 6750's terms; the error's detail says the rest."""
+    challenges = []
+    if isinstance(exc, errors.InvalidToken):
+        challenges.append('Bearer realm="ragapi", error="invalid_token"')
+    elif exc.bearer:
+        challenges.append('Bearer realm="ragapi"')
+    return ", ".join([*challenges, 'ApiKey header="X-API-Key"'])
 
 
 def problem_for_error(exc: errors.RagapiError, rid: str) -> Response:

@@ -3,15 +3,17 @@ declared scope and budget (x-ragapi-scope, x-ragapi-rate-limit in the contract).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from impl.api.inputs import operation_of
-from impl.errors import Forbidden, RateLimited, Unauthenticated
+from impl.errors import Forbidden, InsufficientScope, RateLimited, Unauthenticated
 from impl.security.keys import KeyStore
 from impl.security.limits import RateLimiter
+from impl.security.oidc import OidcVerifier, looks_like_jwt
 from impl.settings import Settings
 
 DEFAULT_TENANT = "default"
@@ -22,7 +24,8 @@ BEARER_API_KEY = "BearerApiKey"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts for. key_id is None when auth is switched off."""
+    """Who a request acts for: key_id names the API key, or the token's subject
+    (subject_id); None when auth is switched off."""
 
     key_id: str | None
     tenant: str
@@ -66,25 +69,49 @@ def bearer_token(request: Request) -> str:
 
 
 async def authenticate(request: Request, scope: str, takes_bearer: bool = False) -> Principal:
-    # Where the operation takes a bearer credential, an Authorization header is the credential
+    tokens: OidcVerifier | None = request.state.tokens
+    token = bearer_token(request)
+    if tokens is not None and looks_like_jwt(token):
+        identity = await run_in_threadpool(tokens.verify, token)
+        if scope not in identity.scopes:
+            granted = ", ".join(identity.scopes) or "none"
+            raise InsufficientScope(
+                f"This operation needs the {scope} scope; this token has {granted}.", scope
+            )
+        return Principal(subject_id(identity.subject), identity.tenant, {})
+    # Where the operation takes a bearer key, an Authorization header is the credential
     # presented: a client that sends a wrong or malformed one is refused, whatever else it
     # sends. Whitespace around a field value is not part of it (RFC 9110, 5.5); the HTTP parser
     # drops the leading side only, so both sides are dropped here.
+    bearer = takes_bearer or tokens is not None
     if takes_bearer and "authorization" in request.headers:
-        presented = bearer_token(request)
+        presented = token
         if not presented:
-            raise Unauthenticated("Send the API key as Authorization: Bearer <key>.")
+            raise Unauthenticated("Send the API key as Authorization: Bearer <key>.", bearer=bearer)
     else:
         presented = request.headers.get("x-api-key", "").strip(" \t")
     if not presented:
         where = "as Authorization: Bearer <key> or " if takes_bearer else ""
-        raise Unauthenticated(f"Send an API key {where}in the X-API-Key header.")
+        token_too = " or an access token as Authorization: Bearer <token>" if tokens else ""
+        raise Unauthenticated(
+            f"Send an API key {where}in the X-API-Key header{token_too}.", bearer=bearer
+        )
     keys: KeyStore = request.state.keys
     key = keys.recall(presented) or await run_in_threadpool(keys.verify, presented)
     if key is None:
-        raise Unauthenticated("The API key is not valid or has been revoked.")
+        raise Unauthenticated("The API key is not valid or has been revoked.", bearer=bearer)
     if scope not in key.scopes:
         raise Forbidden(
             f"This operation needs the {scope} scope; this key has {', '.join(key.scopes)}."
         )
     return Principal(key.id, key.tenant, key.rate_limits)
+
+
+def subject_id(subject: str) -> str:
+    """What a token's subject is called where a key's id would be (the access log, rate-limit
+    counters, the owner of conversations): sub:<sub>, or its digest where it is too long for
+    the registry's 64 characters. A key's id (key_...) is never one of these."""
+    named = f"sub:{subject}"
+    if len(named) <= 64:
+        return named
+    return f"sub:sha256:{hashlib.sha256(subject.encode()).hexdigest()[:53]}"
