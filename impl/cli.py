@@ -227,13 +227,14 @@ def originals(args: argparse.Namespace) -> int:
 
 def bootstrap_admin_key(settings: Settings) -> None:
     """On a first start there are no keys, so nobody could use the server: make an admin key
-    and show it once. Done here, before the workers start, so several workers make one key."""
+    and show it once. Done here, before the workers start, so several workers make one key;
+    of servers starting at once on one empty database, one makes it."""
     from impl.security.keys import SCOPES, SqlKeyStore
 
     keys = SqlKeyStore(settings)
     try:
-        if keys.count() == 0:
-            created = keys.create(TENANT, "bootstrap admin", list(SCOPES))
+        created = keys.create_first(TENANT, "bootstrap admin", list(SCOPES))
+        if created is not None:
             print(
                 f"ragapi: no API key existed, so an admin key for tenant {TENANT!r} was made.\n"
                 f"ragapi: it is shown this once; keep it:\n"

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from sqlalchemy import create_engine, text
 from impl.db import SCHEMA_HEAD, Base, alembic_config, open_database
 from impl.errors import ConfigurationError
 from impl.rag.registry import Registry
-from impl.security.keys import SqlKeyStore
+from impl.security.keys import CreatedKey, SqlKeyStore
 from impl.settings import Settings
 from tests.conftest import ROOT, Postgres
 
@@ -264,3 +266,29 @@ def test_the_registry_and_the_keys_share_one_engine(tmp_path: Path) -> None:
     reopened = open_database(url)
     assert reopened is not registry._db
     reopened.close()
+
+
+def test_servers_starting_at_once_on_an_empty_database_make_one_admin_key(
+    registry_url: str,
+) -> None:
+    """Eight first starts at once (threads here, machines in production): one admin key is
+    made and shown, not one per server."""
+    settings = settings_for(registry_url, registry_auto_upgrade=True)
+    SqlKeyStore(settings).close()  # the schema, as the first server's start makes it
+    stores = [SqlKeyStore(settings) for _ in range(8)]
+    start = threading.Barrier(len(stores))
+
+    def first_start(store: SqlKeyStore) -> CreatedKey | None:
+        store.list("default", limit=1, cursor=None)  # connected, as a started server is
+        start.wait()
+        return store.create_first("default", "bootstrap admin", ["admin"])
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            created = [key for key in pool.map(first_start, stores) if key is not None]
+        listed, _ = stores[0].list("default", limit=100, cursor=None)
+    finally:
+        for store in stores:
+            store.close()
+    assert len(created) == 1
+    assert [key.id for key in listed] == [created[0].key.id]

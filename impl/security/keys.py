@@ -124,12 +124,45 @@ class VerifiedKeys:
                 del self._keys[secret_sha256]
 
 
+# Held while the first key is made (pg_advisory_xact_lock), so that one process makes it.
+_FIRST_KEY_LOCK = 0x6B657973  # "keys"
+
+
+def _new_key(
+    tenant: str, name: str, scopes: list[Scope], rate_limits: dict[str, str] | None
+) -> tuple[KeyRow, str]:
+    """A new key's row and its secret, which only the row's hash keeps."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if not scopes or unknown:
+        raise InvalidInput(f"Scopes must be some of {', '.join(SCOPES)}.")
+    # Hex, so the prefix holds no "_" and the first "_" after it ends it.
+    prefix = f"{KEY_PREFIX}{secrets.token_hex(5)}"
+    secret = f"{prefix}_{secrets.token_urlsafe(32)}"
+    row = KeyRow(
+        id=f"key_{uuid.uuid4().hex}",
+        prefix=prefix,
+        secret_sha256=digest(secret),
+        name=name,
+        tenant=tenant,
+        scopes=sorted(set(scopes), key=SCOPES.index),
+        rate_limits=dict(rate_limits or {}),
+        created_at=datetime.now(UTC),
+        revoked_at=None,
+    )
+    return row, secret
+
+
 class KeyStore(Protocol):
     """What the web layer and the CLI need of the keys."""
 
     def create(
         self, tenant: str, name: str, scopes: list[Scope], rate_limits: dict[str, str] | None = None
     ) -> CreatedKey: ...
+
+    def create_first(self, tenant: str, name: str, scopes: list[Scope]) -> CreatedKey | None:
+        """A key made only if the store holds none, else None; exactly one of concurrent
+        callers makes it."""
+        ...
 
     def recall(self, presented: str) -> ApiKey | None:
         """The key this secret was verified as within the last key_cache_seconds, without
@@ -143,8 +176,6 @@ class KeyStore(Protocol):
     def list(
         self, tenant: str, *, limit: int, cursor: str | None
     ) -> tuple[list[ApiKey], str | None]: ...
-
-    def count(self) -> int: ...
 
     def revoke(self, tenant: str, key_id: str) -> None: ...
 
@@ -169,24 +200,23 @@ class SqlKeyStore:
     def create(
         self, tenant: str, name: str, scopes: list[Scope], rate_limits: dict[str, str] | None = None
     ) -> CreatedKey:
-        unknown = sorted(set(scopes) - set(SCOPES))
-        if not scopes or unknown:
-            raise InvalidInput(f"Scopes must be some of {', '.join(SCOPES)}.")
-        # Hex, so the prefix holds no "_" and the first "_" after it ends it.
-        prefix = f"{KEY_PREFIX}{secrets.token_hex(5)}"
-        secret = f"{prefix}_{secrets.token_urlsafe(32)}"
-        row = KeyRow(
-            id=f"key_{uuid.uuid4().hex}",
-            prefix=prefix,
-            secret_sha256=digest(secret),
-            name=name,
-            tenant=tenant,
-            scopes=sorted(set(scopes), key=SCOPES.index),
-            rate_limits=dict(rate_limits or {}),
-            created_at=datetime.now(UTC),
-            revoked_at=None,
-        )
+        row, secret = _new_key(tenant, name, scopes, rate_limits)
         with self._db.write() as session:
+            session.add(row)
+            session.flush()
+            return CreatedKey(to_key(row), secret)
+
+    def create_first(self, tenant: str, name: str, scopes: list[Scope]) -> CreatedKey | None:
+        """A key made only if the store holds none, else None: of processes starting at once
+        on an empty database (several machines, say), exactly one makes it. The check and the
+        insert are one transaction that holds the database's write lock on SQLite (BEGIN
+        IMMEDIATE) and a transaction-scoped advisory lock on PostgreSQL."""
+        row, secret = _new_key(tenant, name, scopes, None)
+        with self._db.write() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(select(func.pg_advisory_xact_lock(_FIRST_KEY_LOCK)))
+            if session.scalar(select(func.count()).select_from(KeyRow)):
+                return None
             session.add(row)
             session.flush()
             return CreatedKey(to_key(row), secret)
@@ -229,10 +259,6 @@ class SqlKeyStore:
         keys = [to_key(r) for r in rows[:limit]]
         more = len(rows) > limit
         return keys, cursor_after(rows[limit - 1]) if more else None
-
-    def count(self) -> int:
-        with self._db.read() as session:
-            return session.scalar(select(func.count()).select_from(KeyRow)) or 0
 
     def revoke(self, tenant: str, key_id: str) -> None:
         """Revokes the key; a key already revoked stays as it was (revoking is idempotent, as
