@@ -295,8 +295,8 @@ class RagService:
             if self._closed:
                 return
             self._closed = True
-        self._workers.stop(self._settings.worker_stop_seconds)
         self._mover.stop(self._settings.worker_stop_seconds)
+        self._workers.stop(self._settings.worker_stop_seconds)
         self._lexical_threads.shutdown(wait=True)
         self._stores.close()
 

@@ -648,6 +648,42 @@ def test_a_model_change_keeps_answering_until_the_reindex_moves_the_index(
         back.close()
 
 
+def test_a_move_stopped_midway_answers_from_the_old_index_and_resumes_at_the_next_start(
+    service: RagService, data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    texts = [f"Tide table {i}: high water at the pier comes {i} minutes late." for i in range(20)]
+    ingest(service, TENANT, [text_item(text) for text in texts])
+    service.close()
+    settings = make_settings(data_dir)
+    other = RagService(settings, _OtherModel(embeddings))
+    other.start()
+    index = other.reindex_tenant(TENANT)  # the move runs in the background
+    assert index.job is None and index.move is not None
+    other.close()  # stops it at its next document, as a shutdown does
+    # The old index is whole; the new collection holds at most part of the chunks.
+    held = dict(_tenant_collections(data_dir, TENANT).values())
+    assert held[embeddings.model_id] == 20
+    assert held.get("another-model", 0) < 20
+    restarted = RagService(settings, _OtherModel(embeddings))
+    try:
+        before = restarted.tenant_index(TENANT)
+        assert before.current.model_id == embeddings.model_id, "stopped before the switch"
+        assert before.move is not None and before.move.target.model_id == "another-model"
+        [hit] = restarted.search(TENANT, "high water at the pier, 7 minutes", top_k=1)
+        assert "Tide table" in hit.chunk.text  # answered from the old index
+        restarted.start()  # resumes the move
+        deadline = time.monotonic() + 120
+        while restarted.tenant_index(TENANT).move is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert restarted.tenant_index(TENANT).current.model_id == "another-model"
+        assert list(_tenant_collections(data_dir, TENANT).values()) == [("another-model", 20)]
+        [hit] = restarted.search(TENANT, "high water at the pier, 7 minutes", top_k=1)
+        assert "Tide table" in hit.chunk.text
+    finally:
+        restarted.close()
+
+
 def test_inconsistent_chunk_settings_stop_start_up(
     data_dir: Path, embeddings: EmbeddingModel
 ) -> None:
