@@ -7,9 +7,10 @@ makes the new space current. Only then is the old collection dropped. Writers me
 with the configured model into the new collection already (store.py), so the move only copies
 what was there before it began.
 
-A move is recorded in the registry when it begins, so a crash leaves it to resume: chunks the
-new collection holds already are not embedded again (looked up by id), and until the switch
-the old space answers. A document deleted or replaced while it is being copied loses what was
+A move is recorded in the registry when it begins and forgotten after its last step, so a
+crash leaves it to resume: chunks the new collection holds already are not embedded again
+(looked up by id), until the switch the old space answers, and after it the old collection is
+dropped. A document deleted or replaced while it is being copied loses what was
 copied of it (checked after the copy, as ingestion checks after its writes).
 """
 
@@ -105,6 +106,19 @@ class SpaceMover:
         if not move.target.same_model(self._model):
             raise ValueError(f"this process embeds with {self._model.describe()}")
         tenant = move.tenant
+        if not self._spaces.current_space(tenant).same_model(move.target):
+            if not self._fill(move, progress):
+                return False
+            self._spaces.switch_space(tenant, move.target)
+        # Also where a crash came between the switch and here.
+        self._vectors.drop_other_spaces(tenant, move.target)
+        self._spaces.finish_move(tenant)
+        logger.info("tenant index moved to %s", move.target.describe())
+        return True
+
+    def _fill(self, move: Move, progress: Callable[[Move], None]) -> bool:
+        """Copy the tenant's current chunks into the target space; False when stopped."""
+        tenant = move.tenant
         total = self._spaces.ready_chunk_count(tenant)
         done = 0
         after: str | None = None
@@ -119,9 +133,6 @@ class SpaceMover:
             move = dataclasses.replace(move, chunks_done=done, chunks_total=max(total, done))
             self._spaces.record_move_progress(move)
             progress(move)
-        self._spaces.switch_space(tenant, move.target)
-        self._vectors.drop_other_spaces(tenant, move.target)
-        logger.info("tenant index moved to %s (%d chunks)", move.target.describe(), done)
         return True
 
     def _copy(self, tenant: str, document: DocumentChunks) -> None:

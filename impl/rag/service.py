@@ -482,10 +482,9 @@ class RagService:
             self._mover.start(move)
             return TenantIndex(current=current, move=move, job=None)
         if self._spaces.move_of(tenant) is not None:
-            # A move to a model the settings no longer name: it ends where it stands.
-            self._spaces.switch_space(tenant, current)
-        # What a crash between a move's switch and its last step left.
-        self._vectors.drop_other_spaces(tenant, current)
+            # A move to a model the settings no longer name: what it filled goes.
+            self._vectors.drop_other_spaces(tenant, current)
+            self._spaces.finish_move(tenant)
         with self._ingest_lock:
             if not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")

@@ -124,8 +124,9 @@ class VectorSpaces:
         return Space(model_id=model_id, dimension=int(dimension), default=True)
 
     def switch_space(self, tenant: str, space: Space) -> None:
-        """Make ``space`` the tenant's current one and end its move, in one transaction: every
-        search that reads the registry after the commit uses the new space, none before."""
+        """Make ``space`` the tenant's current one: every search that reads the registry after
+        the commit uses the new space, none before. A move stays recorded until
+        ``finish_move``, after its last step."""
         with self._db.write() as session:
             key = _tenant_key(_SPACE_PREFIX, tenant)
             row = session.get(MetaRow, key)
@@ -134,6 +135,10 @@ class VectorSpaces:
                 session.add(MetaRow(key=key, value=value))
             else:
                 row.value = value
+
+    def finish_move(self, tenant: str) -> None:
+        """Forget the tenant's move: done, or abandoned for another model."""
+        with self._db.write() as session:
             session.execute(delete(MetaRow).where(MetaRow.key == _tenant_key(_MOVE_PREFIX, tenant)))
 
     def begin_move(self, tenant: str, target: Space) -> Move:

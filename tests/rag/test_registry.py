@@ -290,6 +290,8 @@ def test_the_first_model_is_the_default_space_and_a_switch_moves_one_tenant(
     assert registry.current_space("t").model_id == "model-a"  # until the switch
     registry.switch_space("t", target)
     assert registry.current_space("t") == target
+    assert registry.move_of("t") is not None  # until its last step
+    registry.finish_move("t")
     assert registry.move_of("t") is None
     assert registry.current_space("other") == Space("model-a", 384, default=True)
 
