@@ -578,41 +578,50 @@ def reindex_document(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def reindex(args: argparse.Namespace) -> int:
-    """The tenant's index rebuilt: moved to the configured embedding model when its vectors
-    are another's (in this process, followed to the switch), else every document re-indexed
-    from its stored original by one job, followed to its end."""
-    from tqdm import tqdm
-
-    from impl.rag.spaces import Move
-
+    """Each tenant's index rebuilt (one, or with --all-tenants every one that holds documents):
+    moved to the configured embedding model when its vectors are another's (in this process,
+    followed to the switch), else every document re-indexed from its stored original by one
+    job, followed to its end. Exits 1 when a document could not be re-indexed."""
     settings = load_settings()
     if not holds_data(settings):
         print("no documents")
         return 0
-    with (
-        open_service(settings, start_workers=True) as service,
-        tqdm(unit="chunk", leave=False, disable=not sys.stderr.isatty()) as chunk_bar,
-    ):
+    failed = 0
+    with open_service(settings, start_workers=True) as service:
+        tenants = service.tenants() if args.all_tenants else [args.tenant]
+        for tenant in tenants:
+            failed += reindex_tenant(service, tenant)
+    return 1 if failed else 0
+
+
+def reindex_tenant(service: RagService, tenant: str) -> int:
+    """One tenant's re-index, told in a line; 1 when a document failed, else 0."""
+    from tqdm import tqdm
+
+    from impl.rag.spaces import Move
+
+    with tqdm(unit="chunk", leave=False, disable=not sys.stderr.isatty()) as chunk_bar:
 
         def progress(move: Move) -> None:
+            chunk_bar.set_description_str(f"{tenant}: moving")
             chunk_bar.total = move.chunks_total
             chunk_bar.update(move.chunks_done - chunk_bar.n)
 
-        moved = service.move_tenant(args.tenant, progress)
+        moved = service.move_tenant(tenant, progress)
         if moved is not None:
             print(
-                f"{args.tenant}: moved to {moved.target.describe()}; run `ragapi reindex` "
-                "again to cut the documents again under new chunk settings too"
+                f"{tenant}: moved to {moved.target.describe()}; run `ragapi reindex` again to "
+                "cut the documents again under new chunk settings too"
             )
             return 0
-        index = service.reindex_tenant(args.tenant)
+        index = service.reindex_tenant(tenant)
         assert index.job is not None  # no move was due
-        job = follow(service, index.job, chunk_bar, args.tenant)
+        job = follow(service, index.job, chunk_bar, tenant)
     if job.status != "succeeded":
         reason = job.error.detail if job.error else f"the job is {job.status}"
-        print(f"ragapi: {args.tenant}: {reason}", file=sys.stderr)
+        print(f"ragapi: {tenant}: {reason}", file=sys.stderr)
         return 1
-    print(f"{args.tenant}: {len(job.document_ids)} documents re-indexed ({job.chunks_done} chunks)")
+    print(f"{tenant}: {len(job.document_ids)} documents re-indexed ({job.chunks_done} chunks)")
     return 0
 
 
@@ -795,7 +804,11 @@ def parser() -> argparse.ArgumentParser:
         help="rebuild a tenant's index: move it to the configured embedding model, or "
         "re-index every document from its stored original",
     )
-    p.add_argument("--tenant", default=TENANT)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tenant", default=TENANT)
+    which.add_argument(
+        "--all-tenants", action="store_true", help="every tenant that holds documents"
+    )
     p.set_defaults(run=reindex)
 
     p = commands.add_parser("jobs", help="list or cancel ingestion jobs")

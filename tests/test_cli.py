@@ -153,7 +153,7 @@ def test_documents_replace_and_patch_and_jobs_list_and_cancel(tmp_path: Path) ->
 
     # Every document of the tenant re-indexed from its stored original, as one job.
     ready = len(ragapi(data, "documents", "list").stdout.splitlines())
-    tenant = ragapi(data, "reindex")
+    tenant = ragapi(data, "reindex", "--all-tenants")
     assert tenant.returncode == 0, tenant.stderr
     summary = tenant.stdout.strip()
     assert summary.startswith(f"default: {ready} documents re-indexed ("), summary

@@ -493,6 +493,10 @@ class RagService:
                 self._workers.offer(job.id)
         return TenantIndex(current=current, move=None, job=job)
 
+    def tenants(self) -> list[str]:
+        """Every tenant that holds a document (the operator's re-index of them all)."""
+        return self._spaces.tenants()
+
     def tenant_index(self, tenant: str) -> TenantIndex:
         """The space answering the tenant's searches and the move under way, if any."""
         return TenantIndex(

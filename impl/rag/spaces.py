@@ -174,6 +174,13 @@ class VectorSpaces:
             rows = session.scalars(select(MetaRow).where(MetaRow.key.startswith(_MOVE_PREFIX)))
             return [_move_from(row.value) for row in rows]
 
+    def tenants(self) -> list[str]:
+        """Every tenant that holds a document."""
+        with self._db.read() as session:
+            return list(
+                session.scalars(select(DocumentRow.tenant).distinct().order_by(DocumentRow.tenant))
+            )
+
     def ready_chunks(self, tenant: str, after: str | None, limit: int) -> list[DocumentChunks]:
         """Up to ``limit`` of the tenant's ready documents by id after ``after``, each with the
         chunk rows of its current version."""

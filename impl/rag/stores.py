@@ -370,6 +370,10 @@ class SpaceRegistry(Protocol):
 
     def moves(self) -> list[Move]: ...
 
+    def tenants(self) -> list[str]:
+        """Every tenant that holds a document."""
+        ...
+
     def ready_chunks(self, tenant: str, after: str | None, limit: int) -> list[DocumentChunks]:
         """The tenant's ready documents by id after ``after``, with their current chunks."""
         ...
