@@ -768,10 +768,11 @@ class RagService:
         excluded: frozenset[str] = frozenset()
         lexical = start_lexical(excluded)
         vector = None
-        # The space is read once: the question is embedded by its model and searched in it
-        # alone, even if a move switches the tenant meanwhile.
-        space = self._spaces.current_space(tenant)
+        space = None
         if retrieval.mode != "lexical":
+            # Read once: the question is embedded by the space's model and searched in its
+            # vectors alone, even if a move switches the tenant meanwhile.
+            space = self._vectors.spaces(tenant)[0]
             vector = self._query_model(space).embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()

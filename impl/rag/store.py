@@ -239,25 +239,21 @@ class VectorStore:
     def heartbeat(self) -> None:
         self._client.heartbeat()
 
+    @_reaching
     def spaces(self, tenant: str) -> tuple[Space, Space]:
         """The tenant's current space (its searches') and the one this store writes into."""
         if self._spaces is None:
             default = Space(self._model.model_id, self._model.dimension, default=True)
             return default, default
         current = self._spaces.current_space(tenant)
-        return current, current if current.same_model(self._model) else self._model
-
-    def _writing(self, tenant: str) -> Space:
-        current, writing = self.spaces(tenant)
-        if (
-            writing is not current
-            and self._spaces is not None
-            and self._collection(tenant, current, create=False) is None
-        ):
+        if current.same_model(self._model):
+            return current, current
+        if self._collection(tenant, current, create=False) is None:
             # The tenant holds no vectors of the old model: nothing to move, so it switches
             # now, and its first documents answer at once.
-            self._spaces.switch_space(tenant, writing)
-        return writing
+            self._spaces.switch_space(tenant, self._model)
+            return self._model, self._model
+        return current, self._model
 
     @staticmethod
     def _check_model(collection: Collection, space: Space) -> None:
@@ -341,7 +337,7 @@ class VectorStore:
         metadata: Metadata,
     ) -> None:
         """Write the chunks' vectors; writing the same chunk ids again replaces them."""
-        collection = self._collection(tenant, self._writing(tenant), create=True)
+        collection = self._collection(tenant, self.spaces(tenant)[1], create=True)
         assert collection is not None
         user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
         for start in range(0, len(chunks), self._batch):
@@ -370,7 +366,7 @@ class VectorStore:
     def count(self, tenant: str, chunk_ids: Sequence[str]) -> int:
         """How many of these chunks have a vector where this store writes; looked up by id,
         so no scan."""
-        collection = self._collection(tenant, self._writing(tenant), create=False)
+        collection = self._collection(tenant, self.spaces(tenant)[1], create=False)
         if collection is None:
             return 0
         return len(collection.get(ids=list(chunk_ids), include=[])["ids"])

@@ -648,6 +648,25 @@ def test_a_model_change_keeps_answering_until_the_reindex_moves_the_index(
         back.close()
 
 
+def test_a_tenant_without_vectors_of_the_old_model_is_on_the_new_one_at_once(
+    service: RagService, data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    ingest(service, TENANT, [text_item("Indexed with the packaged model.")])
+    service.close()
+    # The registry's first model is the packaged one; a server on another model now.
+    other = RagService(make_settings(data_dir), _OtherModel(embeddings))
+    other.start()
+    try:
+        assert other.search(OTHER, "anything", top_k=1, retrieval=DENSE) == []
+        assert other.tenant_index(OTHER).current.model_id == "another-model"
+        ingest(other, OTHER, [text_item("Globex ships widgets by the crate.")])
+        [hit] = other.search(OTHER, "widget shipping", top_k=1, retrieval=DENSE)
+        assert "widgets" in hit.chunk.text
+        assert other.tenant_index(TENANT).current.model_id == embeddings.model_id
+    finally:
+        other.close()
+
+
 def test_a_move_stopped_midway_answers_from_the_old_index_and_resumes_at_the_next_start(
     service: RagService, data_dir: Path, embeddings: EmbeddingModel
 ) -> None:
