@@ -3,9 +3,8 @@ SQL.
 
 SQLite by default, PostgreSQL by URL (the engine, sessions and schema are impl/db.py's). Each
 concern is a module of its own (documents.py, job_queue.py, chunk_rows.py, idempotency.py,
-spaces.py);
-``Registry`` is all of them on one database. Every method is one unit of work in its own
-session, which makes the class safe to share between threads.
+spaces.py); ``Registry`` is all of them on one database. Every method is one unit of work in its
+own session, which makes the class safe to share between threads.
 """
 
 from __future__ import annotations
