@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from impl.rag.embeddings import EmbeddingModel
@@ -29,6 +30,8 @@ from impl.rag.stores import SpaceRegistry, VectorIndex
 logger = logging.getLogger(__name__)
 
 _DOCUMENTS_PER_READ = 50
+# How often a move records its progress (a registry write), besides after each read.
+_PROGRESS_SECONDS = 1.0
 
 
 def _no_progress(move: Move) -> None:
@@ -122,17 +125,22 @@ class SpaceMover:
         total = self._spaces.ready_chunk_count(tenant)
         done = 0
         after: str | None = None
+        told = time.monotonic()
         while page := self._spaces.ready_chunks(tenant, after, _DOCUMENTS_PER_READ):
             for document in page:
                 if self._stopping.is_set():
                     return False
                 self._copy(tenant, document)
                 done += len(document.chunks)
+                if time.monotonic() - told >= _PROGRESS_SECONDS or document is page[-1]:
+                    # Documents ingested meanwhile may make the total grow.
+                    move = dataclasses.replace(
+                        move, chunks_done=done, chunks_total=max(total, done)
+                    )
+                    self._spaces.record_move_progress(move)
+                    progress(move)
+                    told = time.monotonic()
             after = page[-1].document_id
-            # Documents ingested meanwhile may make the total grow.
-            move = dataclasses.replace(move, chunks_done=done, chunks_total=max(total, done))
-            self._spaces.record_move_progress(move)
-            progress(move)
         return True
 
     def _copy(self, tenant: str, document: DocumentChunks) -> None:

@@ -145,3 +145,65 @@ def test_a_model_change_answers_from_the_old_index_until_the_reindex_moves_it(
         assert widths == [576] * len(TOPICS)
     finally:
         server.stop()
+
+
+def test_a_move_killed_midway_answers_from_the_old_index_and_resumes(
+    tmp_path: Path, embedding_url: str
+) -> None:
+    data = tmp_path / "data"
+    server = start_server(data, **UNLIMITED)
+    key = server.api_key
+    new_model = {
+        "embedding_provider": "openai",
+        "embedding_base_url": embedding_url,
+        "embedding_model": MODEL_NAME,
+    }
+    notes = [f"Ferry timetable note {i}: the boat leaves pier {i} at dawn." for i in range(30)]
+    try:
+        with server.client() as http:
+            for i, text in enumerate(notes):
+                response = http.post(f"{API}/ingest", json={"text": text, "title": f"note {i}"})
+                assert response.status_code == 202, response.text
+            last = response.json()["job"]["id"]
+            deadline = time.monotonic() + 300
+            while http.get(f"{API}/jobs/{last}").json()["status"] != "succeeded":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            packaged = http.get(f"{API}/reindex").json()["embedding_model"]
+            before = search(http, "which pier does the ferry leave from", "dense")
+        server.stop()
+
+        server = start_server(data, **new_model, **UNLIMITED)
+        with server.client(key) as http:
+            assert http.post(f"{API}/reindex").status_code == 202
+            deadline = time.monotonic() + 300
+            index = http.get(f"{API}/reindex").json()
+            while not 0 < index["moving_to"]["chunks_done"] < len(notes):
+                assert time.monotonic() < deadline and index["moving_to"] is not None, index
+                time.sleep(0.05)
+                index = http.get(f"{API}/reindex").json()
+        server.stop(signal.SIGKILL)
+        # Killed midway: the old collection whole, the new one partly filled, never mixed.
+        old, new = sorted(tenant_collections(data), key=lambda found: found[1])
+        assert old == (packaged["model_id"], 384, [384] * len(notes))
+        assert new[:2] == (f"openai:{MODEL_NAME}@{embedding_url}", 576)
+        assert 0 < len(new[2]) < len(notes) and set(new[2]) == {576}
+
+        server = start_server(data, **new_model, **UNLIMITED)
+        with server.client(key) as http:
+            # The old index answers, whole, while the move resumes (unless it is done by now).
+            during = http.get(f"{API}/reindex").json()
+            if during["moving_to"] is not None:
+                assert during["embedding_model"] == packaged
+                assert search(http, "which pier does the ferry leave from", "dense") == before
+            deadline = time.monotonic() + 900  # SmolLM2 on a loaded CPU: seconds a chunk
+            while during["moving_to"] is not None:
+                assert time.monotonic() < deadline, during
+                time.sleep(0.2)
+                during = http.get(f"{API}/reindex").json()
+            assert during["embedding_model"]["dimension"] == 576
+            assert len(search(http, "which pier does the ferry leave from", "dense")) == 3
+        server.stop()
+        assert tenant_collections(data) == [(new[0], 576, [576] * len(notes))]
+    finally:
+        server.stop()
