@@ -171,6 +171,44 @@ class ReplaceUpload(BaseModel):
     metadata: Metadata | MISSING = MISSING
 
 
+class EmbeddingSpace(BaseModel):
+    """
+    An embedding model, as the index records it.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    model_id: str
+    """
+    The model's identity: `onnx:<model>:<hash of its bytes>` for the packaged model, `openai:<model>@<base URL>` for an OpenAI-compatible endpoint.
+    """
+    dimension: Annotated[int, Field(ge=1)]
+
+
+class EmbeddingMove(BaseModel):
+    """
+    A move of the tenant's vectors to another embedding model, under way.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    model_id: str
+    """
+    The model the index is moving to.
+    """
+    dimension: Annotated[int, Field(ge=1)]
+    chunks_done: Annotated[int, Field(ge=0)]
+    """
+    Chunks the new model's collection holds, as last counted.
+    """
+    chunks_total: Annotated[int, Field(ge=0)]
+    """
+    Chunks to move; 0 until the move has counted them.
+    """
+
+
 class JobStatus(
     RootModel[Literal["queued", "running", "succeeded", "failed", "cancelled"]]
 ):
@@ -1286,6 +1324,21 @@ class ConversationMessage(BaseModel):
 
 class OpenAIErrorResponse(BaseModel):
     error: OpenAIErrorDetail
+
+
+class TenantIndex(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    embedding_model: EmbeddingSpace
+    """
+    The model whose vectors answer the tenant's searches now.
+    """
+    moving_to: EmbeddingMove | None
+    job: Job | None
+    """
+    The documents' re-index job this request started; null otherwise.
+    """
 
 
 class SearchRequest(BaseModel):

@@ -365,14 +365,14 @@ def ingest_file(
     return f"{path}: {job.status} {ids}: {reason}"
 
 
-def follow(service: RagService, job: Job, chunk_bar: tqdm[Any]) -> Job:
+def follow(service: RagService, job: Job, chunk_bar: tqdm[Any], tenant: str = TENANT) -> Job:
     """Waits for the job, showing its chunks as they are indexed."""
     from impl.rag.types import FINISHED_JOB_STATUSES
 
     chunk_bar.set_description_str("indexing")
     deadline = time.monotonic() + INGEST_FOLLOW_SECONDS
     while job.status not in FINISHED_JOB_STATUSES and time.monotonic() < deadline:
-        job = service.wait_for_job(TENANT, job.id, timeout_s=PROGRESS_SLICE_SECONDS)
+        job = service.wait_for_job(tenant, job.id, timeout_s=PROGRESS_SLICE_SECONDS)
         if job.chunks_total:
             chunk_bar.total = job.chunks_total
             chunk_bar.update(job.chunks_done - chunk_bar.n)
@@ -578,6 +578,54 @@ def reindex_document(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def reindex(args: argparse.Namespace) -> int:
+    """Each tenant's index rebuilt (one, or with --all-tenants every one that holds documents):
+    moved to the configured embedding model when its vectors are another's (in this process,
+    followed to the switch), else every document re-indexed from its stored original by one
+    job, followed to its end. Exits 1 when a document could not be re-indexed."""
+    settings = load_settings()
+    if not holds_data(settings):
+        print("no documents")
+        return 0
+    failed = 0
+    with open_service(settings, start_workers=True) as service:
+        tenants = service.tenants() if args.all_tenants else [args.tenant]
+        for tenant in tenants:
+            failed += reindex_tenant(service, tenant)
+    return 1 if failed else 0
+
+
+def reindex_tenant(service: RagService, tenant: str) -> int:
+    """One tenant's re-index, told in a line; 1 when a document failed, else 0."""
+    from tqdm import tqdm
+
+    from impl.rag.spaces import Move
+
+    with tqdm(unit="chunk", leave=False, disable=not sys.stderr.isatty()) as chunk_bar:
+
+        def progress(move: Move) -> None:
+            chunk_bar.set_description_str(f"{tenant}: moving")
+            chunk_bar.total = move.chunks_total
+            chunk_bar.update(move.chunks_done - chunk_bar.n)
+
+        moved = service.move_tenant(tenant, progress)
+        if moved is not None:
+            print(
+                f"{tenant}: moved to {moved.target.describe()}; run `ragapi reindex` again to "
+                "cut the documents again under new chunk settings too"
+            )
+            return 0
+        index = service.reindex_tenant(tenant)
+        assert index.job is not None  # no move was due
+        job = follow(service, index.job, chunk_bar, tenant)
+    if job.status != "succeeded":
+        reason = job.error.detail if job.error else f"the job is {job.status}"
+        print(f"ragapi: {tenant}: {reason}", file=sys.stderr)
+        return 1
+    print(f"{tenant}: {len(job.document_ids)} documents re-indexed ({job.chunks_done} chunks)")
+    return 0
+
+
 def patch_document(settings: Settings, args: argparse.Namespace) -> int:
     """A JSON Merge Patch of the title and metadata: --metadata '{"team": "x", "old": null}'."""
     from impl.rag.types import DocumentPatch
@@ -751,6 +799,18 @@ def parser() -> argparse.ArgumentParser:
         "--metadata", help='a JSON merge patch: {"key": "value", "gone": null}; null clears all'
     )
     p.set_defaults(run=documents)
+
+    p = commands.add_parser(
+        "reindex",
+        help="rebuild a tenant's index: move it to the configured embedding model, or "
+        "re-index every document from its stored original",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tenant", default=TENANT)
+    which.add_argument(
+        "--all-tenants", action="store_true", help="every tenant that holds documents"
+    )
+    p.set_defaults(run=reindex)
 
     p = commands.add_parser("jobs", help="list or cancel ingestion jobs")
     actions = p.add_subparsers(dest="action", required=True)

@@ -150,3 +150,13 @@ def test_documents_replace_and_patch_and_jobs_list_and_cancel(tmp_path: Path) ->
     assert ragapi(data, "jobs", "list", "--status", "failed").stdout.strip() == "no jobs"
     refused = ragapi(data, "jobs", "cancel", jobs[0][0])
     assert refused.returncode == 2 and "has already succeeded" in refused.stderr
+
+    # Every document of the tenant re-indexed from its stored original, as one job.
+    ready = len(ragapi(data, "documents", "list").stdout.splitlines())
+    tenant = ragapi(data, "reindex", "--all-tenants")
+    assert tenant.returncode == 0, tenant.stderr
+    summary = tenant.stdout.strip()
+    assert summary.startswith(f"default: {ready} documents re-indexed ("), summary
+    assert json.loads(ragapi(data, "documents", "show", doc_id).stdout)["version"] == 4
+    found = ragapi(data, "search", "when does the ferry leave")
+    assert "leaves at ten" in found.stdout

@@ -356,6 +356,66 @@ class Documents:
             session.flush()
             return job_from_row(session, job)
 
+    def register_tenant_reindex(self, tenant: str) -> Job:
+        """One job that re-indexes every ready document of the tenant that no replacement is
+        indexing: for each, the next version from its stored content, swapped in on its own
+        once complete (as ``register_replacement`` with no new content). A tenant with nothing
+        to re-index gets a job already succeeded."""
+        now = utcnow()
+        with self._db.write() as session:
+            rows = session.scalars(
+                select(DocumentRow)
+                .where(
+                    DocumentRow.tenant == tenant,
+                    DocumentRow.status == "ready",
+                    DocumentRow.id.not_in(select(ReplacementRow.document_id)),
+                )
+                .order_by(DocumentRow.created_at, DocumentRow.id)
+                .with_for_update()
+            ).all()
+            job = JobRow(
+                id=new_id("job"),
+                tenant=tenant,
+                status="queued" if rows else "succeeded",
+                attempts=0,
+                chunks_done=0,
+                chunks_total=0,
+                cancel_requested=False,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.flush()
+            for position, row in enumerate(rows):
+                session.add(
+                    JobDocumentRow(
+                        job_id=job.id,
+                        document_id=row.id,
+                        tenant=tenant,
+                        position=position,
+                        duplicate=False,
+                    )
+                )
+                session.add(
+                    ReplacementRow(
+                        document_id=row.id,
+                        tenant=tenant,
+                        job_id=job.id,
+                        version=row.version + 1,
+                        sha256=row.sha256,
+                        title=row.title,
+                        filename=row.filename,
+                        media_type=row.media_type,
+                        size_bytes=row.size_bytes,
+                        original_key=row.original_key,
+                        extracted_key=row.extracted_key,
+                        metadata_=dict(row.metadata_),
+                        created_at=now,
+                    )
+                )
+            session.flush()
+            return job_from_row(session, job)
+
     def swap_version(self, document_id: str, version: int) -> RetiredVersion | None:
         """Make the indexed replacement the document's version, in one transaction: from its
         commit every read sees the new version and none the old. The old version's chunk rows

@@ -363,6 +363,39 @@ def build_embeddings(settings: Settings) -> EmbeddingModel:
     )
 
 
+def build_recorded_model(model_id: str, dimension: int, settings: Settings) -> EmbeddingModel:
+    """The model a vector space was built with, from the identity the registry recorded, so
+    that its vectors keep answering while a re-index moves them to the model the settings
+    name: the packaged ONNX model when its bytes are the same, or the endpoint and model an
+    OpenAI-compatible identity names (sent the configured key only when it is the configured
+    endpoint). ConfigurationError naming the re-index when it cannot be loaded."""
+    provider, _, rest = model_id.partition(":")
+    model: EmbeddingModel | None = None
+    if provider == "onnx":
+        model = OnnxMiniLM(threads=settings.embedding_threads)
+    elif provider == "openai" and "@" in rest:
+        name, _, base_url = rest.rpartition("@")
+        configured = (settings.embedding_base_url or "").rstrip("/") == base_url
+        api_key = settings.embedding_api_key if configured else None
+        model = OpenAICompatibleEmbeddings(
+            base_url=base_url,
+            model=name,
+            api_key=api_key.get_secret_value() if api_key else None,
+        )
+    if model is None or model.model_id != model_id or model.dimension != dimension:
+        raise ConfigurationError(
+            f"the index was built with embedding model {model_id} ({dimension} dimensions), "
+            "which this server cannot load to answer until it is re-indexed: run `ragapi "
+            "reindex` (or POST /api/v1/reindex) to move it to the configured model"
+        )
+    return SharedQueries(
+        model,
+        wait_seconds=settings.embedding_query_wait_ms / 1000,
+        max_batch=_QUERY_BATCH,
+        cache_size=settings.embedding_query_cache_size,
+    )
+
+
 def _build_model(settings: Settings) -> EmbeddingModel:
     if settings.embedding_provider == "onnx":
         return OnnxMiniLM(threads=settings.embedding_threads)

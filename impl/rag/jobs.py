@@ -459,7 +459,9 @@ class IngestWorkers:
         try:
             data = self._originals.get(document.extracted_key)
         except KeyError:
-            raise UnreadableDocument("the stored copy of the document is missing") from None
+            raise UnreadableDocument(
+                f"the stored copy of document {document.id} is missing"
+            ) from None
         spans = self._chunker.split(decode_extracted(data))
         if not spans:
             raise UnreadableDocument("the document holds no text to index")

@@ -1,9 +1,10 @@
-"""The registry: documents, ingestion jobs, chunk rows and store-wide facts, in SQL.
+"""The registry: documents, ingestion jobs, chunk rows, vector spaces and store-wide facts, in
+SQL.
 
 SQLite by default, PostgreSQL by URL (the engine, sessions and schema are impl/db.py's). Each
-concern is a module of its own (documents.py, job_queue.py, chunk_rows.py, idempotency.py);
-``Registry`` is all of them on one database. Every method is one unit of work in its own
-session, which makes the class safe to share between threads.
+concern is a module of its own (documents.py, job_queue.py, chunk_rows.py, idempotency.py,
+spaces.py); ``Registry`` is all of them on one database. Every method is one unit of work in its
+own session, which makes the class safe to share between threads.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from impl.db import Database, open_database
-from impl.errors import ConfigurationError
 from impl.rag import lexical
 from impl.rag.chunk_rows import Chunks
 from impl.rag.documents import Documents
 from impl.rag.idempotency import IdempotencyKeys
 from impl.rag.job_queue import JobRows
+from impl.rag.spaces import VectorSpaces
 from impl.rag.tables import ChunkRow, DocumentRow, JobRow, MetaRow, chunk_from_row
 from impl.rag.types import StoreCounts
 
 
-class Registry(Documents, JobRows, Chunks, IdempotencyKeys):
+class Registry(Documents, JobRows, Chunks, IdempotencyKeys, VectorSpaces):
     def __init__(self, url: str, *, upgrade: bool) -> None:
         """The registry at ``url``; ``upgrade``: apply the migrations it lacks, else refuse a
         schema older than this code's (see ``Database.ensure_schema``)."""
@@ -59,32 +60,6 @@ class Registry(Documents, JobRows, Chunks, IdempotencyKeys):
 
     def ping(self) -> None:
         self._db.ping()
-
-    def _record_meta(self, key: str, value: str) -> str:
-        """Record ``value`` under ``key`` the first time; return what is recorded."""
-        try:
-            with self._db.write() as session:
-                row = session.get(MetaRow, key)
-                if row is not None:
-                    return row.value
-                session.add(MetaRow(key=key, value=value))
-        except IntegrityError:
-            # Another process recorded it between our read and our insert (PostgreSQL reads
-            # do not take SQLite's write lock): what it recorded stands.
-            with self._db.read() as session:
-                return session.scalars(select(MetaRow.value).where(MetaRow.key == key)).one()
-        return value
-
-    def check_model(self, model_id: str, dimension: int) -> None:
-        """Record the embedding model on first use; refuse another one after that."""
-        recorded = self._record_meta("embedding_model", f"{model_id}|{dimension}")
-        if recorded != f"{model_id}|{dimension}":
-            recorded_id, _, recorded_dim = recorded.rpartition("|")
-            raise ConfigurationError(
-                f"the vector store was built with model {recorded_id} ({recorded_dim} "
-                f"dimensions); this server uses {model_id} ({dimension} dimensions); re-index "
-                "or use a new data_dir"
-            )
 
     def counts(self) -> StoreCounts:
         """What every tenant holds, for the metrics: documents and jobs by status, and the

@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import PurePath
 
 from impl.errors import (
+    ConfigurationError,
     Conflict,
     InvalidInput,
     NotFound,
@@ -36,13 +37,21 @@ from impl.errors import (
 from impl.rag.answers import NO_ANSWER, AnswerProvider, AnswerStream, build_answer_provider
 from impl.rag.chunking import Chunker
 from impl.rag.documents import NewDocument, RetiredVersion, StoredObjects, check_precondition
-from impl.rag.embeddings import EmbeddingModel, build_embeddings, count_tokens, load_tokenizer
+from impl.rag.embeddings import (
+    EmbeddingModel,
+    build_embeddings,
+    build_recorded_model,
+    count_tokens,
+    load_tokenizer,
+)
 from impl.rag.idempotency import RecordedResponse
 from impl.rag.jobs import IngestWorkers, chunk_id, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
 from impl.rag.originals import content_key
 from impl.rag.parsing import ParserProcesses
+from impl.rag.reindex import SpaceMover
+from impl.rag.spaces import Move, Space, TenantIndex
 from impl.rag.store import DenseHit, admits, build_where, validate_metadata
 from impl.rag.stores import Stores, build_stores
 from impl.rag.types import (
@@ -214,6 +223,11 @@ class RagService:
         self._lexical = self._stores.lexical
         self._vectors = self._stores.vectors
         self._originals = self._stores.originals
+        self._spaces = self._stores.spaces
+        # Models of spaces the settings no longer name, loaded to answer until a move ends.
+        self._earlier_models: dict[str, EmbeddingModel] = {}
+        self._earlier_models_lock = threading.Lock()
+        self._mover = SpaceMover(self._spaces, self._vectors, self._embeddings)
         # Held while originals are stored and registered, and while a deletion frees them, so
         # a deletion never removes bytes that a new document is about to reference.
         self._ingest_lock = threading.Lock()
@@ -274,12 +288,14 @@ class RagService:
             self.free(self._documents.drop_replacement(document_id, version))
         with self._ingest_lock:  # queues jobs: keeps submit_ingest's room check true
             self._workers.start()
+        self._mover.resume()
 
     def close(self) -> None:
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
+        self._mover.stop(self._settings.worker_stop_seconds)
         self._workers.stop(self._settings.worker_stop_seconds)
         self._lexical_threads.shutdown(wait=True)
         self._stores.close()
@@ -453,6 +469,68 @@ class RagService:
             )
             self._workers.offer(job.id)
         return job
+
+    def reindex_tenant(self, tenant: str) -> TenantIndex:
+        """Re-index every ready document of the tenant from its stored original, as one job
+        of new versions each swapped in like a replacement (a document whose original is
+        missing fails, the others go on). When the tenant's vectors are another model's than
+        the configured one, they are moved to it instead (reindex.py), in the background:
+        the old space answers until the switch."""
+        current, writing = self._vectors.spaces(tenant)
+        if not current.same_model(writing):
+            move = self._spaces.begin_move(tenant, writing)
+            self._mover.start(move)
+            return TenantIndex(current=current, move=move, job=None)
+        if self._spaces.move_of(tenant) is not None:
+            # A move to a model the settings no longer name: what it filled goes.
+            self._vectors.drop_other_spaces(tenant, current)
+            self._spaces.finish_move(tenant)
+        with self._ingest_lock:
+            if not self._workers.has_room():
+                raise ServiceUnavailable("the ingestion queue is full; try again shortly")
+            job = self._documents.register_tenant_reindex(tenant)
+            if job.status == "queued":
+                self._workers.offer(job.id)
+        return TenantIndex(current=current, move=None, job=job)
+
+    def tenants(self) -> list[str]:
+        """Every tenant that holds a document (the operator's re-index of them all)."""
+        return self._spaces.tenants()
+
+    def tenant_index(self, tenant: str) -> TenantIndex:
+        """The space answering the tenant's searches and the move under way, if any."""
+        return TenantIndex(
+            current=self._spaces.current_space(tenant),
+            move=self._spaces.move_of(tenant),
+            job=None,
+        )
+
+    def move_tenant(self, tenant: str, progress: Callable[[Move], None]) -> Move | None:
+        """The tenant's move to the configured model, run in this thread to its end (the
+        operator's command): the move as it ended, or None when the tenant's vectors were that
+        model's already. ServiceUnavailable when the service closed before the end."""
+        current, writing = self._vectors.spaces(tenant)
+        if current.same_model(writing):
+            return None
+        move = self._spaces.begin_move(tenant, writing)
+        if not self._mover.run_here(move, progress):
+            raise ServiceUnavailable("the move stopped before its end; run it again to resume")
+        return move
+
+    def _query_model(self, space: Space) -> EmbeddingModel:
+        """The model that embeds questions for ``space``: the configured one, or during a move
+        the one the space was built with."""
+        if space.same_model(Space(self._embeddings.model_id, self._embeddings.dimension)):
+            return self._embeddings
+        with self._earlier_models_lock:
+            model = self._earlier_models.get(space.model_id)
+            if model is None:
+                try:
+                    model = build_recorded_model(space.model_id, space.dimension, self._settings)
+                except ConfigurationError as exc:
+                    raise ServiceUnavailable(exc.detail) from exc
+                self._earlier_models[space.model_id] = model
+            return model
 
     def patch_document(
         self,
@@ -690,8 +768,12 @@ class RagService:
         excluded: frozenset[str] = frozenset()
         lexical = start_lexical(excluded)
         vector = None
+        space = None
         if retrieval.mode != "lexical":
-            vector = self._embeddings.embed_query(query)
+            # Read once: the question is embedded by the space's model and searched in its
+            # vectors alone, even if a move switches the tenant meanwhile.
+            space = self._vectors.spaces(tenant)[0]
+            vector = self._query_model(space).embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()
         for _ in range(_SEARCH_ROUNDS):
@@ -699,7 +781,7 @@ class RagService:
             chunks: dict[str, Chunk] = {}
             if vector is not None and retrieval.mode == "dense":
                 scored = self._vectors.query(
-                    tenant, vector, depth, filters, excluded, only_versions
+                    tenant, vector, depth, filters, excluded, only_versions, space=space
                 )
                 chunks = {hit.chunk.id: hit.chunk for hit in scored}
                 dense = [
@@ -709,7 +791,7 @@ class RagService:
             elif vector is not None:
                 # Hybrid keeps a few of its candidates: their texts come from the registry.
                 dense = self._vectors.nearest(
-                    tenant, vector, depth, filters, excluded, only_versions
+                    tenant, vector, depth, filters, excluded, only_versions, space=space
                 )
             lexical_hits = lexical.result()
             found = {(hit.document_id, hit.version) for hit in dense} | {

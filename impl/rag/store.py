@@ -1,4 +1,4 @@
-"""The vector store: Chroma, one collection per tenant.
+"""The vector store: Chroma, one collection per tenant and embedding model.
 
 A collection per tenant keeps every search free of a tenant filter (a where filter measured 28x
 slower at 100k vectors) and makes a tenant's vectors impossible to reach from another. The
@@ -6,11 +6,13 @@ embedded client (``<data_dir>/chroma``) serves one process only: Chroma's embedd
 process-safe. Several processes share a Chroma server (``chroma_url``) instead.
 
 Vectors are always given explicitly: a collection never gets an embedding function, so Chroma
-never loads (or downloads) a model of its own.
+never loads (or downloads) a model of its own. Which model's collection answers a tenant's
+searches, and which one writers fill, is the registry's to say (spaces.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import operator
@@ -19,7 +21,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Collection as AbstractSet
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import chromadb
@@ -32,6 +34,7 @@ from chromadb.errors import NotFoundError
 
 from impl.dependencies import Dependency
 from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
+from impl.rag.spaces import Space, spaces_of
 from impl.rag.types import Chunk, Metadata, MetadataRange, MetadataValue, SearchFilters
 from impl.settings import Settings
 
@@ -48,6 +51,7 @@ _PAGE = "page"
 USER_PREFIX = "m_"
 _MODEL_KEY = "ragapi_model_id"
 _DIMENSION_KEY = "ragapi_dimension"
+_TENANT_KEY = "ragapi_tenant"  # the tenant's hash, so a tenant's collections can be listed
 _COLLECTION_PREFIX = "ragapi-tenant-"
 
 # The contract's bounds on metadata (openapi/v1.yaml, Metadata), enforced here too so that the
@@ -57,10 +61,25 @@ _MAX_METADATA_KEYS = 32
 _MAX_METADATA_STRING = 512
 
 
-def collection_name(tenant: str) -> str:
-    """A valid Chroma collection name for any tenant id: a hash, so no tenant id can make an
-    invalid name or another tenant's."""
-    return _COLLECTION_PREFIX + hashlib.sha256(tenant.encode()).hexdigest()[:40]
+def _tenant_hash(tenant: str) -> str:
+    return hashlib.sha256(tenant.encode()).hexdigest()[:40]
+
+
+def collection_name(tenant: str, space: Space | None = None) -> str:
+    """A valid Chroma collection name for any tenant id and model: a hash, so no tenant id can
+    make an invalid name or another tenant's. The default space's is the tenant's alone."""
+    if space is None or space.default:
+        return _COLLECTION_PREFIX + _tenant_hash(tenant)
+    named = f"{tenant}\x1f{space.model_id}|{space.dimension}"
+    return _COLLECTION_PREFIX + hashlib.sha256(named.encode()).hexdigest()[:40]
+
+
+class SpaceBook(Protocol):
+    """Where the registry says a tenant's vectors are (impl/rag/spaces.py)."""
+
+    def current_space(self, tenant: str) -> Space: ...
+
+    def switch_space(self, tenant: str, space: Space) -> None: ...
 
 
 def chroma_settings() -> ChromaSettings:
@@ -188,11 +207,22 @@ def _reaching(
 
 
 class VectorStore:
-    """Thread-safe: one Chroma client shared by all threads, collection handles cached."""
+    """Thread-safe: one Chroma client shared by all threads, collection handles cached.
 
-    def __init__(self, settings: Settings, model_id: str, dimension: int) -> None:
-        self._model_id = model_id
-        self._dimension = dimension
+    Writes (``add``, ``count``) go to the collection of the model this store embeds with;
+    removals and metadata changes to each collection of the tenant that may hold the vectors;
+    searches to the space the caller embedded its question for. Without ``spaces`` (a store
+    used on its own) every tenant is in the default space of this store's model."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model_id: str,
+        dimension: int,
+        spaces: SpaceBook | None = None,
+    ) -> None:
+        self._model = Space(model_id, dimension)
+        self._spaces = spaces
         self._ef_search = settings.hnsw_ef_search
         self._configuration: dict[str, Any] = {
             "hnsw": {
@@ -210,9 +240,6 @@ class VectorStore:
         self._lock = threading.Lock()
         try:
             self._batch = self._client.get_max_batch_size()
-            for collection in self._client.list_collections():
-                if collection.name.startswith(_COLLECTION_PREFIX):
-                    self._check_model(collection)
         except BaseException:
             # An embedded client left open keeps Chroma's files open for the whole process.
             self._client.close()
@@ -227,29 +254,50 @@ class VectorStore:
     def heartbeat(self) -> None:
         self._client.heartbeat()
 
-    def _check_model(self, collection: Collection) -> None:
+    @_reaching
+    def spaces(self, tenant: str) -> tuple[Space, Space]:
+        """The tenant's current space (its searches') and the one this store writes into."""
+        if self._spaces is None:
+            default = Space(self._model.model_id, self._model.dimension, default=True)
+            return default, default
+        current = self._spaces.current_space(tenant)
+        if current.same_model(self._model):
+            return current, current
+        if self._collection(tenant, current, create=False) is None:
+            # The tenant holds no vectors of the old model: nothing to move, so it switches
+            # now, and its first documents answer at once.
+            self._spaces.switch_space(tenant, self._model)
+            return self._model, self._model
+        return current, self._model
+
+    @staticmethod
+    def _check_model(collection: Collection, space: Space) -> None:
         """Vectors of two models live in different spaces: mixing them would silently return
-        nonsense, so a collection built with another model stops the server instead."""
+        nonsense, so a collection holding another model's vectors than its space's is refused."""
         metadata = collection.metadata or {}
         model_id, dimension = metadata.get(_MODEL_KEY), metadata.get(_DIMENSION_KEY)
-        if (model_id, dimension) != (self._model_id, self._dimension):
+        if (model_id, dimension) != (space.model_id, space.dimension):
             raise ConfigurationError(
-                f"the vector store was built with model {model_id} ({dimension} dimensions); "
-                f"this server uses {self._model_id} ({self._dimension} dimensions); re-index or "
-                "use a new data_dir"
+                f"the vector store was built with model {model_id} ({dimension} dimensions) "
+                f"where the registry expects {space.describe()}; re-index (`ragapi reindex`) "
+                "or use a new data_dir"
             )
 
-    def _collection(self, tenant: str, *, create: bool) -> Collection | None:
+    def _collection(self, tenant: str, space: Space, *, create: bool) -> Collection | None:
+        name = collection_name(tenant, space)
         with self._lock:
-            collection = self._collections.get(tenant)
+            collection = self._collections.get(name)
             if collection is not None:
                 return collection
-            name = collection_name(tenant)
             if create:
                 collection = self._client.get_or_create_collection(
                     name,
                     configuration=cast(Any, self._configuration),
-                    metadata={_MODEL_KEY: self._model_id, _DIMENSION_KEY: self._dimension},
+                    metadata={
+                        _MODEL_KEY: space.model_id,
+                        _DIMENSION_KEY: space.dimension,
+                        _TENANT_KEY: _tenant_hash(tenant),
+                    },
                     embedding_function=None,
                 )
             else:
@@ -258,14 +306,42 @@ class VectorStore:
                     collection = self._client.get_collection(name, embedding_function=None)
                 except NotFoundError:
                     return None
-            self._check_model(collection)
+            self._check_model(collection, space)
             hnsw = collection.configuration.get("hnsw") or {}
             if hnsw.get("ef_search") != self._ef_search:
                 # ef_search is read at query time, so collections made under other settings
                 # follow the current ones; ef_construction and max_neighbors stay as built.
                 collection.modify(configuration={"hnsw": {"ef_search": self._ef_search}})
-            self._collections[tenant] = collection
+            self._collections[name] = collection
             return collection
+
+    def _holding(self, tenant: str) -> list[Collection]:
+        """The tenant's collections that may hold a vector of it: the current space's, and
+        during a move the one being filled."""
+        found = (
+            self._collection(tenant, space, create=False)
+            for space in spaces_of(*self.spaces(tenant))
+        )
+        return [collection for collection in found if collection is not None]
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._collections.pop(name, None)
+
+    @_reaching
+    def drop_other_spaces(self, tenant: str, keep: Space) -> None:
+        """Delete the tenant's collections other than ``keep``'s: a move's last step, after the
+        switch (again after a crash)."""
+        kept = collection_name(tenant, keep)
+        default = collection_name(tenant)
+        for collection in self._client.list_collections():
+            ours = collection.name == default or (collection.metadata or {}).get(
+                _TENANT_KEY
+            ) == _tenant_hash(tenant)
+            if ours and collection.name != kept:
+                self._forget(collection.name)
+                with contextlib.suppress(NotFoundError):  # another process dropped it first
+                    self._client.delete_collection(collection.name)
 
     @_reaching
     def add(
@@ -276,7 +352,7 @@ class VectorStore:
         metadata: Metadata,
     ) -> None:
         """Write the chunks' vectors; writing the same chunk ids again replaces them."""
-        collection = self._collection(tenant, create=True)
+        collection = self._collection(tenant, self.spaces(tenant)[1], create=True)
         assert collection is not None
         user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
         for start in range(0, len(chunks), self._batch):
@@ -303,8 +379,9 @@ class VectorStore:
 
     @_reaching
     def count(self, tenant: str, chunk_ids: Sequence[str]) -> int:
-        """How many of these chunks have a vector; looked up by id, so no scan."""
-        collection = self._collection(tenant, create=False)
+        """How many of these chunks have a vector where this store writes; looked up by id,
+        so no scan."""
+        collection = self._collection(tenant, self.spaces(tenant)[1], create=False)
         if collection is None:
             return 0
         return len(collection.get(ids=list(chunk_ids), include=[])["ids"])
@@ -313,44 +390,61 @@ class VectorStore:
     def set_metadata(self, tenant: str, document_id: str, metadata: Metadata) -> None:
         """Give every vector of the document (of every version) this user metadata, in place:
         nothing is embedded again."""
-        collection = self._collection(tenant, create=False)
-        if collection is None:
-            return
-        found = collection.get(where=cast(Any, {DOCUMENT_ID: document_id}), include=["metadatas"])
         user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
-        ids, metadatas = found["ids"], found["metadatas"] or []
-        for start in range(0, len(ids), self._batch):
-            changed = []
-            for meta in metadatas[start : start + self._batch]:
-                ours = {k: v for k, v in meta.items() if not k.startswith(USER_PREFIX)}
-                # A key the patch removed is given as None, which Chroma's update deletes.
-                gone = {k: None for k in meta if k.startswith(USER_PREFIX) and k not in user}
-                changed.append({**ours, **gone, **user})
-            collection.update(ids=ids[start : start + self._batch], metadatas=cast(Any, changed))
+        for collection in self._holding(tenant):
+            found = collection.get(
+                where=cast(Any, {DOCUMENT_ID: document_id}), include=["metadatas"]
+            )
+            ids, metadatas = found["ids"], found["metadatas"] or []
+            for start in range(0, len(ids), self._batch):
+                changed = []
+                for meta in metadatas[start : start + self._batch]:
+                    ours = {k: v for k, v in meta.items() if not k.startswith(USER_PREFIX)}
+                    # A key the patch removed is given as None, which Chroma's update deletes.
+                    gone = {k: None for k in meta if k.startswith(USER_PREFIX) and k not in user}
+                    changed.append({**ours, **gone, **user})
+                collection.update(
+                    ids=ids[start : start + self._batch], metadatas=cast(Any, changed)
+                )
 
     @_reaching
     def delete_version(self, tenant: str, document_id: str, version: int) -> None:
         """Remove the vectors one version of a document was given (a replacement's: they always
         carry their version)."""
-        collection = self._collection(tenant, create=False)
-        if collection is not None:
-            where = {"$and": [{DOCUMENT_ID: document_id}, {VERSION: version}]}
+        where = {"$and": [{DOCUMENT_ID: document_id}, {VERSION: version}]}
+        for collection in self._holding(tenant):
             collection.delete(where=cast(Any, where))
 
     @_reaching
     def delete_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> None:
         """Remove these vectors, by id (no scan)."""
-        collection = self._collection(tenant, create=False)
-        if collection is not None and chunk_ids:
-            collection.delete(ids=list(chunk_ids))
+        if chunk_ids:
+            for collection in self._holding(tenant):
+                collection.delete(ids=list(chunk_ids))
 
     @_reaching
     def delete_documents(self, tenant: str, document_ids: Sequence[str]) -> None:
         """Remove every vector of these documents, whatever run of which job wrote it. Each
         call scans the collection's metadata, so callers pass all their documents at once."""
-        collection = self._collection(tenant, create=False)
-        if collection is not None and document_ids:
-            collection.delete(where=cast(Any, {DOCUMENT_ID: {"$in": list(document_ids)}}))
+        if document_ids:
+            for collection in self._holding(tenant):
+                collection.delete(where=cast(Any, {DOCUMENT_ID: {"$in": list(document_ids)}}))
+
+    def _searched(
+        self, tenant: str, space: Space | None, run: Callable[[Collection], _R]
+    ) -> _R | None:
+        """``run`` on the space's collection; None when there is none (anymore: a move's last
+        step drops the old one, maybe after this caller read the registry)."""
+        if space is None:
+            space = self.spaces(tenant)[0]
+        collection = self._collection(tenant, space, create=False)
+        if collection is None:
+            return None
+        try:
+            return run(collection)
+        except NotFoundError:
+            self._forget(collection.name)
+            return None
 
     @_reaching
     def query(
@@ -361,21 +455,27 @@ class VectorStore:
         filters: SearchFilters | None,
         exclude_documents: AbstractSet[str] = frozenset(),
         only_versions: Mapping[str, int] | None = None,
+        *,
+        space: Space | None = None,
     ) -> list[ScoredChunk]:
         """The ``top_k`` nearest chunks that pass ``filters``, closest first; of the documents
-        in ``only_versions``, only that version's."""
+        in ``only_versions``, only that version's. ``vector``: the question embedded by the
+        model of ``space`` (None: the tenant's current space)."""
         if filters is not None and filters.document_ids is not None and not filters.document_ids:
             return []
         where = build_where(filters, exclude_documents, only_versions or {})
-        collection = self._collection(tenant, create=False)
-        if collection is None:
-            return []
-        result = collection.query(
-            query_embeddings=np.asarray([vector], dtype=np.float32),
-            n_results=top_k,
-            where=cast(Any, where),
-            include=["documents", "metadatas", "distances"],
+        result = self._searched(
+            tenant,
+            space,
+            lambda collection: collection.query(
+                query_embeddings=np.asarray([vector], dtype=np.float32),
+                n_results=top_k,
+                where=cast(Any, where),
+                include=["documents", "metadatas", "distances"],
+            ),
         )
+        if result is None:
+            return []
         ids = result["ids"][0]
         texts = (result["documents"] or [[]])[0]
         metadatas = (result["metadatas"] or [[]])[0]
@@ -406,21 +506,27 @@ class VectorStore:
         filters: SearchFilters | None,
         exclude_documents: AbstractSet[str] = frozenset(),
         only_versions: Mapping[str, int] | None = None,
+        *,
+        space: Space | None = None,
     ) -> list[DenseHit]:
         """query's hits as ids and scores only. Reading the results' metadata and texts is most
         of the cost of a wide query (hybrid asks for 50 candidates and keeps a few, whose texts
         the registry holds): 5.6 ms of CPU against 3.4 ms for 50 at 10k chunks."""
         if filters is not None and filters.document_ids is not None and not filters.document_ids:
             return []
-        collection = self._collection(tenant, create=False)
-        if collection is None:
-            return []
-        result = collection.query(
-            query_embeddings=np.asarray([vector], dtype=np.float32),
-            n_results=top_k,
-            where=cast(Any, build_where(filters, exclude_documents, only_versions or {})),
-            include=["distances"],
+        where = build_where(filters, exclude_documents, only_versions or {})
+        result = self._searched(
+            tenant,
+            space,
+            lambda collection: collection.query(
+                query_embeddings=np.asarray([vector], dtype=np.float32),
+                n_results=top_k,
+                where=cast(Any, where),
+                include=["distances"],
+            ),
         )
+        if result is None:
+            return []
         distances = (result["distances"] or [[]])[0]
         return [
             DenseHit(chunk_id, *_document_and_version(chunk_id), 1.0 - float(distance))

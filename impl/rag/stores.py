@@ -22,6 +22,7 @@ from impl.rag.job_queue import ClaimedJob, DocumentWork, Interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.originals import OriginalStore, open_originals
 from impl.rag.registry import Registry
+from impl.rag.spaces import DocumentChunks, Move, Space
 from impl.rag.store import DenseHit, ScoredChunk, VectorStore
 from impl.rag.types import (
     Chunk,
@@ -152,6 +153,11 @@ class DocumentRegistry(Protocol):
         the document as a duplicate. ``item`` None: a re-index, the stored content cut and
         embedded again under the current settings. ``title`` and ``metadata``: None keeps the
         document's."""
+        ...
+
+    def register_tenant_reindex(self, tenant: str) -> Job:
+        """One job re-indexing every ready document of the tenant not being replaced, each as
+        its next version from its stored content; already succeeded when there is none."""
         ...
 
     def release_idempotency_key(self, tenant: str, key: str) -> None:
@@ -298,8 +304,11 @@ class VectorIndex(Protocol):
         filters: SearchFilters | None,
         exclude_documents: Collection[str] = frozenset(),
         only_versions: Mapping[str, int] | None = None,
+        *,
+        space: Space | None = None,
     ) -> list[DenseHit]:
-        """query's hits as ids, versions and scores only, without their texts."""
+        """query's hits as ids, versions and scores only, without their texts; ``vector`` is
+        the question embedded by ``space``'s model, searched in that space's vectors."""
         ...
 
     def query(
@@ -310,7 +319,17 @@ class VectorIndex(Protocol):
         filters: SearchFilters | None,
         exclude_documents: Collection[str] = frozenset(),
         only_versions: Mapping[str, int] | None = None,
+        *,
+        space: Space | None = None,
     ) -> list[ScoredChunk]: ...
+
+    def spaces(self, tenant: str) -> tuple[Space, Space]:
+        """The tenant's current space (its searches') and the one writes go into."""
+        ...
+
+    def drop_other_spaces(self, tenant: str, keep: Space) -> None:
+        """Delete the tenant's vectors of every space but ``keep``."""
+        ...
 
     def heartbeat(self) -> None:
         """Raise DependencyUnavailable unless the index answers."""
@@ -331,6 +350,39 @@ class VectorIndex(Protocol):
         ...
 
 
+class SpaceRegistry(Protocol):
+    """Which embedding model's vectors answer each tenant, and the moves between models
+    (impl/rag/spaces.py)."""
+
+    def current_space(self, tenant: str) -> Space: ...
+
+    def switch_space(self, tenant: str, space: Space) -> None:
+        """Make ``space`` current, in one transaction (a move stays recorded)."""
+        ...
+
+    def finish_move(self, tenant: str) -> None: ...
+
+    def begin_move(self, tenant: str, target: Space) -> Move: ...
+
+    def record_move_progress(self, move: Move) -> None: ...
+
+    def move_of(self, tenant: str) -> Move | None: ...
+
+    def moves(self) -> list[Move]: ...
+
+    def tenants(self) -> list[str]:
+        """Every tenant that holds a document."""
+        ...
+
+    def ready_chunks(self, tenant: str, after: str | None, limit: int) -> list[DocumentChunks]:
+        """The tenant's ready documents by id after ``after``, with their current chunks."""
+        ...
+
+    def ready_chunk_count(self, tenant: str) -> int: ...
+
+    def ready_version(self, tenant: str, document_id: str) -> int | None: ...
+
+
 @dataclass(frozen=True)
 class Stores:
     """The service's stores; ``close`` closes them all."""
@@ -340,22 +392,23 @@ class Stores:
     lexical: LexicalIndex
     vectors: VectorIndex
     originals: OriginalStore
+    spaces: SpaceRegistry
     close: Callable[[], None]
 
 
 def build_stores(settings: Settings, model_id: str, dimension: int) -> Stores:
     """The stores the settings name: the registry at ``registry_url`` (SQLite under data_dir
     by default), Chroma at ``chroma_url`` (embedded by default), the originals at
-    ``originals_url`` (a folder under data_dir by default). Refuses a registry or vector store
-    built with another embedding model than ``model_id``."""
+    ``originals_url`` (a folder under data_dir by default). ``model_id``: the model writes embed
+    with; the registry records the first one used as the default space's."""
     with contextlib.ExitStack() as opened:
         # Whatever fails below closes what was already opened.
         registry = Registry(
             settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start
         )
         opened.callback(registry.close)
-        registry.check_model(model_id, dimension)
-        vectors = VectorStore(settings, model_id, dimension)
+        registry.record_default_model(model_id, dimension)
+        vectors = VectorStore(settings, model_id, dimension, spaces=registry)
         opened.callback(vectors.close)
         originals = open_originals(settings, registry.database)
         closing = opened.pop_all()
@@ -365,5 +418,6 @@ def build_stores(settings: Settings, model_id: str, dimension: int) -> Stores:
         lexical=registry,
         vectors=vectors,
         originals=originals,
+        spaces=registry,
         close=closing.close,
     )

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from impl.db import open_database
-from impl.errors import ConfigurationError, Conflict, IdempotencyKeyReused, InvalidInput
+from impl.errors import Conflict, IdempotencyKeyReused, InvalidInput
 from impl.rag.documents import NewDocument
 from impl.rag.job_queue import DocumentWork, LeaseLost
 from impl.rag.registry import Registry
+from impl.rag.spaces import Move, Space
 from impl.rag.types import Chunk, Document, JobError
 
 LEASE = timedelta(minutes=1)
@@ -274,13 +276,24 @@ def test_expired_leases_count_as_interrupted(registry: Registry) -> None:
     assert found.job_id == job.id
 
 
-def test_model_identity_is_recorded_and_enforced(registry: Registry) -> None:
-    registry.check_model("model-a", 384)
-    registry.check_model("model-a", 384)
-    with pytest.raises(ConfigurationError, match="built with model model-a"):
-        registry.check_model("model-b", 384)
-    with pytest.raises(ConfigurationError, match="re-index or use a new data_dir"):
-        registry.check_model("model-a", 768)
+def test_the_first_model_is_the_default_space_and_a_switch_moves_one_tenant(
+    registry: Registry,
+) -> None:
+    registry.record_default_model("model-a", 384)
+    registry.record_default_model("model-b", 768)  # recorded once: the first stands
+    assert registry.current_space("t") == Space("model-a", 384, default=True)
+    target = Space("model-b", 768)
+    move = registry.begin_move("t", target)
+    assert registry.begin_move("t", target) == move  # asked again: the same move
+    registry.record_move_progress(replace(move, chunks_done=3, chunks_total=5))
+    assert registry.moves() == [Move("t", target, 3, 5)]
+    assert registry.current_space("t").model_id == "model-a"  # until the switch
+    registry.switch_space("t", target)
+    assert registry.current_space("t") == target
+    assert registry.move_of("t") is not None  # until its last step
+    registry.finish_move("t")
+    assert registry.move_of("t") is None
+    assert registry.current_space("other") == Space("model-a", 384, default=True)
 
 
 def test_concurrent_writers_wait_instead_of_failing(registry: Registry) -> None:
@@ -363,7 +376,7 @@ def test_processes_starting_at_once_record_the_model_once(registry: Registry) ->
     def check() -> None:
         try:
             start.wait()
-            registry.check_model("model-a", 384)
+            registry.record_default_model("model-a", 384)
         except BaseException as exc:
             errors.append(exc)
 
@@ -373,8 +386,7 @@ def test_processes_starting_at_once_record_the_model_once(registry: Registry) ->
     for thread in threads:
         thread.join()
     assert errors == []
-    with pytest.raises(ConfigurationError, match="built with model model-a"):
-        registry.check_model("model-b", 384)
+    assert registry.current_space("t") == Space("model-a", 384, default=True)
 
 
 def ready(registry: Registry, content: str) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import chromadb
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -24,7 +25,8 @@ from impl.errors import (
 )
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.service import NO_ANSWER, RagService
-from impl.rag.store import ScoredChunk
+from impl.rag.spaces import Move
+from impl.rag.store import ScoredChunk, chroma_settings, collection_name
 from impl.rag.stores import VectorIndex, build_stores
 from impl.rag.types import (
     Document,
@@ -57,6 +59,8 @@ OTHER = "globex"
 # Every guarantee of search (tenancy, filters, readiness, deletion) holds in every mode.
 MODES = [RetrievalOptions(mode=mode) for mode in ("dense", "lexical", "hybrid")]
 every_mode = pytest.mark.parametrize("retrieval", MODES, ids=lambda r: r.mode)
+DENSE = RetrievalOptions(mode="dense")
+LEXICAL = RetrievalOptions(mode="lexical")
 
 # One corpus document per file type, so every type is indexed and ranked end to end.
 FORMATS = {
@@ -573,19 +577,130 @@ class _OtherModel(EmbeddingModel):
         return self._inner.embed_query(text)
 
 
-def test_a_data_dir_built_with_another_model_is_refused(
+def _tenant_collections(data_dir: Path, tenant: str) -> dict[str, tuple[str, int]]:
+    """Chroma's own view: the tenant's collections by name, with the model and the number of
+    vectors each holds."""
+    client = chromadb.PersistentClient(path=str(data_dir / "chroma"), settings=chroma_settings())
+    try:
+        found = {}
+        for collection in client.list_collections():
+            meta = collection.metadata or {}
+            if collection.name == collection_name(tenant) or meta.get("ragapi_tenant") == (
+                collection_name(tenant).removeprefix("ragapi-tenant-")
+            ):
+                found[collection.name] = (str(meta["ragapi_model_id"]), collection.count())
+        return found
+    finally:
+        client.close()
+
+
+def test_a_model_change_keeps_answering_until_the_reindex_moves_the_index(
+    service: RagService, data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    job = ingest(
+        service,
+        TENANT,
+        [text_item("Sourdough starter is fed with flour and water."), text_item(long_text(40))],
+    )
+    chunks = sum(service.get_document(TENANT, d).chunk_count for d in job.document_ids)
+    service.close()
+    settings = make_settings(data_dir)
+    other = RagService(settings, _OtherModel(embeddings))
+    other.start()
+    try:
+        # The index still holds the packaged model's vectors: they answer, questions embedded
+        # by the model the registry recorded for them.
+        [hit] = other.search(TENANT, "feeding a sourdough starter", top_k=1)
+        assert "flour" in hit.chunk.text
+        index = other.tenant_index(TENANT)
+        assert index.current.model_id == embeddings.model_id
+        assert index.move is None
+        moves: list[Move] = []
+        moved = other.move_tenant(TENANT, moves.append)
+        assert moved is not None and moved.target.model_id == "another-model"
+        assert moves[-1].chunks_done == moves[-1].chunks_total == chunks
+        assert other.tenant_index(TENANT).current.model_id == "another-model"
+        assert other.tenant_index(TENANT).move is None
+        # One collection is left, of the new model, with every chunk.
+        assert list(_tenant_collections(data_dir, TENANT).values()) == [("another-model", chunks)]
+        [hit] = other.search(TENANT, "feeding a sourdough starter", top_k=1)
+        assert "flour" in hit.chunk.text
+        # A document ingested now goes into the new model's collection.
+        ingest(other, TENANT, [text_item("Rye bread needs a longer proof.")])
+        [hit] = other.search(TENANT, "rye proofing", top_k=1, retrieval=DENSE)
+        assert "Rye" in hit.chunk.text
+    finally:
+        other.close()
+    # Back on the packaged model: "another-model" cannot be loaded to answer meanwhile.
+    back = RagService(settings, embeddings)
+    back.start()
+    try:
+        with pytest.raises(ServiceUnavailable, match="ragapi reindex"):
+            back.search(TENANT, "sourdough", top_k=1, retrieval=DENSE)
+        assert back.search(TENANT, "sourdough", top_k=1, retrieval=LEXICAL)
+        assert back.move_tenant(TENANT, lambda move: None) is not None
+        [hit] = back.search(TENANT, "feeding a sourdough starter", top_k=1, retrieval=DENSE)
+        assert "flour" in hit.chunk.text
+        [(model_id, count)] = _tenant_collections(data_dir, TENANT).values()
+        assert (model_id, count) == (embeddings.model_id, chunks + 1)
+        assert back.move_tenant(TENANT, lambda move: None) is None  # nothing left to move
+    finally:
+        back.close()
+
+
+def test_a_tenant_without_vectors_of_the_old_model_is_on_the_new_one_at_once(
     service: RagService, data_dir: Path, embeddings: EmbeddingModel
 ) -> None:
     ingest(service, TENANT, [text_item("Indexed with the packaged model.")])
     service.close()
-    with pytest.raises(ConfigurationError) as caught:
-        RagService(make_settings(data_dir), _OtherModel(embeddings))
-    assert f"built with model {embeddings.model_id}" in caught.value.detail
-    assert "this server uses another-model" in caught.value.detail
-    # Also when only the vector store remembers the model (a new registry beside old vectors).
-    fresh_registry = f"sqlite:///{data_dir / 'other-registry.db'}"
-    with pytest.raises(ConfigurationError, match="built with model"):
-        RagService(make_settings(data_dir, registry_url=fresh_registry), _OtherModel(embeddings))
+    # The registry's first model is the packaged one; a server on another model now.
+    other = RagService(make_settings(data_dir), _OtherModel(embeddings))
+    other.start()
+    try:
+        assert other.search(OTHER, "anything", top_k=1, retrieval=DENSE) == []
+        assert other.tenant_index(OTHER).current.model_id == "another-model"
+        ingest(other, OTHER, [text_item("Globex ships widgets by the crate.")])
+        [hit] = other.search(OTHER, "widget shipping", top_k=1, retrieval=DENSE)
+        assert "widgets" in hit.chunk.text
+        assert other.tenant_index(TENANT).current.model_id == embeddings.model_id
+    finally:
+        other.close()
+
+
+def test_a_move_stopped_midway_answers_from_the_old_index_and_resumes_at_the_next_start(
+    service: RagService, data_dir: Path, embeddings: EmbeddingModel
+) -> None:
+    texts = [f"Tide table {i}: high water at the pier comes {i} minutes late." for i in range(20)]
+    ingest(service, TENANT, [text_item(text) for text in texts])
+    service.close()
+    settings = make_settings(data_dir)
+    other = RagService(settings, _OtherModel(embeddings))
+    other.start()
+    index = other.reindex_tenant(TENANT)  # the move runs in the background
+    assert index.job is None and index.move is not None
+    other.close()  # stops it at its next document, as a shutdown does
+    # The old index is whole; the new collection holds at most part of the chunks.
+    held = dict(_tenant_collections(data_dir, TENANT).values())
+    assert held[embeddings.model_id] == 20
+    assert held.get("another-model", 0) < 20
+    restarted = RagService(settings, _OtherModel(embeddings))
+    try:
+        before = restarted.tenant_index(TENANT)
+        assert before.current.model_id == embeddings.model_id, "stopped before the switch"
+        assert before.move is not None and before.move.target.model_id == "another-model"
+        [hit] = restarted.search(TENANT, "high water at the pier, 7 minutes", top_k=1)
+        assert "Tide table" in hit.chunk.text  # answered from the old index
+        restarted.start()  # resumes the move
+        deadline = time.monotonic() + 120
+        while restarted.tenant_index(TENANT).move is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert restarted.tenant_index(TENANT).current.model_id == "another-model"
+        assert list(_tenant_collections(data_dir, TENANT).values()) == [("another-model", 20)]
+        [hit] = restarted.search(TENANT, "high water at the pier, 7 minutes", top_k=1)
+        assert "Tide table" in hit.chunk.text
+    finally:
+        restarted.close()
 
 
 def test_inconsistent_chunk_settings_stop_start_up(

@@ -74,7 +74,7 @@ def test_collections_get_the_configured_hnsw_settings(tmp_path: Path) -> None:
     store = VectorStore(settings, "model-a", DIM)
     try:
         add_document(store, "t", "doc", unit(1, 0, 0, 0))
-        collection = store._collection("t", create=False)
+        collection = store._collection("t", store.spaces("t")[0], create=False)
         assert collection is not None
         hnsw = collection.configuration["hnsw"]
         assert hnsw is not None
@@ -93,13 +93,15 @@ def test_existing_collections_follow_the_configured_ef_search(tmp_path: Path) ->
     store = VectorStore(make_settings(data_dir, hnsw_ef_search=300, hnsw_m=8), "model-a", DIM)
     try:
         assert len(store.query("t", unit(1, 0, 0, 0), 5, None)) == 1
-        collection = store._collection("t", create=False)
+        collection = store._collection("t", store.spaces("t")[0], create=False)
         assert collection is not None
         hnsw = collection.configuration["hnsw"]
         assert hnsw is not None
         assert hnsw["ef_search"] == 300
         assert hnsw["max_neighbors"] == 32  # fixed when the index was built
-        assert collection.metadata == {"ragapi_model_id": "model-a", "ragapi_dimension": DIM}
+        assert collection.metadata is not None
+        assert collection.metadata["ragapi_model_id"] == "model-a"
+        assert collection.metadata["ragapi_dimension"] == DIM
     finally:
         store.close()
 
@@ -219,18 +221,22 @@ def test_invalid_filters_are_refused(metadata: dict[str, object], message: str) 
         build_where(SearchFilters(metadata=metadata))  # type: ignore[arg-type]
 
 
-def test_a_store_built_with_another_model_is_refused(tmp_path: Path) -> None:
+def test_a_collection_holding_another_models_vectors_is_refused(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     store = VectorStore(settings, "model-a", DIM)
     add_document(store, "t", "doc", unit(1, 0, 0, 0))
     store.close()
     for model_id, dimension in (("model-b", DIM), ("model-a", 8)):
+        other = VectorStore(settings, model_id, dimension)
         with pytest.raises(ConfigurationError) as caught:
-            VectorStore(settings, model_id, dimension)
+            other.query("t", unit(1, 0, 0, 0), 5, None)
+        other.close()
         assert "built with model model-a" in caught.value.detail
-        assert "re-index or use a new data_dir" in caught.value.detail
+        assert "re-index (`ragapi reindex`) or use a new data_dir" in caught.value.detail
         assert str(tmp_path) not in caught.value.detail
-    VectorStore(settings, "model-a", DIM).close()
+    store = VectorStore(settings, "model-a", DIM)
+    assert len(store.query("t", unit(1, 0, 0, 0), 5, None)) == 1
+    store.close()
 
 
 @pytest.mark.parametrize(
@@ -260,8 +266,12 @@ def test_a_chroma_server_by_url(tmp_path: Path) -> None:
             assert stored(store, "t", "a", 3) == 0
         finally:
             store.close()
-        with pytest.raises(ConfigurationError):
-            VectorStore(settings, "model-b", DIM)
+        other = VectorStore(settings, "model-b", DIM)
+        try:
+            with pytest.raises(ConfigurationError):
+                other.query("t", unit(1, 0, 0, 0), 5, None)
+        finally:
+            other.close()
 
 
 # -- the originals store -------------------------------------------------------------------------

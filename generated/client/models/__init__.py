@@ -39,6 +39,8 @@ from .document_page import DocumentPage
 from .document_patch import DocumentPatch
 from .document_patch_metadata_type_0 import DocumentPatchMetadataType0
 from .document_status import DocumentStatus
+from .embedding_move import EmbeddingMove
+from .embedding_space import EmbeddingSpace
 from .field_error import FieldError
 from .health import Health
 from .health_status import HealthStatus
@@ -83,6 +85,7 @@ from .stream_event_type_2 import StreamEventType2
 from .stream_event_type_3 import StreamEventType3
 from .stream_retrieval import StreamRetrieval
 from .stream_token import StreamToken
+from .tenant_index import TenantIndex
 from .timings import Timings
 
 __all__ = (
@@ -123,6 +126,8 @@ __all__ = (
     "DocumentPatch",
     "DocumentPatchMetadataType0",
     "DocumentStatus",
+    "EmbeddingMove",
+    "EmbeddingSpace",
     "FieldError",
     "Health",
     "HealthStatus",
@@ -167,5 +172,6 @@ __all__ = (
     "StreamEventType3",
     "StreamRetrieval",
     "StreamToken",
+    "TenantIndex",
     "Timings",
 )

@@ -34,6 +34,8 @@ HANDLERS: dict[str, Handler] = {
     "queryDocuments": retrieval.query_documents,
     "streamQuery": streaming.stream_query,
     "getMetrics": operations.get_metrics,
+    "reindexTenant": operations.reindex_tenant,
+    "getTenantIndex": operations.get_tenant_index,
     "listApiKeys": keys.list_api_keys,
     "createApiKey": keys.create_api_key,
     "revokeApiKey": keys.revoke_api_key,

@@ -7,6 +7,7 @@ from pydantic import MISSING, BaseModel
 from generated import models
 from impl.api.problems import TYPE_PREFIX
 from impl.rag import types
+from impl.rag.spaces import TenantIndex
 
 
 def document(value: types.Document) -> models.Document:
@@ -90,4 +91,22 @@ def retrieval(value: models.Retrieval | MISSING) -> types.RetrievalOptions:
         lexical_weight=weights.lexical,
         rrf_k=value.rrf_k,
         candidates=value.candidates,
+    )
+
+
+def tenant_index(value: TenantIndex) -> models.TenantIndex:
+    current, move = value.current, value.move
+    return models.TenantIndex(
+        embedding_model=models.EmbeddingSpace(
+            model_id=current.model_id, dimension=current.dimension
+        ),
+        moving_to=None
+        if move is None
+        else models.EmbeddingMove(
+            model_id=move.target.model_id,
+            dimension=move.target.dimension,
+            chunks_done=move.chunks_done,
+            chunks_total=move.chunks_total,
+        ),
+        job=None if value.job is None else job(value.job),
     )
