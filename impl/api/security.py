@@ -79,7 +79,12 @@ async def authenticate(request: Request, scope: str, takes_bearer: bool = False)
     if not presented:
         where = "as Authorization: Bearer <key> or " if takes_bearer else ""
         raise Unauthenticated(f"Send an API key {where}in the X-API-Key header.")
-    keys: KeyStore = request.state.keys
+    return await verify_key(request.state.keys, presented, scope)
+
+
+async def verify_key(keys: KeyStore, presented: str, scope: str) -> Principal:
+    """The principal of a presented key that holds ``scope``; Unauthenticated or Forbidden
+    otherwise."""
     key = keys.recall(presented) or await run_in_threadpool(keys.verify, presented)
     if key is None:
         raise Unauthenticated("The API key is not valid or has been revoked.")
