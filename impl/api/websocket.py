@@ -10,6 +10,8 @@ holding the server's memory without bound.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -35,8 +37,6 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_TOO_SLOW = 4008
 CLOSE_BAD_MESSAGE = 1008  # policy violation: a message the protocol does not have
 AUTH_WAIT_SECONDS = 10.0
-# How long the close frame may take to reach a client that has stopped reading.
-CLOSE_WAIT_SECONDS = 10.0
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_JOBS = 100  # jobs one connection follows
 
@@ -55,8 +55,19 @@ class _Subscription:
     tenant: str
     cursor: int
     jobs: set[str] = field(default_factory=set)
-    documents: bool = False
+    documents_after: int | None = None  # the tenant's document events after this id
     subscribed: bool = False
+
+    @property
+    def documents(self) -> bool:
+        return self.documents_after is not None
+
+    def has(self, event: Event) -> bool:
+        """Whether the subscription as it stands has sent, or will send, the event."""
+        if event.job_id in self.jobs:
+            return True
+        after = self.documents_after
+        return after is not None and event.type.startswith("document.") and (event.id or 0) > after
 
 
 def _compact(message: dict[str, Any]) -> str:
@@ -125,7 +136,9 @@ async def serve_events(websocket: WebSocket) -> None:
         group.start_soon(run, poll)
         group.start_soon(run, send)
     if closing is not None:
-        with anyio.move_on_after(CLOSE_WAIT_SECONDS):
+        # The close frame goes after the events already written, once the client has read
+        # them; a client that never reads is dropped by the server's keepalive pings.
+        with contextlib.suppress(WebSocketDisconnect, OSError):
             await websocket.close(closing.code, closing.reason)
 
 
@@ -234,8 +247,10 @@ async def _subscribe(
                 await outbox.send(_compact({"type": "error", "detail": exc.detail}))
                 continue
             new.append(job_id)
+        known = dataclasses.replace(subscription, jobs=set(subscription.jobs))
         subscription.jobs.update(new)
-        subscription.documents = subscription.documents or documents
+        if documents and not subscription.documents:
+            subscription.documents_after = subscription.cursor
         subscription.subscribed = True
         confirmation = {
             "type": "subscribed",
@@ -250,7 +265,8 @@ async def _subscribe(
                 _earlier, service, subscription.tenant, new, floor, subscription.cursor
             )
             for event in earlier:
-                await outbox.send(event_message(event))
+                if not known.has(event):  # a document event the subscription already sent
+                    await outbox.send(event_message(event))
             if len(earlier) < EVENT_PAGE_SIZE:
                 break
             floor = earlier[-1].id or floor
