@@ -114,8 +114,8 @@ async def serve_events(websocket: WebSocket) -> None:
 
     async def receive() -> None:
         while True:
-            message = await websocket.receive_text()
-            await _subscribe(service, subscription, _parse(message), outbox, lock)
+            message = _parse(await _receive_text(websocket))
+            await _subscribe(service, subscription, message, outbox, lock)
 
     async def poll() -> None:
         while True:
@@ -149,7 +149,7 @@ async def _authenticate(websocket: WebSocket, settings: Settings) -> Principal:
     presented = websocket.headers.get("x-api-key", "").strip(" \t")
     if not presented:
         with anyio.move_on_after(AUTH_WAIT_SECONDS):
-            message = _parse(await websocket.receive_text())
+            message = _parse(await _receive_text(websocket))
             if message.get("type") != "auth" or not isinstance(message.get("api_key"), str):
                 raise Unauthenticated(
                     'Send the API key in the X-API-Key header or first: {"type": "auth", '
@@ -159,6 +159,16 @@ async def _authenticate(websocket: WebSocket, settings: Settings) -> Principal:
         if not presented:
             raise Unauthenticated("No API key came within 10 s.")
     return await verify_key(websocket.state.keys, presented, "read")
+
+
+async def _receive_text(websocket: WebSocket) -> str:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        raise _Close(CLOSE_BAD_MESSAGE, "each message must be JSON text, not binary")
+    return str(text)
 
 
 def _parse(text: str) -> dict[str, Any]:

@@ -277,6 +277,20 @@ def test_websocket_refuses_without_a_valid_key(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == code
 
 
+@pytest.mark.parametrize(
+    "message", [b"\x00binary", "not json", json.dumps({"type": "subscribe", "jobs": "job_1"})]
+)
+def test_websocket_closes_on_a_message_it_does_not_have_with_1008(
+    stack: Server, message: bytes | str
+) -> None:
+    with connect(ws_url(stack), additional_headers={"X-API-Key": stack.api_key}) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send(message)
+        with pytest.raises(ConnectionClosed) as closed:
+            receive(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
 def test_websocket_never_reads_the_key_from_the_url(stack: Server) -> None:
     with connect(f"{ws_url(stack)}?api_key={stack.api_key}&X-API-Key={stack.api_key}") as ws:
         ws.send(json.dumps({"type": "subscribe", "documents": True}))
