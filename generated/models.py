@@ -215,6 +215,77 @@ class JobStatus(
     root: Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
+class JobEventType(
+    RootModel[
+        Literal[
+            "job.queued",
+            "job.running",
+            "job.progress",
+            "document.ready",
+            "document.failed",
+            "document.updated",
+            "document.deleted",
+            "job.finished",
+        ]
+    ]
+):
+    root: Literal[
+        "job.queued",
+        "job.running",
+        "job.progress",
+        "document.ready",
+        "document.failed",
+        "document.updated",
+        "document.deleted",
+        "job.finished",
+    ]
+    """
+    What happened; `job.finished` is a job's last event.
+    """
+
+
+class JobEventStreamEvent1(BaseModel):
+    """
+    One server-sent event of a job's event stream: the event log's `id`, the event's type as its name and the `JobEvent` as its data; or, when the server cannot go on (its registry stopped answering), `error` with a `Problem`, after which the stream ends (reconnect with `Last-Event-ID`).
+    """
+
+    id: Annotated[str | MISSING, Field(pattern="^[1-9][0-9]*$")] = MISSING
+    event: JobEventType
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/JobEvent"},
+            }
+        ),
+    ]
+
+
+class JobEventStreamEvent2(BaseModel):
+    """
+    One server-sent event of a job's event stream: the event log's `id`, the event's type as its name and the `JobEvent` as its data; or, when the server cannot go on (its registry stopped answering), `error` with a `Problem`, after which the stream ends (reconnect with `Last-Event-ID`).
+    """
+
+    event: Literal["error"]
+    data: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/Problem"},
+            }
+        ),
+    ]
+
+
+class JobEventStreamEvent(RootModel[JobEventStreamEvent1 | JobEventStreamEvent2]):
+    root: JobEventStreamEvent1 | JobEventStreamEvent2
+    """
+    One server-sent event of a job's event stream: the event log's `id`, the event's type as its name and the `JobEvent` as its data; or, when the server cannot go on (its registry stopped answering), `error` with a `Problem`, after which the stream ends (reconnect with `Last-Event-ID`).
+    """
+
+
 class DocumentStatus(RootModel[Literal["pending", "ready", "failed"]]):
     root: Literal["pending", "ready", "failed"]
 
@@ -961,6 +1032,17 @@ class GetJobParams(BaseModel):
     job_id: ResourceId
 
 
+class StreamJobEventsParams(BaseModel):
+    """
+    Path and query parameters of streamJobEvents.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    job_id: ResourceId
+
+
 class ListDocumentsParams(BaseModel):
     """
     Path and query parameters of listDocuments.
@@ -1248,6 +1330,26 @@ class Job(BaseModel):
     """
 
 
+class JobEventData(BaseModel):
+    """
+    What the event's type reports: `job.running` the `attempt`; `job.progress` `chunks_done` and `chunks_total`; `document.ready` the `version` now answering and its `chunk_count`; `document.failed` the `reason`; `document.updated` the `version`, `title` and `metadata` now; `job.finished` the job's `status` and `error` (null unless it failed). `job.queued` and `document.deleted` carry nothing.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    attempt: Annotated[int | MISSING, Field(ge=1)] = MISSING
+    chunks_done: Annotated[int | MISSING, Field(ge=0)] = MISSING
+    chunks_total: Annotated[int | MISSING, Field(ge=0)] = MISSING
+    version: Annotated[int | MISSING, Field(ge=1)] = MISSING
+    chunk_count: Annotated[int | MISSING, Field(ge=0)] = MISSING
+    reason: str | MISSING = MISSING
+    title: str | MISSING = MISSING
+    metadata: Metadata | MISSING = MISSING
+    status: JobStatus | MISSING = MISSING
+    error: Problem | None | MISSING = MISSING
+
+
 class IngestResponse(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -1339,6 +1441,25 @@ class TenantIndex(BaseModel):
     """
     The documents' re-index job this request started; null otherwise.
     """
+
+
+class JobEvent(BaseModel):
+    """
+    One event of the event log, as `GET /api/v1/jobs/{job_id}/events` sends it in `data` and the WebSocket `/api/v1/ws` in an `event` message. A job's events name it in `job_id`; `document.updated` and `document.deleted` (a change by `PATCH` or `DELETE`) name no job.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: Annotated[int | None, Field(ge=1)]
+    """
+    Its place in the event log: ids only grow. Null only for a `job.finished` made from a job whose own events are past their retention.
+    """
+    type: JobEventType
+    job_id: ResourceId | None
+    document_id: ResourceId | None
+    created_at: AwareDatetime
+    data: JobEventData
 
 
 class SearchRequest(BaseModel):

@@ -24,6 +24,7 @@ from impl.errors import ConfigurationError, InvalidInput, NotFound, RagapiError
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from impl.rag.events import Event
     from impl.rag.registry import Registry
     from impl.rag.service import RagService
     from impl.rag.types import Job, RetrievalMode, RetrievalOptions
@@ -652,6 +653,8 @@ def jobs(args: argparse.Namespace) -> int:
             job = service.cancel_job(TENANT, args.job_id)
         print(f"{job.id}: {'cancelled' if job.status == 'cancelled' else 'stopping'}")
         return 0
+    if args.action == "watch":
+        return watch_job(settings, args.job_id)
     with open_registry(settings) as registry:
         cursor, listed = None, 0
         while True:
@@ -666,6 +669,49 @@ def jobs(args: argparse.Namespace) -> int:
     if not listed:
         print("no jobs")
     return 0
+
+
+# `jobs watch` exits with the job's outcome.
+WATCH_EXIT_STATUS = {"succeeded": 0, "failed": 1, "cancelled": 3}
+
+
+def watch_job(settings: Settings, job_id: str) -> int:
+    """Print the job's events as they are written to the registry's event log, by whichever
+    process runs the job, until its last; the exit status is its outcome."""
+    from impl.rag.service import EVENT_PAGE_SIZE
+
+    with open_registry(settings) as registry:
+        after, status = 0, "failed"
+        while True:
+            batch = registry.job_events(TENANT, job_id, after=after, limit=EVENT_PAGE_SIZE)
+            if batch is None:
+                raise NotFound(f"job {job_id} not found")
+            for event in batch.events:
+                line = f"{event.created_at:%H:%M:%S}  {event.type:<15}  {describe(event)}"
+                print(line.rstrip(), flush=True)
+                after = event.id or after
+                status = event.data.get("status", status)
+            if batch.finished:
+                return WATCH_EXIT_STATUS[status]
+            if len(batch.events) < EVENT_PAGE_SIZE:
+                time.sleep(settings.events_poll_seconds)
+
+
+def describe(event: Event) -> str:
+    """One line of what an event reports."""
+    data = event.data
+    if event.type == "job.running":
+        return f"attempt {data['attempt']}"
+    if event.type == "job.progress":
+        return f"{data['chunks_done']}/{data['chunks_total']} chunks"
+    if event.type == "document.ready":
+        return f"{event.document_id} version {data['version']}, {data['chunk_count']} chunks"
+    if event.type == "document.failed":
+        return f"{event.document_id}: {data['reason']}"
+    if event.type == "job.finished":
+        error = data.get("error")
+        return f"{data['status']}: {error['detail']}" if error else str(data["status"])
+    return event.document_id or ""
 
 
 def keys(args: argparse.Namespace) -> int:
@@ -812,13 +858,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=reindex)
 
-    p = commands.add_parser("jobs", help="list or cancel ingestion jobs")
+    p = commands.add_parser("jobs", help="list, cancel or watch ingestion jobs")
     actions = p.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list")
     listing.add_argument(
         "--status", choices=["queued", "running", "succeeded", "failed", "cancelled"]
     )
     actions.add_parser("cancel").add_argument("job_id")
+    actions.add_parser(
+        "watch",
+        help="print a job's events as they happen; exit 0 when it succeeds, 1 when it fails, "
+        "3 when it is cancelled",
+    ).add_argument("job_id")
     p.set_defaults(run=jobs)
 
     p = commands.add_parser("keys", help="create, list or revoke API keys")

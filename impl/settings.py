@@ -254,6 +254,32 @@ class Settings(BaseSettings):
         gt=0,
         description="How long ingest remembers an Idempotency-Key after its first use.",
     )
+    event_retention_seconds: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long the job and document events (the streams of "
+        "/jobs/{job_id}/events and /ws) are kept; older ones are removed as jobs finish.",
+    )
+    events_poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="How often an event stream (SSE or WebSocket) reads the registry's event "
+        "log for new events: the most an event waits before it is sent.",
+    )
+    events_heartbeat_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="Longest silence on an event stream: a heartbeat (an SSE comment, a "
+        "WebSocket heartbeat message) is sent after it, so proxies keep the connection open.",
+    )
+    ws_buffer_events: int = Field(
+        256,
+        ge=1,
+        description="Events a WebSocket connection holds for a client that reads more slowly "
+        "than they come; still full at the next read of the event log, the connection is "
+        "closed with code 4008.",
+    )
     require_if_match: bool = Field(
         False,
         description="Refuse (428) a replace, patch or delete of a document without If-Match.",

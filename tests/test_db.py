@@ -86,6 +86,7 @@ def build_registry_before_migrations(url: str) -> None:
             "conversations",
             "conversation_turns",
             "originals",
+            "job_events",
         )
         before_lexical = [table for table in Base.metadata.sorted_tables if table.name not in later]
         Base.metadata.create_all(engine, tables=before_lexical)

@@ -1,5 +1,6 @@
 // The whole flow a user takes, through the client generated from openapi/v1.yaml, against a
-// live server: ingest (multipart and JSON), the job, list, get, chunks, search, query, delete.
+// live server: ingest (multipart and JSON), the job, list, get, chunks, search, query, a
+// replacement followed by its job's events, delete.
 //
 //   RAGAPI_E2E_URL=http://127.0.0.1:8000 RAGAPI_E2E_API_KEY=rk_... npm run e2e
 //
@@ -166,6 +167,30 @@ await check("an answer cites the passage it comes from", async () => {
   assert.ok(answer.answer.includes(`[${citation.marker}]`));
   const chunk = chunks.find((c) => c.id === citation.chunk_id);
   assert.ok(chunk?.text.includes(citation.quote), "the quote is in its chunk");
+});
+
+await check("a replacement's job events run from queued to the new version ready", async () => {
+  const params = { path: { doc_id: textId } };
+  const body: Schemas["IngestText"] = { text: [...SATURN].reverse().join("\n\n") };
+  const accepted = ok(await api.PUT("/api/v1/documents/{doc_id}", { params, body }), 202);
+  // The stream ends after the job's last event: read it whole, then its `data:` lines.
+  const stream = await api.GET("/api/v1/jobs/{job_id}/events", {
+    params: { path: { job_id: accepted.job.id } },
+    parseAs: "text",
+  });
+  assert.equal(stream.response.status, 200);
+  assert.ok(stream.response.headers.get("content-type")?.startsWith("text/event-stream"));
+  const events: Schemas["JobEvent"][] = (stream.data ?? "")
+    .split("\n")
+    .filter((line) => line.startsWith("data: "))
+    .map((line) => JSON.parse(line.slice("data: ".length)) as Schemas["JobEvent"]);
+  const types = events.map((e) => e.type);
+  assert.deepEqual(types.slice(0, 2), ["job.queued", "job.running"]);
+  assert.deepEqual(types.slice(-2), ["document.ready", "job.finished"]);
+  const ready = events[events.length - 2];
+  assert.equal(ready?.document_id, textId);
+  assert.equal(ready?.data.version, 2);
+  assert.equal(events[events.length - 1]?.data.status, "succeeded");
 });
 
 await check("deleted documents are gone, told as a 404 problem", async () => {

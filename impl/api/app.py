@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from generated.operations import OPERATIONS
-from impl.api import problems
+from impl.api import problems, websocket
 from impl.api.docs import mount_docs
 from impl.api.handlers import HANDLERS
 from impl.api.middleware import RATE_LIMIT_HEADERS, RequestContext
@@ -96,6 +96,9 @@ def create_app(
         redirect_slashes=False,
     )
     add_routes(app, handlers)
+    # Not an operation of the contract (OpenAPI cannot describe a WebSocket; the ingestion
+    # tag's description does): it authenticates by itself.
+    app.add_api_websocket_route(websocket.PATH, websocket.serve_events)
     mount_docs(app, tokens)
     app.add_exception_handler(RagapiError, problems.handle_ragapi_error)
     app.add_exception_handler(HTTPException, problems.handle_http_exception)

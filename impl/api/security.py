@@ -96,7 +96,14 @@ async def authenticate(request: Request, scope: str, takes_bearer: bool = False)
         raise Unauthenticated(
             f"Send an API key {where}in the X-API-Key header{token_too}.", bearer=bearer
         )
-    keys: KeyStore = request.state.keys
+    return await verify_key(request.state.keys, presented, scope, bearer=bearer)
+
+
+async def verify_key(
+    keys: KeyStore, presented: str, scope: str, *, bearer: bool = False
+) -> Principal:
+    """The principal of a presented key that holds ``scope``; Unauthenticated (with a Bearer
+    challenge when ``bearer``) or Forbidden otherwise."""
     key = keys.recall(presented) or await run_in_threadpool(keys.verify, presented)
     if key is None:
         raise Unauthenticated("The API key is not valid or has been revoked.", bearer=bearer)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from impl.db import Database, decode_time_cursor, encode_time_cursor, utcnow
 from impl.errors import Conflict, NotFound, PreconditionFailed
+from impl.rag.events import EventLog, EventType
 from impl.rag.job_queue import job_from_row
 from impl.rag.originals import drop_unreferenced_contents, referenced_keys, store_contents
 from impl.rag.tables import (
@@ -100,7 +102,7 @@ class StoredObjects:
     keys: tuple[str, ...]
 
 
-class Documents:
+class Documents(EventLog):
     """The registry's document rows (a part of ``Registry``)."""
 
     _db: Database
@@ -212,7 +214,31 @@ class Documents:
                     )
                 )
             session.flush()
+            self._record_submitted(session, job)
             return job_from_row(session, job)
+
+    def _record_submitted(self, session: Session, job: JobRow) -> None:
+        if job.status == "queued":
+            self._record_event(session, job.tenant, "job.queued", job_id=job.id)
+        else:  # nothing to index: it has already succeeded
+            self._record_event(
+                session, job.tenant, "job.finished", job_id=job.id, status=job.status, error=None
+            )
+
+    def _record_document_event(
+        self, session: Session, document_id: str, event_type: EventType, **data: Any
+    ) -> None:
+        """An event of a new document, with the job that indexes it."""
+        job_id = session.scalar(
+            select(JobDocumentRow.job_id).where(
+                JobDocumentRow.document_id == document_id, JobDocumentRow.duplicate.is_(False)
+            )
+        )
+        tenant = session.scalar(select(DocumentRow.tenant).where(DocumentRow.id == document_id))
+        if tenant is not None:
+            self._record_event(
+                session, tenant, event_type, job_id=job_id, document_id=document_id, **data
+            )
 
     def mark_ready(self, document_id: str, chunk_count: int) -> bool:
         """Pending -> ready; False when the document is being deleted (or gone)."""
@@ -222,7 +248,12 @@ class Documents:
                 .where(DocumentRow.id == document_id, DocumentRow.status == "pending")
                 .values(status="ready", chunk_count=chunk_count, updated_at=utcnow())
             )
-            return rowcount(changed) == 1
+            if rowcount(changed) != 1:
+                return False
+            self._record_document_event(
+                session, document_id, "document.ready", version=1, chunk_count=chunk_count
+            )
+            return True
 
     def mark_failed(self, document_id: str, reason: str) -> bool:
         """Pending -> failed with ``reason``, dropping its chunk rows (the caller has already
@@ -234,7 +265,10 @@ class Documents:
                 .where(DocumentRow.id == document_id, DocumentRow.status == "pending")
                 .values(status="failed", error=reason, chunk_count=0, updated_at=utcnow())
             )
-            return rowcount(changed) == 1
+            if rowcount(changed) != 1:
+                return False
+            self._record_document_event(session, document_id, "document.failed", reason=reason)
+            return True
 
     def update_document(
         self,
@@ -258,6 +292,15 @@ class Documents:
             row.metadata_ = dict(metadata)
             row.updated_at = utcnow()
             session.flush()
+            self._record_event(
+                session,
+                tenant,
+                "document.updated",
+                document_id=document_id,
+                version=row.version,
+                title=title,
+                metadata=dict(metadata),
+            )
             return document_from_row(row)
 
     @staticmethod
@@ -354,6 +397,7 @@ class Documents:
                     )
                 )
             session.flush()
+            self._record_submitted(session, job)
             return job_from_row(session, job)
 
     def register_tenant_reindex(self, tenant: str) -> Job:
@@ -453,6 +497,15 @@ class Documents:
             row.chunk_count = int(chunk_count or 0)
             row.updated_at = utcnow()
             session.delete(new)
+            self._record_event(
+                session,
+                row.tenant,
+                "document.ready",
+                job_id=new.job_id,
+                document_id=row.id,
+                version=version,
+                chunk_count=row.chunk_count,
+            )
             return _retired(retired)
 
     def being_replaced(self, document_id: str) -> bool:
@@ -595,6 +648,8 @@ class Documents:
             if row is None or row.tenant != tenant:
                 return None
             check_precondition(document_from_row(row), if_match)
+            if row.status != DELETING:
+                self._record_event(session, tenant, "document.deleted", document_id=document_id)
             row.status = DELETING
             row.updated_at = utcnow()
             return _stored_objects(session, row)

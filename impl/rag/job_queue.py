@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from impl.db import Database, decode_time_cursor, encode_time_cursor, utcnow
 from impl.errors import Conflict
 from impl.rag import lexical
+from impl.rag.events import EventLog
 from impl.rag.tables import (
     ChunkRow,
     DocumentRow,
@@ -87,7 +88,7 @@ def job_from_row(session: Session, row: JobRow) -> Job:
     )
 
 
-class JobRows:
+class JobRows(EventLog):
     """The registry's job rows (a part of ``Registry``; the JobQueue of impl/rag/stores.py)."""
 
     _db: Database
@@ -130,8 +131,9 @@ class JobRows:
             )
             if rowcount(claimed) != 1:
                 return None
-            attempts = session.scalar(select(JobRow.attempts).where(JobRow.id == job_id))
-            return ClaimedJob(id=job_id, attempt=attempts or 0)
+            attempts = session.scalar(select(JobRow.attempts).where(JobRow.id == job_id)) or 0
+            self._record_job_event(session, job_id, "job.running", attempt=attempts)
+            return ClaimedJob(id=job_id, attempt=attempts)
 
     def job_work(self, job_id: str) -> list[DocumentWork]:
         """The job's documents that still await indexing, in the order they were given."""
@@ -180,6 +182,14 @@ class JobRows:
         if rowcount(renewed) != 1:
             raise LeaseLost(job_id)
 
+    def _record_progress(self, session: Session, job_id: str) -> None:
+        done, total = session.execute(
+            select(JobRow.chunks_done, JobRow.chunks_total).where(JobRow.id == job_id)
+        ).one()
+        self._record_job_event(
+            session, job_id, "job.progress", chunks_done=done, chunks_total=total
+        )
+
     def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None:
         with self._db.write() as session:
             self._renew(session, job_id, owner, lease)
@@ -194,6 +204,7 @@ class JobRows:
                 if item.replacement:
                     delete_version_chunks(session, item.id, item.version)
             self._renew(session, job_id, owner, lease, chunks_done=0, chunks_total=total)
+            self._record_progress(session, job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._db.read() as session:
@@ -234,19 +245,21 @@ class JobRows:
             )
             lexical.index_chunks(session, doc.tenant, chunks)
             self._renew(session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(chunks))
+            self._record_progress(session, job_id)
             return True
 
     def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None:
         """Take chunks that will not be indexed (their document went away) out of the total."""
         with self._db.write() as session:
             self._renew(session, job_id, owner, lease, chunks_total=JobRow.chunks_total - count)
+            self._record_progress(session, job_id)
 
     def finish_job(
         self, job_id: str, owner: str, error: JobError | None, *, cancelled: bool = False
     ) -> None:
         with self._db.write() as session:
             now = utcnow()
-            status = "cancelled" if cancelled else "failed" if error else "succeeded"
+            status: JobStatus = "cancelled" if cancelled else "failed" if error else "succeeded"
             finished = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running", JobRow.lease_owner == owner)
@@ -261,6 +274,13 @@ class JobRows:
             )
             if rowcount(finished) != 1:
                 raise LeaseLost(job_id)
+            self._record_finished(session, job_id, status, error)
+
+    def _record_finished(
+        self, session: Session, job_id: str, status: JobStatus, error: JobError | None
+    ) -> None:
+        detail = None if error is None else {"title": error.title, "detail": error.detail}
+        self._record_job_event(session, job_id, "job.finished", status=status, error=detail)
 
     def release_job(self, job_id: str, owner: str) -> bool:
         """Give a job back to the queue at shutdown; a shutdown is not an attempt that failed.
@@ -277,7 +297,10 @@ class JobRows:
                     updated_at=utcnow(),
                 )
             )
-            return rowcount(released) == 1
+            if rowcount(released) != 1:
+                return False
+            self._record_job_event(session, job_id, "job.queued")
+            return True
 
     def find_interrupted(self, *, every_running: bool, max_attempts: int) -> list[Interrupted]:
         """Running jobs no worker is running: all of them when only this process may run jobs
@@ -329,7 +352,10 @@ class JobRows:
                     status="queued", lease_owner=None, lease_expires_at=None, updated_at=utcnow()
                 )
             )
-            return rowcount(requeued) == 1
+            if rowcount(requeued) != 1:
+                return False
+            self._record_job_event(session, job_id, "job.queued")
+            return True
 
     def count_queued(self) -> int:
         with self._db.read() as session:
@@ -342,12 +368,14 @@ class JobRows:
         with self._db.write() as session:
             now = utcnow()
             delete_chunks(session, document_ids)
+            pending = (DocumentRow.id.in_(document_ids), DocumentRow.status == "pending")
+            failed = session.scalars(select(DocumentRow.id).where(*pending)).all()
             session.execute(
                 update(DocumentRow)
-                .where(DocumentRow.id.in_(document_ids), DocumentRow.status == "pending")
+                .where(*pending)
                 .values(status="failed", error=error.detail, chunk_count=0, updated_at=now)
             )
-            session.execute(
+            given_up = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == "running")
                 .values(
@@ -359,6 +387,12 @@ class JobRows:
                     updated_at=now,
                 )
             )
+            for document_id in failed:
+                self._record_job_event(
+                    session, job_id, "document.failed", document_id=document_id, reason=error.detail
+                )
+            if rowcount(given_up) == 1:
+                self._record_finished(session, job_id, "failed", error)
 
     def queued_job_ids(self, limit: int) -> list[str]:
         with self._db.read() as session:
@@ -432,6 +466,16 @@ class JobRows:
                     .where(DocumentRow.id.in_(failed), DocumentRow.status == "pending")
                     .values(status="failed", error=CANCELLED_DETAIL, chunk_count=0, updated_at=now)
                 )
+                for document_id in failed:
+                    self._record_event(
+                        session,
+                        tenant,
+                        "document.failed",
+                        job_id=job_id,
+                        document_id=document_id,
+                        reason=CANCELLED_DETAIL,
+                    )
+                self._record_finished(session, job_id, "cancelled", None)
                 replacements = [
                     (new.document_id, new.version)
                     for new in session.scalars(

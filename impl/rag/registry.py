@@ -3,11 +3,13 @@ SQL.
 
 SQLite by default, PostgreSQL by URL (the engine, sessions and schema are impl/db.py's). Each
 concern is a module of its own (documents.py, job_queue.py, chunk_rows.py, idempotency.py,
-spaces.py); ``Registry`` is all of them on one database. Every method is one unit of work in its
-own session, which makes the class safe to share between threads.
+spaces.py, events.py); ``Registry`` is all of them on one database. Every method is one unit of
+work in its own session, which makes the class safe to share between threads.
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +18,7 @@ from impl.db import Database, open_database
 from impl.rag import lexical
 from impl.rag.chunk_rows import Chunks
 from impl.rag.documents import Documents
+from impl.rag.events import DEFAULT_RETENTION
 from impl.rag.idempotency import IdempotencyKeys
 from impl.rag.job_queue import JobRows
 from impl.rag.spaces import VectorSpaces
@@ -24,9 +27,13 @@ from impl.rag.types import StoreCounts
 
 
 class Registry(Documents, JobRows, Chunks, IdempotencyKeys, VectorSpaces):
-    def __init__(self, url: str, *, upgrade: bool) -> None:
+    def __init__(
+        self, url: str, *, upgrade: bool, event_retention: timedelta = DEFAULT_RETENTION
+    ) -> None:
         """The registry at ``url``; ``upgrade``: apply the migrations it lacks, else refuse a
-        schema older than this code's (see ``Database.ensure_schema``)."""
+        schema older than this code's (see ``Database.ensure_schema``). Events older than
+        ``event_retention`` are removed as jobs finish."""
+        self._event_retention = event_retention
         self._db = open_database(url)
         try:
             self._db.ensure_schema(upgrade=upgrade)

@@ -18,7 +18,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +44,7 @@ from impl.rag.embeddings import (
     count_tokens,
     load_tokenizer,
 )
+from impl.rag.events import Event, JobEvents
 from impl.rag.idempotency import RecordedResponse
 from impl.rag.jobs import IngestWorkers, chunk_id, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
@@ -85,6 +86,7 @@ from impl.settings import Settings
 
 MAX_TOP_K = 50
 MAX_PAGE_SIZE = 100
+EVENT_PAGE_SIZE = 100  # events read from the log at a time
 MAX_TITLE_CHARS = 300  # the contract's bound on a given title
 # Hits of documents that are not ready (still indexing, being deleted) are excluded and the
 # search repeated; each round excludes at least one more such document.
@@ -609,6 +611,32 @@ class RagService:
         if job is None:
             raise NotFound(f"job {job_id} not found")
         return job
+
+    def job_events(self, tenant: str, job_id: str, *, after: int) -> JobEvents:
+        """The job's events after the event id ``after`` (a page of them)."""
+        events = self._jobs.job_events(tenant, job_id, after=after, limit=EVENT_PAGE_SIZE)
+        if events is None:
+            raise NotFound(f"job {job_id} not found")
+        return events
+
+    def tenant_events(
+        self,
+        tenant: str,
+        *,
+        after: int,
+        job_ids: Collection[str],
+        documents: bool,
+        up_to: int | None = None,
+        limit: int = EVENT_PAGE_SIZE,
+    ) -> list[Event]:
+        """At most ``limit`` of the tenant's events after ``after`` (up to ``up_to``): those
+        of ``job_ids``, and with ``documents`` every document event."""
+        return self._jobs.tenant_events(
+            tenant, after=after, job_ids=job_ids, documents=documents, limit=limit, up_to=up_to
+        )
+
+    def last_event_id(self) -> int:
+        return self._jobs.last_event_id()
 
     def list_jobs(
         self, tenant: str, *, limit: int, cursor: str | None, status: JobStatus | None = None

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from impl.rag.documents import NewDocument, RetiredVersion, StoredObjects
+from impl.rag.events import Event, JobEvents
 from impl.rag.idempotency import RecordedResponse
 from impl.rag.job_queue import ClaimedJob, DocumentWork, Interrupted
 from impl.rag.lexical import LexicalHit
@@ -185,6 +186,27 @@ class JobQueue(Protocol):
     (chunk rows, its documents' outcome) checked against the lease."""
 
     def get_job(self, tenant: str, job_id: str) -> Job | None: ...
+
+    def job_events(self, tenant: str, job_id: str, *, after: int, limit: int) -> JobEvents | None:
+        """The job's events after the id ``after``, oldest first; None when the tenant has
+        no such job."""
+        ...
+
+    def tenant_events(
+        self,
+        tenant: str,
+        *,
+        after: int,
+        job_ids: Collection[str],
+        documents: bool,
+        limit: int,
+        up_to: int | None = None,
+    ) -> list[Event]:
+        """The tenant's events after ``after`` (up to ``up_to``): those of ``job_ids``, and
+        with ``documents`` every document event."""
+        ...
+
+    def last_event_id(self) -> int: ...
 
     def queued_job_ids(self, limit: int) -> list[str]: ...
 
@@ -404,7 +426,9 @@ def build_stores(settings: Settings, model_id: str, dimension: int) -> Stores:
     with contextlib.ExitStack() as opened:
         # Whatever fails below closes what was already opened.
         registry = Registry(
-            settings.resolved_registry_url, upgrade=settings.registry_upgrades_on_start
+            settings.resolved_registry_url,
+            upgrade=settings.registry_upgrades_on_start,
+            event_retention=timedelta(seconds=settings.event_retention_seconds),
         )
         opened.callback(registry.close)
         registry.record_default_model(model_id, dimension)

@@ -4,6 +4,7 @@ type-checks this module with mypy, so a client that drifts from the spec fails h
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,13 @@ from generated.client.api.documents import (
     patch_document,
     replace_document,
 )
-from generated.client.api.ingestion import cancel_job, get_job, ingest_documents, list_jobs
+from generated.client.api.ingestion import (
+    cancel_job,
+    get_job,
+    ingest_documents,
+    list_jobs,
+    stream_job_events,
+)
 from generated.client.api.retrieval import query_documents, search_chunks
 from generated.client.models import (
     DocumentPatch,
@@ -146,6 +153,19 @@ def test_ingest_list_search_query_and_delete(api: AuthenticatedClient) -> None:
         replace_document.sync_detailed(client=api, doc_id=typed.id, body=revised), 202
     )
     assert finished(api, replaced.job.id).status == "succeeded"
+    # Its job's events, followed with the client's request for them (a client generated for
+    # JSON bodies reads the event stream through its own httpx client).
+    request = stream_job_events._get_kwargs(replaced.job.id)
+    with api.get_httpx_client().stream(**request) as response:
+        assert response.status_code == 200
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in response.iter_lines()
+            if line.startswith("data: ")
+        ]
+    assert [e["type"] for e in events][:2] == ["job.queued", "job.running"]
+    assert [e["type"] for e in events][-2:] == ["document.ready", "job.finished"]
+    assert events[-2]["document_id"] == typed.id and events[-2]["data"]["version"] == 2
     current = get_document.sync_detailed(client=api, doc_id=typed.id)
     assert parsed(current).version == 2
     etag = current.headers["etag"]

@@ -48,6 +48,11 @@ from .ingest_response import IngestResponse
 from .ingest_text import IngestText
 from .ingest_upload import IngestUpload
 from .job import Job
+from .job_event import JobEvent
+from .job_event_data import JobEventData
+from .job_event_stream_event_type_0 import JobEventStreamEventType0
+from .job_event_stream_event_type_1 import JobEventStreamEventType1
+from .job_event_type import JobEventType
 from .job_page import JobPage
 from .job_status import JobStatus
 from .media_type import MediaType
@@ -135,6 +140,11 @@ __all__ = (
     "IngestText",
     "IngestUpload",
     "Job",
+    "JobEvent",
+    "JobEventData",
+    "JobEventStreamEventType0",
+    "JobEventStreamEventType1",
+    "JobEventType",
     "JobPage",
     "JobStatus",
     "MediaType",

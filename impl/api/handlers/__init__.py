@@ -6,6 +6,7 @@ from __future__ import annotations
 from impl.api.handlers import (
     conversations,
     documents,
+    events,
     health,
     ingestion,
     keys,
@@ -23,6 +24,7 @@ HANDLERS: dict[str, Handler] = {
     "getJob": ingestion.get_job,
     "listJobs": ingestion.list_jobs,
     "cancelJob": ingestion.cancel_job,
+    "streamJobEvents": events.stream_job_events,
     "listDocuments": documents.list_documents,
     "getDocument": documents.get_document,
     "replaceDocument": documents.replace_document,

@@ -7,6 +7,7 @@ from pydantic import MISSING, BaseModel
 from generated import models
 from impl.api.problems import TYPE_PREFIX
 from impl.rag import types
+from impl.rag.events import Event
 from impl.rag.spaces import TenantIndex
 
 
@@ -14,17 +15,35 @@ def document(value: types.Document) -> models.Document:
     return models.Document.model_validate(value, from_attributes=True)
 
 
+def job_error(value: types.JobError | None) -> models.Problem | None:
+    if value is None:
+        return None
+    return models.Problem(
+        type=f"{TYPE_PREFIX}ingestion-failed", title=value.title, status=422, detail=value.detail
+    )
+
+
 def job(value: types.Job) -> models.Job:
-    error = None
-    if value.error is not None:
-        error = models.Problem(
-            type=f"{TYPE_PREFIX}ingestion-failed",
-            title=value.error.title,
-            status=422,
-            detail=value.error.detail,
-        )
     fields = {k: v for k, v in vars(value).items() if k != "error"}
-    return models.Job.model_validate({**fields, "error": error})
+    return models.Job.model_validate({**fields, "error": job_error(value.error)})
+
+
+def job_event(value: Event) -> models.JobEvent:
+    """An event of the log; a ``job.finished``'s error, kept as title and detail, becomes the
+    problem that the job's own ``error`` is."""
+    data = dict(value.data)
+    if data.get("error") is not None:
+        data["error"] = job_error(types.JobError(**data["error"]))
+    return models.JobEvent.model_validate(
+        {
+            "id": value.id,
+            "type": value.type,
+            "job_id": value.job_id,
+            "document_id": value.document_id,
+            "created_at": value.created_at,
+            "data": data,
+        }
+    )
 
 
 def chunk(value: types.Chunk) -> models.Chunk:
