@@ -201,7 +201,7 @@ from impl.rag.registry import Registry
 from impl.security.keys import SqlKeyStore
 from impl.settings import Settings
 registry = Registry(sys.argv[1], upgrade=True)
-registry.check_model("model-a", 384)
+registry.record_default_model("model-a", 384)
 registry.close()
 SqlKeyStore(Settings(registry_url=sys.argv[1], registry_auto_upgrade=True)).close()
 """
@@ -243,7 +243,7 @@ def test_the_keys_and_the_registry_survive_a_postgresql_restart(
     try:
         secret = keys.create("t", "k", ["read"]).secret
         assert keys.verify(secret) is not None
-        registry.check_model("model-a", 384)
+        registry.record_default_model("model-a", 384)
         postgres.restart()
         assert keys.verify(secret) is not None
         assert registry.list_documents("t", limit=5, cursor=None).items == []
