@@ -181,7 +181,7 @@ class ChatRewriter:
     """The configured OpenAI-compatible chat model rewrites the question."""
 
     def __init__(self, settings: Settings) -> None:
-        # Imported here: only the openai provider needs them (41 MB, see openai_answer_provider).
+        # Imported here: only the openai provider needs them (28 MB, see openai_answer_provider).
         from langchain_openai import ChatOpenAI
 
         # The answer provider's endpoint and model, with the same key handling (a key is always

@@ -109,9 +109,9 @@ class ChatAnswerProvider(AnswerProvider):
 
 
 def openai_answer_provider(settings: Settings) -> ChatAnswerProvider:
-    # Imported here, not with the module: openai and langchain_openai hold about 41 MB of a
-    # process's memory (measured: ragapi's imports in a fresh process, with and without them,
-    # scripts/bench/memory.py), and only this provider and ChatRewriter use them.
+    # Imported here, not with the module: the extractive default never uses openai and
+    # langchain_openai, which added 28 MB to a process's memory (measured in a fresh process:
+    # the server's imports held 190 MB with them, 162 MB without; docs/benchmarks.md, Memory).
     import openai
     from langchain_openai import ChatOpenAI
 
