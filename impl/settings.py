@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -340,6 +341,15 @@ class Settings(BaseSettings):
     )
     embedding_threads: int = Field(
         0, ge=0, description="onnxruntime threads per embedding call; 0 lets onnxruntime pick."
+    )
+    model_cache_dir: Path = Field(
+        default_factory=lambda: (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ragapi"
+        ),
+        description="Folder where the packaged embedding model is written once as onnxruntime "
+        "runs it (FP32 weights in a file each process maps rather than copies: about 90 MB less "
+        "memory per process); default: $XDG_CACHE_HOME/ragapi, else ~/.cache/ragapi. A folder "
+        "that cannot be written costs that memory, nothing else.",
     )
     embedding_query_wait_ms: float = Field(
         2.0,

@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import openai
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from impl.errors import UpstreamError
@@ -183,6 +181,9 @@ class ChatRewriter:
     """The configured OpenAI-compatible chat model rewrites the question."""
 
     def __init__(self, settings: Settings) -> None:
+        # Imported here: only the openai provider needs them (28 MB, see openai_answer_provider).
+        from langchain_openai import ChatOpenAI
+
         # The answer provider's endpoint and model, with the same key handling (a key is always
         # passed, so OPENAI_API_KEY from the environment never reaches a third-party endpoint).
         openai_api = settings.llm_base_url is None or (
@@ -206,6 +207,8 @@ class ChatRewriter:
         for exchange in history:
             lines += [f"User: {exchange.question}", f"Assistant: {exchange.answer}"]
         prompt = REWRITE_PROMPT.invoke({"history": "\n".join(lines), "question": question})
+        import openai  # loaded already, with ChatOpenAI
+
         try:
             reply = self._model.invoke(prompt).text
         except openai.APIError as exc:

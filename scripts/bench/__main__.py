@@ -6,6 +6,7 @@
     python -m scripts.bench --sizes 10000  # only these stages (chunks in the store)
     python -m scripts.bench --scaling      # only the worker-scaling block (issue 12)
     python -m scripts.bench --scaling-counts 1,2,4  # worker processes in the scaling block
+    python -m scripts.bench --peer-python /tmp/peer-venv/bin/python  # with the LangChain peer
 
 A real ``ragapi serve`` on loopback (authentication, logging and metrics on; rate limits set
 out of reach) is measured next to the raw work in this process, in the same run. The table goes
@@ -33,7 +34,7 @@ import numpy as np
 
 from impl.rag.embeddings import OnnxMiniLM
 from impl.settings import Settings
-from scripts.bench import corpus, embedding, measure, report, scaling, seed
+from scripts.bench import corpus, embedding, measure, peer, report, scaling, seed
 from scripts.bench.cache import DEFAULT_DIR, CachedEmbeddings, EmbeddingCache
 from scripts.bench.corpus import SourceDocument
 from scripts.bench.server import ROOT, Server, start_bare, start_ragapi
@@ -55,6 +56,7 @@ class Profile:
     idle_seconds: float  # idle searching around the interference ingestion, in all
     embedding_chunks: int  # real 200-token chunks timed for the embedding-efficiency figure
     embedding_rounds: int
+    peer_rounds: int  # fresh servers of each side ingesting the 31 pages (with --peer-python)
     scaling_jobs_per_process: int  # ingest requests per worker at each count of the scaling block
     scaling_job_bytes: int  # each of them
 
@@ -72,6 +74,7 @@ FULL = Profile(
     idle_seconds=30.0,
     embedding_chunks=64,
     embedding_rounds=3,
+    peer_rounds=2,
     scaling_jobs_per_process=3,
     scaling_job_bytes=60_000,
 )
@@ -88,6 +91,7 @@ QUICK = Profile(
     idle_seconds=3.0,
     embedding_chunks=8,
     embedding_rounds=1,
+    peer_rounds=1,
     scaling_jobs_per_process=1,
     scaling_job_bytes=3_000,
 )
@@ -114,6 +118,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         default=scaling.default_counts(),
         help="comma-separated worker-process counts of the scaling block; default 1, 2, 4, ... "
         "up to the machine's cores",
+    )
+    parser.add_argument(
+        "--peer-python",
+        type=Path,
+        help="the interpreter of a virtualenv with scripts/bench/peer-requirements.txt: adds "
+        "ingestion CPU per document against the naive LangChain stack (peer.py)",
     )
     parser.add_argument("--out", type=Path, help="the JSON file to write")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_DIR, help="the embedding cache")
@@ -346,6 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             run.empty_server()
             run.stages()
+            if args.peer_python:
+                _say("ingestion CPU per document against the LangChain peer")
+                run.results["peer"] = peer.ingestion_cpu(
+                    args.peer_python, work / "peer", profile.peer_rounds
+                )
         run.results["scaling"] = scaling.worker_scaling(
             work / "scaling",
             run.scaling_counts,

@@ -94,7 +94,11 @@ def _store_targets(results: dict[str, Any]) -> list[Target]:
             0.7,
         ),
         Target(f"top-5 recall {at}", results["recall"]["server_recall"], ">=", 0.95),
-    ]
+    ] + (
+        [Target("ingestion CPU per document / LangChain peer's", peer["cpu_ratio"], "<=", 0.6)]
+        if (peer := results.get("peer"))
+        else []
+    )
 
 
 # The latency block's rows, JSON name to label; the ratio column of each is its p95 over the
@@ -214,6 +218,15 @@ def _store_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             _f(emb["peak_fraction"], 2),
         )
     )
+    if peer := results.get("peer"):
+        rows.append(
+            (
+                f"ingestion CPU-s per document, {peer['documents']} pages (LangChain peer)",
+                _f(peer["cpu_s_per_document"]["ragapi"], 2),
+                _f(peer["cpu_s_per_document"]["peer"], 2),
+                _f(peer["cpu_ratio"], 2),
+            )
+        )
     ing = results["ingestion"]
     rows.append(
         (

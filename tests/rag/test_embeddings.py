@@ -92,6 +92,32 @@ def test_batching_gives_the_vectors_of_one_by_one_in_input_order(model: OnnxMini
         np.testing.assert_allclose(vector, model.embed_query(text), atol=1e-5)
 
 
+def test_the_runnable_graph_is_written_once_and_gives_the_packaged_vectors(
+    model: OnnxMiniLM, tmp_path: Path
+) -> None:
+    cached = OnnxMiniLM(cache_dir=tmp_path)
+    written = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if path.is_file()}
+    assert sorted(path.name for path in written) == ["model.onnx", "model.onnx.data"]
+    assert cached.model_id == model.model_id
+    texts = [text for text, _ in references()]
+    np.testing.assert_allclose(
+        cached.embed_documents(texts), model.embed_documents(texts), atol=1e-6
+    )
+    OnnxMiniLM(cache_dir=tmp_path)  # a second process start reads what the first wrote
+    again = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if path.is_file()}
+    assert again == written
+
+
+def test_a_cache_dir_that_cannot_be_written_runs_the_packaged_graph(
+    model: OnnxMiniLM, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    text = "Which moon of Saturn has a thick nitrogen atmosphere?"
+    vector = OnnxMiniLM(cache_dir=blocked / "models").embed_query(text)
+    np.testing.assert_allclose(vector, model.embed_query(text), atol=1e-6)
+
+
 def test_no_texts_give_no_vectors(model: OnnxMiniLM) -> None:
     assert model.embed_documents([]) == []
 

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-import openai
 from langchain_core.messages import BaseMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableLambda
-from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from impl.errors import ConfigurationError, UpstreamError
@@ -41,7 +39,9 @@ def _request_inputs(request: AnswerRequest) -> dict[str, str]:
     return prompt_inputs(request.question, request.hits)
 
 
-def _failure_reason(exc: openai.APIError) -> str:
+def _failure_reason(exc: Exception) -> str:
+    import openai  # loaded already: exc is one of its errors (see openai_answer_provider)
+
     if isinstance(exc, openai.APITimeoutError):
         return "it did not answer in time"
     if isinstance(exc, openai.APIConnectionError):
@@ -60,9 +60,13 @@ class ChatAnswerProvider(AnswerProvider):
         name: str,
         model: Runnable[PromptValue, BaseMessage],
         fit: Runnable[AnswerRequest, AnswerRequest] | None = None,
+        upstream_errors: tuple[type[Exception], ...] = (),
     ) -> None:
         self.name = name
         self._fit = fit
+        # The model client's errors that mean its endpoint failed (openai's for the openai
+        # provider), named by the provider so that this module need not import the client.
+        self._upstream_errors = upstream_errors
         # Nothing may follow the model in this chain, not even an output parser: closed early,
         # LangChain's streaming wrapper of a step reads the rest of that step's input before it
         # returns (Runnable._transform_stream_with_config), so a parser after the model would
@@ -92,7 +96,7 @@ class ChatAnswerProvider(AnswerProvider):
                     if len(text) > sent:
                         yield text[sent:]
                         sent = len(text)
-        except openai.APIError as exc:
+        except self._upstream_errors as exc:
             raise UpstreamError(
                 f"the language model endpoint failed: {_failure_reason(exc)}"
             ) from exc
@@ -105,6 +109,12 @@ class ChatAnswerProvider(AnswerProvider):
 
 
 def openai_answer_provider(settings: Settings) -> ChatAnswerProvider:
+    # Imported here, not with the module: the extractive default never uses openai and
+    # langchain_openai, which added 28 MB to a process's memory (measured in a fresh process:
+    # the server's imports held 190 MB with them, 162 MB without; docs/benchmarks.md, Memory).
+    import openai
+    from langchain_openai import ChatOpenAI
+
     if settings.llm_base_url is None and settings.llm_api_key is None:
         raise ConfigurationError(
             "answer_provider 'openai' needs llm_api_key for the OpenAI API, or llm_base_url "
@@ -130,4 +140,4 @@ def openai_answer_provider(settings: Settings) -> ChatAnswerProvider:
         extra_body=None if openai_api else {"max_tokens": settings.max_answer_tokens},
         temperature=0,
     )
-    return ChatAnswerProvider("openai", model)
+    return ChatAnswerProvider("openai", model, upstream_errors=(openai.APIError,))
