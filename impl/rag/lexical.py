@@ -44,6 +44,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -54,6 +55,22 @@ from impl.rag.types import Chunk, TermStatistics
 
 K1 = 1.2
 B = 0.75
+# A posting's impact is its BM25 saturation at this chunk length, in units of 1/IMPACT_SCALE:
+# a fixed length, not the tenant's average, so that a term's order never changes as the
+# tenant's chunks come and go.
+REFERENCE_LENGTH = 64
+IMPACT_SCALE = 10_000
+# The first pass reads this many postings of each query term, the best by impact ...
+POSTINGS_PER_TERM = 1000
+# ... and the second scores this many of the chunks it found exactly (or ``limit``, if more).
+RESCORED_CHUNKS = 200
+
+
+def impact(frequency: int, chunk_terms: int) -> int:
+    """A posting's rank among its term's: its BM25 saturation in a chunk of ``chunk_terms``
+    terms at REFERENCE_LENGTH (migration 0006 computes the same in SQL)."""
+    length = 1 - B + B * chunk_terms / REFERENCE_LENGTH
+    return int(IMPACT_SCALE * frequency * (K1 + 1) / (frequency + K1 * length) + 0.5)
 
 
 class PostingRow(Base):
@@ -73,9 +90,21 @@ class PostingRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     frequency: Mapped[int] = mapped_column(Integer)
     chunk_terms: Mapped[int] = mapped_column(Integer)
+    impact: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
     __table_args__ = (
         Index("ix_lexical_postings_document", "document_id"),
+        # Each term's postings best first, with every column the first pass reads or filters
+        # on: the first pass reads a term's best postings from this index alone.
+        Index(
+            "ix_lexical_postings_impact",
+            "tenant",
+            "term",
+            "impact",
+            "chunk_id",
+            "document_id",
+            "version",
+        ),
         {"sqlite_with_rowid": False},
     )
 
@@ -114,6 +143,7 @@ def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None
                 "version": chunk.version,
                 "frequency": frequency,
                 "chunk_terms": length,
+                "impact": impact(frequency, length),
             }
             for term, frequency in counts.items()
         )
@@ -186,17 +216,47 @@ def _document_frequencies(term_count: int) -> Select[str, int]:
 def _scoring(
     term_count: int, only: bool, excluding: bool, pinned: int
 ) -> Select[str, str, int, float]:
-    """BM25 of every chunk holding a term :t<i> (whose IDF is :idf<i>), best first: one
-    statement per shape, built once, so that a search only binds its values. The arithmetic
-    is in double precision on every backend. ``pinned``: how many documents are searched in
-    one version only (:pinned_document<i> in :pinned_version<i>)."""
+    """BM25 for the terms :t<i> (whose IDF is :idf<i>), best first, in two passes: the first
+    reads the :postings best postings of each term by impact (an index range per term, with
+    the search's scope inside, so that a narrow scope still finds its chunks below the
+    tenant's best) and keeps the :rescored chunks with the highest sum of IDF times impact;
+    the second scores those chunks exactly from all their postings of the query's terms.
+    One statement per shape, built once, so that a search only binds its values. The
+    arithmetic is in double precision on every backend. ``pinned``: how many documents are
+    searched in one version only (:pinned_document<i> in :pinned_version<i>)."""
     number: Double[float] = Double()
     terms_ = _term_params(term_count)
-    idf = case(
-        *(
-            (PostingRow.term == term, bindparam(f"idf{i}", type_=number))
-            for i, term in enumerate(terms_)
+    idfs = [bindparam(f"idf{i}", type_=number) for i in range(term_count)]
+    reads = []
+    for term, idf in zip(terms_, idfs, strict=True):
+        read = (
+            select(PostingRow.chunk_id, (idf * PostingRow.impact).label("weight"))
+            .where(PostingRow.tenant == bindparam("tenant"), PostingRow.term == term)
+            .order_by(PostingRow.impact.desc())
+            .limit(bindparam("postings", type_=Integer))
         )
+        if only:
+            read = read.where(PostingRow.document_id.in_(bindparam("only", expanding=True)))
+        if excluding:
+            read = read.where(PostingRow.document_id.not_in(bindparam("excluded", expanding=True)))
+        for i in range(pinned):
+            read = read.where(
+                or_(
+                    PostingRow.document_id != bindparam(f"pinned_document{i}", type_=String),
+                    PostingRow.version == bindparam(f"pinned_version{i}", type_=Integer),
+                )
+            )
+        # SQLite takes a LIMIT inside a compound statement only in a subquery of its own.
+        reads.append(select(read.subquery()))
+    found = union_all(*reads).subquery() if term_count > 1 else reads[0].subquery()
+    candidates = (
+        select(found.c.chunk_id)
+        .group_by(found.c.chunk_id)
+        .order_by(func.sum(found.c.weight).desc(), found.c.chunk_id)
+        .limit(bindparam("rescored", type_=Integer))
+    )
+    term_idf = case(
+        *((PostingRow.term == term, idf) for term, idf in zip(terms_, idfs, strict=True))
     )
     frequency = cast(PostingRow.frequency, number)
     k1, b = bindparam("k1", type_=number), bindparam("b", type_=number)
@@ -208,28 +268,20 @@ def _scoring(
             + k1 * (1 - b + b * PostingRow.chunk_terms / bindparam("average_length", type_=number))
         )
     )
-    score = func.sum(idf * saturation).label("score")
-    statement = (
+    score = func.sum(term_idf * saturation).label("score")
+    # A chunk's id names its document and version, so the scope applied in the first pass
+    # holds for every posting of the chunks it kept.
+    return (
         select(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version, score)
-        .where(PostingRow.tenant == bindparam("tenant"), PostingRow.term.in_(terms_))
+        .where(
+            PostingRow.tenant == bindparam("tenant"),
+            PostingRow.term.in_(terms_),
+            PostingRow.chunk_id.in_(candidates),
+        )
         .group_by(PostingRow.chunk_id, PostingRow.document_id, PostingRow.version)
         .order_by(score.desc(), PostingRow.chunk_id)
         .limit(bindparam("limit", type_=Integer))
     )
-    if only:
-        statement = statement.where(PostingRow.document_id.in_(bindparam("only", expanding=True)))
-    if excluding:
-        statement = statement.where(
-            PostingRow.document_id.not_in(bindparam("excluded", expanding=True))
-        )
-    for i in range(pinned):
-        statement = statement.where(
-            or_(
-                PostingRow.document_id != bindparam(f"pinned_document{i}", type_=String),
-                PostingRow.version == bindparam(f"pinned_version{i}", type_=Integer),
-            )
-        )
-    return statement
 
 
 def search(
@@ -265,6 +317,8 @@ def search(
     params: dict[str, Any] = {
         "tenant": tenant,
         "limit": limit,
+        "postings": POSTINGS_PER_TERM,
+        "rescored": max(RESCORED_CHUNKS, limit),
         "average_length": max(stats.terms / stats.chunks, 1.0),
         "k1": K1,
         "b": B,
