@@ -80,6 +80,7 @@ def build_registry_before_migrations(url: str) -> None:
         # The lexical index's tables and those later migrations add.
         later = (
             "lexical_postings",
+            "lexical_terms",
             "lexical_stats",
             "conversations",
             "conversation_turns",

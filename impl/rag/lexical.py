@@ -47,6 +47,8 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from impl.db import Base
@@ -118,6 +120,19 @@ class LexicalStatsRow(Base):
     terms: Mapped[int] = mapped_column(Integer)
 
 
+class LexicalTermRow(Base):
+    """How many of a tenant's chunks hold a term: BM25's document frequency, kept in the
+    transactions that write and remove the postings, so that a search reads it instead of
+    counting the term's postings (a common term's are tens of thousands at 100k chunks)."""
+
+    __tablename__ = "lexical_terms"
+    tenant: Mapped[str] = mapped_column(String(256), primary_key=True)
+    term: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chunks: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
 @dataclass(frozen=True)
 class LexicalHit:
     chunk_id: str
@@ -129,11 +144,13 @@ class LexicalHit:
 def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None:
     """Add the chunks' postings and count them in the tenant's statistics."""
     postings: list[dict[str, Any]] = []
+    holding: Counter[str] = Counter()
     total_terms = 0
     for chunk in chunks:
         counts = Counter(terms(chunk.text))
         length = sum(counts.values())
         total_terms += length
+        holding.update(counts.keys())
         postings.extend(
             {
                 "tenant": tenant,
@@ -149,6 +166,23 @@ def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None
         )
     if postings:
         session.execute(insert(PostingRow), postings)
+        upsert = (
+            sqlite_insert(LexicalTermRow)
+            if session.get_bind().dialect.name == "sqlite"
+            else postgresql_insert(LexicalTermRow)
+        )
+        # In term order, as removals go: two transactions that count the same terms wait
+        # for each other instead of deadlocking.
+        session.execute(
+            upsert.on_conflict_do_update(
+                index_elements=[LexicalTermRow.tenant, LexicalTermRow.term],
+                set_={"chunks": LexicalTermRow.chunks + upsert.excluded.chunks},
+            ),
+            [
+                {"tenant": tenant, "term": term, "chunks": count}
+                for term, count in sorted(holding.items())
+            ],
+        )
     _count(session, tenant, len(chunks), total_terms)
 
 
@@ -174,7 +208,30 @@ def _remove(session: Session, which: ColumnElement[bool]) -> None:
         .where(which)
         .group_by(PostingRow.tenant)
     ).all()
+    holding = session.execute(
+        select(PostingRow.tenant, PostingRow.term, func.count())
+        .where(which)
+        .group_by(PostingRow.tenant, PostingRow.term)
+        .order_by(PostingRow.tenant, PostingRow.term)
+    ).all()
     session.execute(delete(PostingRow).where(which))
+    if holding:
+        tenant_, term_ = bindparam("tenant_", type_=String), bindparam("term_", type_=String)
+        which_term = and_(LexicalTermRow.tenant == tenant_, LexicalTermRow.term == term_)
+        counts = [{"tenant_": t, "term_": term, "held": count} for t, term, count in holding]
+        # On the Core connection: the ORM takes a list of parameters to an UPDATE as rows
+        # to update by primary key.
+        connection = session.connection()
+        connection.execute(
+            update(LexicalTermRow)
+            .where(which_term)
+            .values(chunks=LexicalTermRow.chunks - bindparam("held", type_=Integer)),
+            counts,
+        )
+        connection.execute(
+            delete(LexicalTermRow).where(which_term, LexicalTermRow.chunks <= 0),
+            [{"tenant_": t, "term_": term} for t, term, _ in holding],
+        )
     for tenant, chunks, total_terms in removed:
         _count(session, tenant, -int(chunks), -int(total_terms))
 
@@ -203,12 +260,9 @@ def _term_params(count: int) -> list[BindParameter[str]]:
 
 @functools.cache
 def _document_frequencies(term_count: int) -> Select[str, int]:
-    return (
-        select(PostingRow.term, func.count())
-        .where(
-            PostingRow.tenant == bindparam("tenant"), PostingRow.term.in_(_term_params(term_count))
-        )
-        .group_by(PostingRow.term)
+    return select(LexicalTermRow.term, LexicalTermRow.chunks).where(
+        LexicalTermRow.tenant == bindparam("tenant"),
+        LexicalTermRow.term.in_(_term_params(term_count)),
     )
 
 
@@ -349,8 +403,8 @@ def term_statistics(session: Session, tenant: str, query_terms: Collection[str])
     if stats is None or not query_terms:
         return TermStatistics(chunks=stats.chunks if stats else 0, frequencies={})
     frequencies = session.execute(
-        select(PostingRow.term, func.count())
-        .where(PostingRow.tenant == tenant, PostingRow.term.in_(sorted(set(query_terms))))
-        .group_by(PostingRow.term)
+        select(LexicalTermRow.term, LexicalTermRow.chunks).where(
+            LexicalTermRow.tenant == tenant, LexicalTermRow.term.in_(sorted(set(query_terms)))
+        )
     ).all()
     return TermStatistics(chunks=stats.chunks, frequencies=dict(frequencies))

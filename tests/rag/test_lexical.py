@@ -173,6 +173,7 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
         # The tables of the lexical index and of the migrations after 0002.
         for table in (
             "lexical_postings",
+            "lexical_terms",
             "lexical_stats",
             "originals",
             "document_replacements",

@@ -1,7 +1,8 @@
-"""The lexical index's impact order: each posting's impact (its BM25 saturation at a fixed
-chunk length, impl/rag/lexical.py) and an index that holds each term's postings best first,
-so that a search reads a term's best postings instead of all of them. Existing postings get
-their impact here.
+"""The lexical index's impact order and document frequencies: each posting's impact (its BM25
+saturation at a fixed chunk length, impl/rag/lexical.py) and an index that holds each term's
+postings best first, so that a search reads a term's best postings instead of all of them;
+and a table of how many chunks hold each term, so that a search reads that instead of counting
+a term's postings. Both are filled here from the existing postings.
 
 Revision ID: 0006
 Revises: 0005
@@ -46,9 +47,21 @@ def upgrade() -> None:
         "lexical_postings",
         ["tenant", "term", "impact", "chunk_id", "document_id", "version"],
     )
+    op.create_table(
+        "lexical_terms",
+        sa.Column("tenant", sa.String(256), primary_key=True),
+        sa.Column("term", sa.String(64), primary_key=True),
+        sa.Column("chunks", sa.Integer(), nullable=False),
+        sqlite_with_rowid=False,
+    )
+    op.execute(
+        "INSERT INTO lexical_terms (tenant, term, chunks)"
+        " SELECT tenant, term, COUNT(*) FROM lexical_postings GROUP BY tenant, term"
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("lexical_terms")
     op.drop_index(INDEX, table_name="lexical_postings")
     with op.batch_alter_table("lexical_postings") as batch:
         batch.drop_column("impact")
