@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, text
 
 from impl.db import SCHEMA_HEAD, Base, alembic_config, open_database
 from impl.errors import ConfigurationError
+from impl.rag import lexical
 from impl.rag.registry import Registry
 from impl.security.keys import CreatedKey, SqlKeyStore
 from impl.settings import Settings
@@ -82,6 +83,7 @@ def build_registry_before_migrations(url: str) -> None:
         # The lexical index's tables and those later migrations add.
         later = (
             "lexical_postings",
+            "lexical_terms",
             "lexical_stats",
             "conversations",
             "conversation_turns",
@@ -197,6 +199,7 @@ def fresh_databases(postgres: Postgres) -> Iterator[list[str]]:
 # What a server process does with the registry at start, RAGAPI_REGISTRY_AUTO_UPGRADE=true.
 OPEN_AND_UPGRADE = """
 import sys
+from impl.rag import lexical
 from impl.rag.registry import Registry
 from impl.security.keys import SqlKeyStore
 from impl.settings import Settings
@@ -293,3 +296,59 @@ def test_servers_starting_at_once_on_an_empty_database_make_one_admin_key(
             store.close()
     assert len(created) == 1
     assert [key.id for key in listed] == [created[0].key.id]
+
+
+def test_0006_gives_existing_postings_their_impact_and_their_terms_counts(
+    registry_url: str,
+) -> None:
+    """A lexical index written before impacts (0005): the upgrade computes each posting's
+    impact as the code does, counts the chunks that hold each term, and searches find the
+    chunks with their BM25."""
+    migrate_to(registry_url, "0005")
+    # (chunk, term, frequency, chunk length): a short chunk and a long one.
+    postings = [
+        ("doc_a-0", "zeppelin", 1, 3),
+        ("doc_a-0", "moor", 2, 3),
+        ("doc_a-1", "zeppelin", 3, 120),
+        ("doc_a-1", "dawn", 1, 120),
+    ]
+    engine = create_engine(registry_url)
+    try:
+        with engine.begin() as connection:
+            for chunk_id, term, frequency, length in postings:
+                connection.execute(
+                    text(
+                        "INSERT INTO lexical_postings (tenant, term, chunk_id, document_id,"
+                        " version, frequency, chunk_terms) VALUES ('t', :term, :chunk_id,"
+                        " 'doc_a', 1, :frequency, :length)"
+                    ),
+                    {"term": term, "chunk_id": chunk_id, "frequency": frequency, "length": length},
+                )
+            connection.execute(text("INSERT INTO lexical_stats VALUES ('t', 2, 123)"))
+    finally:
+        engine.dispose()
+    migrate_to(registry_url, "head")
+    engine = create_engine(registry_url)
+    try:
+        with engine.connect() as connection:
+            impacts = dict(
+                connection.execute(
+                    text("SELECT chunk_id || ' ' || term, impact FROM lexical_postings")
+                ).all()
+            )
+            counts = dict(connection.execute(text("SELECT term, chunks FROM lexical_terms")).all())
+    finally:
+        engine.dispose()
+    assert impacts == {
+        f"{chunk_id} {term}": lexical.impact(frequency, length)
+        for chunk_id, term, frequency, length in postings
+    }
+    assert counts == {"zeppelin": 2, "moor": 1, "dawn": 1}
+    registry = Registry(registry_url, upgrade=False)
+    try:
+        hits = registry.lexical_search(
+            "t", "zeppelin dawn", limit=5, document_ids=None, exclude_documents=(), only_versions={}
+        )
+        assert [hit.chunk_id for hit in hits] == ["doc_a-1", "doc_a-0"]
+    finally:
+        registry.close()

@@ -8,13 +8,15 @@ import math
 import sqlite3
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from impl.rag import lexical
 from impl.rag.registry import Registry
 from impl.rag.service import RagService
 from impl.rag.terms import terms
-from impl.rag.types import RetrievalOptions
+from impl.rag.types import Chunk, RetrievalOptions
 from tests.rag.conftest import ServiceFactory, ingest, text_item
 
 TENANT = "acme"
@@ -173,6 +175,7 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
         # The tables of the lexical index and of the migrations after 0002.
         for table in (
             "lexical_postings",
+            "lexical_terms",
             "lexical_stats",
             "originals",
             "document_replacements",
@@ -219,5 +222,56 @@ def test_term_statistics_count_the_chunks_that_hold_each_term(
         remaining = {k: v for k, v in DATABASE_NOTES.items() if k != "busy"}
         assert (found.chunks, found.frequencies) == (len(remaining), expected(remaining))
         assert registry.term_statistics("another-tenant", asked).frequencies == {}
+    finally:
+        registry.close()
+
+
+def index_directly(registry: Registry, document_id: str, texts: list[str]) -> None:
+    """Chunks into the lexical index alone (no vectors: this is the index's own behaviour)."""
+    with registry.database.write() as session:
+        lexical.index_chunks(
+            session,
+            TENANT,
+            [
+                Chunk(f"{document_id}-{i}", document_id, i, text, None, 0, len(text))
+                for i, text in enumerate(texts)
+            ],
+        )
+
+
+def test_a_narrow_scope_finds_its_chunks_below_the_tenants_best_postings(
+    registry_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search reads only each term's best postings (POSTINGS_PER_TERM, lowered here so that
+    a few chunks exceed it); a search scoped to documents whose postings rank below those
+    still finds their chunks, with their exact BM25, on SQLite and PostgreSQL."""
+    monkeypatch.setattr(lexical, "POSTINGS_PER_TERM", 10)
+    registry = Registry(registry_url, upgrade=True)
+    try:
+        # Short chunks: the term's best postings. Long ones: its worst.
+        popular = [f"zeppelin moored {i}" for i in range(30)]
+        filler = " ".join(f"word{i}" for i in range(60))
+        long = [f"zeppelin {filler} {i}" for i in range(3)]
+        index_directly(registry, "doc_popular", popular)
+        index_directly(registry, "doc_long", long)
+
+        def search(**scope: Any) -> list[lexical.LexicalHit]:
+            arguments = {"document_ids": None, "exclude_documents": (), "only_versions": {}}
+            return registry.lexical_search(TENANT, "zeppelin", limit=50, **{**arguments, **scope})
+
+        assert {hit.document_id for hit in search()} == {"doc_popular"}
+        expected = {f"doc_long-{i}" for i in range(3)}
+        for scope in (
+            {"document_ids": {"doc_long"}},
+            {"exclude_documents": {"doc_popular"}},
+        ):
+            hits = search(**scope)
+            assert {hit.chunk_id for hit in hits} == expected, scope
+            # Exact BM25: the term once in each chunk, every chunk holding it.
+            lengths = [len(list(terms(text))) for text in popular + long]
+            n, average = len(lengths), sum(lengths) / len(lengths)
+            idf = math.log(1 + (n - n + 0.5) / (n + 0.5))
+            bm25 = idf * 2.2 / (1 + 1.2 * (0.25 + 0.75 * lengths[-1] / average))
+            assert [hit.score for hit in hits] == pytest.approx([bm25] * 3)
     finally:
         registry.close()

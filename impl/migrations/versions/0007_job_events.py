@@ -1,7 +1,7 @@
 """The event log of jobs and documents (impl/rag/events.py).
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-# 0006 is another branch's: the lead rechains this onto it when both are merged.
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels = None
 depends_on = None
 
