@@ -183,6 +183,7 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
             "idempotency_keys",
             "conversation_turns",
             "conversations",
+            "job_events",
         ):
             db.execute(f"DROP TABLE {table}")
         db.execute("DELETE FROM meta WHERE key = 'lexical_index'")
