@@ -825,11 +825,15 @@ class RagService:
             found = {(hit.document_id, hit.version) for hit in dense} | {
                 (hit.document_id, hit.version) for hit in lexical_hits
             }
-            current = self._documents.ready_versions(tenant, list({doc for doc, _ in found}))
+            # The documents searched in one version are asked about too, found or not: one
+            # swapped since its version was read has that version's vectors removed, so it
+            # would be found in neither and its next version never asked for.
+            asked = {doc for doc, _ in found} | only_versions.keys()
+            current = self._documents.ready_versions(tenant, list(asked))
             not_ready = {doc for doc, _ in found} - current.keys()
             stale = {
                 doc: current[doc][1]
-                for doc, version in found
+                for doc, version in [*found, *only_versions.items()]
                 if doc in current and current[doc][1] != version
             }
             if not not_ready and all(only_versions.get(d) == v for d, v in stale.items()):

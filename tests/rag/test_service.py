@@ -5,6 +5,7 @@ and the model identity check."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -823,3 +824,55 @@ def test_the_service_works_on_the_stores_it_is_given(
         service.close()
     assert [hit.chunk.document_id for hit in hits] == [doc_id]
     assert recording.queried == [TENANT]
+
+
+def test_a_search_that_pinned_the_version_swapped_out_meanwhile_finds_the_next_one(
+    service: RagService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interleaving a replacement makes possible, forced: a search finds both versions'
+    vectors while the next is indexed, reads that the first is current and searches it alone;
+    before that second query the next version is swapped in and the first's vectors removed.
+    The search must then find the document in its new version, not in neither."""
+    winter = "Harbour pilot notices: in winter the tugs wait inside the breakwater."
+    summer = "Harbour pilot notices: in summer the tugs wait outside the breakwater."
+    document_id = ingest(service, TENANT, [text_item(winter)]).document_ids[0]
+    at_swap, release_swap, swapped = threading.Event(), threading.Event(), threading.Event()
+    swap_version = service._jobs.swap_version  # the seam the race goes through
+
+    def held_swap(*args: Any, **kwargs: Any) -> Any:
+        at_swap.set()
+        release_swap.wait(120)
+        try:
+            return swap_version(*args, **kwargs)
+        finally:
+            swapped.set()
+
+    monkeypatch.setattr(service._jobs, "swap_version", held_swap)
+    query = service._vectors.query
+    calls: list[dict[str, int]] = []
+
+    def racing_query(*args: Any, **kwargs: Any) -> Any:
+        only_versions = dict(args[5])
+        calls.append(only_versions)
+        if only_versions == {document_id: 1}:
+            # The search has pinned the old version: now the swap happens, and the old
+            # version's vectors go, before this query runs.
+            release_swap.set()
+            assert swapped.wait(120)
+            deadline = time.monotonic() + 60
+            while service.get_job(TENANT, job.id).status != "succeeded":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        return query(*args, **kwargs)
+
+    job = service.replace_document(
+        TENANT, document_id, text_item(summer), metadata=None, if_match=None
+    )
+    assert at_swap.wait(120)  # both versions' vectors are written: the job waits to swap
+    monkeypatch.setattr(service._vectors, "query", racing_query)
+    hits = service.search(
+        TENANT, "where do the tugs wait", top_k=3, retrieval=RetrievalOptions(mode="dense")
+    )
+    assert {document_id: 1} in calls  # the interleaving did happen
+    assert [(hit.chunk.document_id, hit.chunk.version) for hit in hits] == [(document_id, 2)]
+    assert "summer" in hits[0].chunk.text
