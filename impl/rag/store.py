@@ -254,7 +254,6 @@ class VectorStore:
     def heartbeat(self) -> None:
         self._client.heartbeat()
 
-    @_reaching
     def spaces(self, tenant: str) -> tuple[Space, Space]:
         """The tenant's current space (its searches') and the one this store writes into."""
         if self._spaces is None:
@@ -263,12 +262,18 @@ class VectorStore:
         current = self._spaces.current_space(tenant)
         if current.same_model(self._model):
             return current, current
-        if self._collection(tenant, current, create=False) is None:
+        if not self._holds_space(tenant, current):
             # The tenant holds no vectors of the old model: nothing to move, so it switches
             # now, and its first documents answer at once.
             self._spaces.switch_space(tenant, self._model)
             return self._model, self._model
         return current, self._model
+
+    # Only what asks the server is reaching it: a call answered from the registry alone would
+    # report the store as back while it is down (and the next call as down again).
+    @_reaching
+    def _holds_space(self, tenant: str, space: Space) -> bool:
+        return self._collection(tenant, space, create=False) is not None
 
     @staticmethod
     def _check_model(collection: Collection, space: Space) -> None:
