@@ -124,6 +124,16 @@ def create_key(server: Server, tenant: str, scopes: str, name: str = "test") -> 
     return printed.group(1)
 
 
+@pytest.fixture(autouse=True)
+def main_module_kept() -> Iterator[None]:
+    """Streamlit's AppTest runs ui/app.py as ``__main__`` and leaves it there. A forkserver
+    started after that (the parser processes of a service a later test builds) would run
+    ui/app.py in every child it starts, which fails there: put the real ``__main__`` back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the session's HTTP tests, with a small body limit so 413 is cheap and
