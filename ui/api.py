@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import SSEError, connect_sse
 
 from generated.client import Client
+from generated.client.api.ingestion import get_job, stream_job_events
 from generated.client.api.retrieval import stream_query
 from generated.client.models import (
+    Job,
+    JobEvent,
     Problem,
     QueryRequest,
     QueryResponse,
     StreamRetrieval,
     StreamToken,
 )
-from generated.client.types import Response
+from generated.client.types import UNSET, Response, Unset
 from impl.settings import Settings
 
 T = TypeVar("T")
@@ -30,6 +34,11 @@ ANY_ADDRESS = {"", "0.0.0.0", "::"}  # noqa: S104
 
 # Reads wait as long as a slow language model may take to answer; connecting does not.
 TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
+# A job's event stream that drops is resumed this many times in a row (no event received in
+# between) before the job is read once instead; the pause before each grows by RESUME_PAUSE.
+RESUMES = 3
+RESUME_PAUSE = 0.5
 
 
 def default_api_url() -> str:
@@ -144,3 +153,68 @@ def stream_answer(
         except SSEError as error:
             raise ApiError("Not an event stream", str(error)) from None
     raise ApiError("Answer cut short", "The stream ended before the answer was complete.")
+
+
+def follow_job(
+    client: Client,
+    job: Job,
+    show: Callable[[Job, str | None], None],
+    last_event_id: str | None = None,
+) -> Job:
+    """Follows `job` by its events (GET /api/v1/jobs/{job_id}/events) from after
+    `last_event_id`: each event updates `job` in place (its status; chunks done and total from
+    job.progress; status and error from job.finished), which is handed to `show` with the
+    event's id, to resume from later. A stream that drops is resumed with Last-Event-ID
+    (RESUMES times in a row at most); after that the job is read once with GET instead, and
+    that job returned, finished or not."""
+    drops = 0
+    while True:
+        try:
+            for event_id, event in job_events(client, job.id, last_event_id):
+                drops = 0
+                last_event_id = event_id or last_event_id
+                apply_event(job, event)
+                show(job, last_event_id)
+                if event.type_ == "job.finished":
+                    return job
+        except httpx.TransportError:
+            pass  # dropped: resumed below like a stream that ended early
+        drops += 1
+        if drops > RESUMES:
+            return result(get_job.sync_detailed(client=client, job_id=job.id))
+        time.sleep(RESUME_PAUSE * drops)
+
+
+def job_events(
+    client: Client, job_id: str, last_event_id: str | None
+) -> Iterator[tuple[str | None, JobEvent]]:
+    """One connection's worth of the job's events, with their ids, as they arrive. A refusal
+    (an unknown job, a missing scope) raises ApiError; a connection that fails or drops,
+    httpx.TransportError."""
+    request = stream_job_events._get_kwargs(job_id, last_event_id=last_event_id or UNSET)
+    method, url = request.pop("method"), request.pop("url")
+    with connect_sse(client.get_httpx_client(), method, url, **request) as source:
+        response = source.response
+        if response.status_code != 200:
+            raise ApiError.from_body(response.status_code, response.read())
+        try:
+            for event in source.iter_sse():
+                yield event.id or None, JobEvent.from_dict(json.loads(event.data))
+        except SSEError as error:
+            raise ApiError("Not an event stream", str(error)) from None
+
+
+def apply_event(job: Job, event: JobEvent) -> None:
+    data = event.data
+    if event.type_ == "job.queued":
+        job.status = "queued"
+    elif event.type_ == "job.running":
+        job.status = "running"
+    elif event.type_ == "job.progress":
+        if isinstance(data.chunks_done, int) and isinstance(data.chunks_total, int):
+            job.chunks_done, job.chunks_total = data.chunks_done, data.chunks_total
+    elif event.type_ == "job.finished":
+        if not isinstance(data.status, Unset):
+            job.status = data.status
+        job.error = None if isinstance(data.error, Unset) else data.error
+    # document.ready and document.failed: the job's own events say what the UI shows.

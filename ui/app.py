@@ -21,7 +21,16 @@ import httpx
 import streamlit as st
 
 # `streamlit run ui/app.py` puts ui/ on sys.path, so the sibling module imports as `api`.
-from api import ApiError, connect, default_api_url, result, stream_answer, succeeded
+from api import (
+    ApiError,
+    connect,
+    default_api_url,
+    follow_job,
+    result,
+    stream_answer,
+    succeeded,
+)
+from streamlit.delta_generator import DeltaGenerator
 
 from generated.client import Client
 from generated.client.api.documents import (
@@ -29,12 +38,15 @@ from generated.client.api.documents import (
     get_document,
     list_document_chunks,
     list_documents,
+    patch_document,
 )
 from generated.client.api.health import get_readiness
-from generated.client.api.ingestion import get_job, ingest_documents
+from generated.client.api.ingestion import ingest_documents
 from generated.client.models import (
     Chunk,
     Document,
+    DocumentPatch,
+    DocumentPatchMetadataType0,
     IngestUpload,
     Job,
     Metadata,
@@ -68,10 +80,22 @@ class Upload:
     label: str
     job: Job
     titles: dict[str, str]  # document id -> title, of the documents the upload answered with
+    last_event_id: str | None = None  # of the job's events seen so far: where to resume
 
     @property
     def finished(self) -> bool:
         return self.job.status in ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """The open document as its edit form was filled in from: a change is sent only while the
+    document still has this ETag (If-Match), so no one else's change is overwritten unseen."""
+
+    doc_id: str
+    etag: str
+    title: str
+    metadata: dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,7 @@ def init_state() -> None:
         "cursors": [],  # the cursors of the document pages before this one
         "cursor": None,
         "notice": None,  # a success to show after st.rerun()
+        "edit": None,  # Edit of the open document, from when its form was filled in
     }
     for name, value in defaults.items():
         st.session_state.setdefault(name, value)
@@ -139,6 +164,12 @@ def open_document(doc_id: str, focus: Focus | None) -> None:
 def close_document() -> None:
     st.session_state.doc_id = None
     st.session_state.focus = None
+    reload_edit()
+
+
+def reload_edit() -> None:
+    """The edit form is filled in again from the document as it is read next."""
+    st.session_state.edit = None
 
 
 def ask_delete(doc_id: str, title: str) -> None:
@@ -304,36 +335,44 @@ def upload_page(client: Client) -> None:
     uploads: list[Upload] = st.session_state.uploads
     if uploads:
         st.subheader("Jobs")
-        running = any(not upload.finished for upload in uploads)
-        # While a job runs the list refreshes itself every second, as a fragment (not the
-        # whole page); once every job has finished it stops.
-        st.fragment(show_jobs, run_every=1.0 if running else None)()
+        places = [(upload, st.empty()) for upload in uploads]
+        for upload, place in places:
+            with place.container():
+                show_job(upload)
+        # Jobs still running are followed by their events, one after another, each bar
+        # redrawn as an event comes; one left (another page chosen meanwhile) is followed
+        # again from its last event the next time this page is drawn.
+        for upload, place in places:
+            if not upload.finished:
+                with reported():
+                    follow(client, upload, place)
 
 
 def parse_metadata(text: str) -> Metadata | Unset:
     if not text.strip():
         return UNSET
+    return Metadata.from_dict(metadata_object(text))
+
+
+def metadata_object(text: str) -> dict[str, object]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise ApiError("The metadata is not JSON", str(error)) from None
     if not isinstance(value, dict):
         raise ApiError("The metadata is not a JSON object", 'Write it as {"team": "research"}.')
-    return Metadata.from_dict(value)
+    return value
 
 
-def show_jobs() -> None:
-    uploads: list[Upload] = st.session_state.uploads
-    running = any(not upload.finished for upload in uploads)
-    # A fragment's rerun does not run the page, so it needs its own client.
-    with connect(st.session_state.api_url, st.session_state.api_key) as client, reported():
-        for upload in uploads:
-            if not upload.finished:
-                upload.job = result(get_job.sync_detailed(client=client, job_id=upload.job.id))
-    for upload in uploads:
+def follow(client: Client, upload: Upload, place: DeltaGenerator) -> None:
+    def show(job: Job, last_event_id: str | None) -> None:
+        upload.job, upload.last_event_id = job, last_event_id
+        with place.container():
+            show_job(upload)
+
+    upload.job = follow_job(client, upload.job, show, upload.last_event_id)
+    with place.container():
         show_job(upload)
-    if running and all(upload.finished for upload in uploads):
-        st.rerun()  # the whole page: ends the refreshing
 
 
 def show_job(upload: Upload) -> None:
@@ -405,7 +444,10 @@ def documents_page(client: Client) -> None:
 
 def document_row(document: Document) -> None:
     name, state, size, show, delete = st.columns([6, 2, 2, 1, 1], vertical_alignment="center")
-    name.markdown(f"**{md(document.title)}**  \n{md(document.filename or 'sent as text')}")
+    about = [document.filename or "sent as text"]
+    if metadata := document.metadata.to_dict():
+        about.append(", ".join(f"{key}: {value}" for key, value in metadata.items()))
+    name.markdown(f"**{md(document.title)}**  \n{md(' · '.join(about))}")
     state.markdown(f"{KINDS[document.media_type]} · {STATUS[document.status]}")
     size.caption(passages(document.chunk_count))
     show.button("Open", key=f"open-{document.id}", on_click=open_document, args=(document.id, None))
@@ -435,7 +477,8 @@ def confirm_delete(client: Client, doc_id: str, title: str) -> None:
 
 
 def show_document(client: Client, doc_id: str) -> None:
-    document = result(get_document.sync_detailed(client=client, doc_id=doc_id))
+    response = get_document.sync_detailed(client=client, doc_id=doc_id)
+    document = result(response)
     heading, close = st.columns([10, 1], vertical_alignment="center")
     heading.subheader(md(document.title))
     close.button("Close", key="close-document", on_click=close_document)
@@ -462,6 +505,7 @@ def show_document(client: Client, doc_id: str) -> None:
         on_click=ask_delete,
         args=(document.id, document.title),
     )
+    edit_form(client, document, response.headers.get("etag", ""))
     focus: Focus | None = st.session_state.focus
     chunks, more = document_chunks(client, doc_id, focus)
     for chunk in chunks:
@@ -479,6 +523,54 @@ def show_document(client: Client, doc_id: str) -> None:
                 passage(chunk.text)
     if more:
         st.caption(f"The first {len(chunks)} passages of {document.chunk_count}.")
+
+
+def edit_form(client: Client, document: Document, etag: str) -> None:
+    edit: Edit | None = st.session_state.edit
+    # Filled in once from the document as read, then kept as typed until saved or reloaded;
+    # filled in again when Streamlit dropped what was typed (the form left the page).
+    if edit is None or edit.doc_id != document.id or "edit_title" not in st.session_state:
+        edit = Edit(document.id, etag, document.title, document.metadata.to_dict())
+        st.session_state.edit = edit
+        st.session_state.edit_title = document.title
+        st.session_state.edit_metadata = json.dumps(edit.metadata, indent=2, ensure_ascii=False)
+    with st.form("edit-document"):
+        st.text_input("Title", key="edit_title")
+        st.text_area("Metadata (a JSON object)", key="edit_metadata")
+        save = st.form_submit_button("Save title and metadata")
+    if save:
+        with reported():
+            save_edit(client, edit)
+
+
+def save_edit(client: Client, edit: Edit) -> None:
+    """Sends what the form changed as a JSON Merge Patch: a key taken out of the metadata is
+    sent as null, which removes it."""
+    title = st.session_state.edit_title.strip()
+    metadata = metadata_object(st.session_state.edit_metadata or "{}")
+    changes = {key: value for key, value in metadata.items() if edit.metadata.get(key) != value}
+    changes |= {key: None for key in edit.metadata if key not in metadata}
+    if title == edit.title and not changes:
+        st.info("Nothing changed: nothing to save.")
+        return
+    patch = DocumentPatch(
+        title=title if title != edit.title else UNSET,
+        metadata=DocumentPatchMetadataType0.from_dict(changes) if changes else UNSET,
+    )
+    response = patch_document.sync_detailed(
+        client=client, doc_id=edit.doc_id, body=patch, if_match=edit.etag
+    )
+    if response.status_code == 412:
+        st.error(
+            "**Changed by someone else, reload.**  \nThis document changed after you opened it "
+            "for editing, so your change was not saved: reload it to see what it holds now."
+        )
+        st.button("Reload the document", key="reload-edit", on_click=reload_edit)
+        return
+    saved = result(response)
+    reload_edit()
+    st.session_state.notice = f"Saved {saved.title}."
+    st.rerun()
 
 
 def document_chunks(client: Client, doc_id: str, focus: Focus | None) -> tuple[list[Chunk], bool]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 import time
@@ -132,3 +133,38 @@ def test_upload_ask_follow_a_citation_and_delete(ui: str, page: Page, server: Se
     page.get_by_role("textbox", name="Filter by title").fill(title)
     page.get_by_role("textbox", name="Filter by title").press("Enter")
     expect(page.get_by_text("No document title contains that text.")).to_be_visible()
+
+
+# Every text a progress bar shows, as the page draws it (Streamlit redraws the bar in place).
+RECORD_PROGRESS = """() => {
+    window.progressSeen = [];
+    new MutationObserver(() => {
+        for (const bar of document.querySelectorAll('[data-testid="stProgress"]')) {
+            const text = bar.innerText;
+            if (!window.progressSeen.includes(text)) window.progressSeen.push(text);
+        }
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_upload_progress_moves_as_the_job_s_events_come(
+    ui: str, page: Page, server: Server
+) -> None:
+    name = f"harbour-{uuid.uuid4().hex[:8]}"
+    # About 70 passages: the job reports progress after each batch of 32.
+    text = " ".join(f"Harbour log {name} entry {i}: the tug met tanker {i}." for i in range(800))
+    page.goto(ui)
+    key = page.get_by_role("textbox", name="API key")
+    key.fill(create_key(server, "ui-browser", "read,write"))
+    key.press("Enter")
+    choose_page(page, "Upload")
+    files = [{"name": f"{name}.txt", "mimeType": "text/plain", "buffer": text.encode()}]
+    page.locator("input[type=file]").set_input_files(files=files)  # type: ignore[arg-type]
+    page.evaluate(RECORD_PROGRESS)
+    page.get_by_role("button", name="Upload and index").click()
+    expect(page.get_by_text(f"{name}.txt: succeeded")).to_be_visible(timeout=120_000)
+
+    seen: list[str] = page.evaluate("window.progressSeen")
+    counts = [re.search(r"(\d+) of (\d+) passages", shown) for shown in seen]
+    partial = [c for c in counts if c and 0 < int(c[1]) < int(c[2])]
+    assert partial, seen  # a bar part-way, before the job had finished
