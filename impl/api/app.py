@@ -27,6 +27,7 @@ from impl.rag.chat import ChatCompletions
 from impl.rag.conversations import Conversations
 from impl.rag.rewriting import QuestionRewriting
 from impl.rag.service import RagService
+from impl.rag.webhooks import Webhooks
 from impl.security.keys import KeyStore, SqlKeyStore
 from impl.security.limits import RateLimiter
 from impl.security.oidc import OidcVerifier
@@ -45,6 +46,7 @@ class State(TypedDict):
     readiness: Readiness
     conversations: Conversations
     chat: ChatCompletions
+    webhooks: Webhooks
 
 
 def create_app(
@@ -69,6 +71,11 @@ def create_app(
         limiter = RateLimiter(settings)
         rewriting = await run_in_threadpool(QuestionRewriting, settings)
         conversations = Conversations(settings, service, rewriting)
+        # Webhooks are sent by the server processes, not by `ragapi worker`: every deployment
+        # runs a server (the embedded default runs no worker), and the delivery loop claims
+        # each webhook with a lease, so several servers share the work.
+        webhooks = await run_in_threadpool(Webhooks, settings)
+        webhooks.start()
         try:
             yield {
                 "settings": settings,
@@ -80,8 +87,10 @@ def create_app(
                 "readiness": Readiness({**service.probes(), **limiter.probes()}),
                 "conversations": conversations,
                 "chat": ChatCompletions(service, rewriting),
+                "webhooks": webhooks,
             }
         finally:
+            await run_in_threadpool(webhooks.close)
             conversations.close()
             await run_in_threadpool(service.close)
             keys.close()

@@ -92,6 +92,12 @@ from .stream_retrieval import StreamRetrieval
 from .stream_token import StreamToken
 from .tenant_index import TenantIndex
 from .timings import Timings
+from .webhook import Webhook
+from .webhook_create import WebhookCreate
+from .webhook_created import WebhookCreated
+from .webhook_delivery import WebhookDelivery
+from .webhook_event_type import WebhookEventType
+from .webhook_page import WebhookPage
 
 __all__ = (
     "ApiKey",
@@ -184,4 +190,10 @@ __all__ = (
     "StreamToken",
     "TenantIndex",
     "Timings",
+    "Webhook",
+    "WebhookCreate",
+    "WebhookCreated",
+    "WebhookDelivery",
+    "WebhookEventType",
+    "WebhookPage",
 )
