@@ -13,6 +13,7 @@ from impl.api.deps import Tenant, WebhookStore
 from impl.api.handlers.documents import given
 from impl.api.inputs import BODY, PARAMS
 from impl.api.responses import reply
+from impl.errors import FieldError, InvalidInput
 
 
 async def list_webhooks(
@@ -30,12 +31,18 @@ async def list_webhooks(
 async def create_webhook(
     body: Annotated[models.WebhookCreate, BODY], webhooks: WebhookStore, tenant: Tenant
 ) -> Response:
-    event_types = given(body.event_types)
+    given_types = given(body.event_types)
+    event_types = None if given_types is None else [t.root for t in given_types]
+    if event_types is not None and len(set(event_types)) != len(event_types):
+        # uniqueItems, which the generated list does not check
+        raise InvalidInput(
+            "1 field failed validation.", [FieldError("body/event_types", "Name each type once.")]
+        )
     created = await run_in_threadpool(
         webhooks.create,
         tenant,
         str(body.url),
-        None if event_types is None else [t.root for t in event_types],
+        event_types,
         given(body.description),
     )
     answer = models.WebhookCreated.model_validate(
