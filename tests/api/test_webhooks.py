@@ -24,7 +24,7 @@ from impl.db import utcnow
 from impl.rag.events import EventRow
 from impl.rag.webhooks import Webhooks
 from impl.settings import Settings
-from tests.conftest import UNLIMITED, Server, create_key, start_server
+from tests.conftest import ROOT, UNLIMITED, Server, create_key, start_server
 
 API = "/api/v1"
 
@@ -115,6 +115,15 @@ def verify(secret: str, delivery: Received) -> dict[str, Any]:
     return payload
 
 
+def readme_verify() -> Any:
+    """The README's verification example, run as a receiver would copy it."""
+    section = (ROOT / "README.md").read_text().split("## Webhooks")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    scope: dict[str, Any] = {}
+    exec(code, scope)  # noqa: S102  (the project's own README)
+    return scope["verify"]
+
+
 def ingest(http: httpx.Client) -> None:
     text = f"Webhook test document {uuid.uuid4().hex}: the lighthouse keeper logs the tides."
     response = http.post(f"{API}/ingest", params={"wait": "true"}, json={"text": text})
@@ -154,6 +163,9 @@ def test_an_ingest_is_delivered_signed_and_its_status_recorded(
     forged = Received(deliveries[0].headers, deliveries[0].body.replace(b"job", b"jab", 1))
     with pytest.raises(AssertionError):
         verify(created["secret"], forged)
+    documented = readme_verify()
+    assert all(documented(created["secret"], d.headers, d.body) for d in deliveries)
+    assert not documented(created["secret"], forged.headers, forged.body)
     shown = http.get(f"{API}/webhooks/{created['id']}").json()
     assert "secret" not in shown
     last = shown["last_delivery"]
