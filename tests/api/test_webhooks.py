@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from impl.db import utcnow
+from impl.db import open_database, utcnow
 from impl.rag.events import EventRow
 from impl.rag.webhooks import Webhooks
 from impl.settings import Settings
@@ -43,6 +43,7 @@ class Receiver:
     url: str
     received: list[Received] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
+    delay: float = 0.0  # seconds before each answer
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wait_for(self, count: int, timeout: float = 60) -> list[Received]:
@@ -60,6 +61,7 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"]))
+            time.sleep(state.delay)
             with state.lock:
                 state.received.append(
                     Received({k.lower(): v for k, v in self.headers.items()}, body)
@@ -299,3 +301,52 @@ def test_a_delivery_to_a_private_address_is_refused_and_nothing_sent(
         assert receiver.received == []
     finally:
         webhooks.close()
+
+
+def test_two_processes_delivering_at_once_send_each_event_once(
+    tmp_path: Path, registry_url: str, receiver: Receiver
+) -> None:
+    """Two delivery loops on one registry (as two server processes have), each running at the
+    same time: the lease gives each webhook to one of them, so every event arrives once, in
+    order."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        registry_url=registry_url,
+        registry_auto_upgrade=True,
+        webhooks_allow_private=True,
+    )
+    first, second = Webhooks(settings), Webhooks(settings)
+    receiver.delay = 0.02  # slow enough that the two loops overlap
+    try:
+        created = first.create("t", receiver.url, None, None)
+        database = open_database(settings.resolved_registry_url)
+        try:
+            with database.write() as session:
+                for n in range(20):
+                    session.add(
+                        EventRow(
+                            tenant="t",
+                            job_id=None,
+                            document_id=f"doc_{n}",
+                            type="document.deleted",
+                            data={},
+                            created_at=utcnow(),
+                        )
+                    )
+        finally:
+            database.close()
+        deadline = time.monotonic() + 60
+        while len(receiver.received) < 20 and time.monotonic() < deadline:
+            loops = [threading.Thread(target=w.deliver_due) for w in (first, second)]
+            for loop in loops:
+                loop.start()
+            for loop in loops:
+                loop.join()
+        ids = [int(d.headers["webhook-id"]) for d in receiver.received]
+        assert len(ids) == 20 and ids == sorted(set(ids))
+        assert all(
+            verify(created.secret, d)["type"] == "document.deleted" for d in receiver.received
+        )
+    finally:
+        first.close()
+        second.close()
