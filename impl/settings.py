@@ -280,7 +280,11 @@ class Settings(BaseSettings):
         "addresses too (off: such URLs are refused at registration and at every delivery).",
     )
     webhooks_timeout_seconds: float = Field(
-        5.0, gt=0, le=60, description="Timeout of a webhook delivery's connection and answer."
+        # At most 10: a delivery (connect, send, answer) then fits in the webhook's lease.
+        5.0,
+        gt=0,
+        le=10,
+        description="Timeout of a webhook delivery's connection and answer.",
     )
     webhooks_max_attempts: int = Field(
         8, ge=1, le=20, description="Attempts at delivering one event before it is given up."

@@ -59,7 +59,8 @@ log = logging.getLogger("ragapi.webhooks")
 SECRET_PREFIX = "whsec_"  # noqa: S105  (the prefix, not a secret)
 MAX_URL_LENGTH = 2048
 # A claimed webhook is its process's for this long; its deliveries stop taking new events at
-# half of it, so the lease never runs out under a working process.
+# half of it, and one delivery takes at most about 3 timeouts (connect, send, answer; at most
+# 10 s each), so the lease never runs out under a working process.
 LEASE = timedelta(seconds=60)
 EVENTS_PER_CLAIM = 50
 _ANSWER_BYTES = 65536  # read of a receiver's answer, which only its status matters
