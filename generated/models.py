@@ -32,49 +32,6 @@ class RateLimitValue(RootModel[str]):
     ]
 
 
-class WebhookEventType(
-    RootModel[
-        Literal[
-            "job.queued",
-            "job.running",
-            "job.progress",
-            "document.ready",
-            "document.failed",
-            "document.updated",
-            "document.deleted",
-            "job.finished",
-        ]
-    ]
-):
-    root: Literal[
-        "job.queued",
-        "job.running",
-        "job.progress",
-        "document.ready",
-        "document.failed",
-        "document.updated",
-        "document.deleted",
-        "job.finished",
-    ]
-
-
-class WebhookCreate(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-    )
-    url: AnyUrl
-    """
-    An http or https URL.
-    """
-    event_types: Annotated[
-        list[WebhookEventType] | MISSING, Field(max_length=8, min_length=1)
-    ] = MISSING
-    """
-    The event types to send; every type when left out.
-    """
-    description: Annotated[str | MISSING, Field(max_length=500)] = MISSING
-
-
 class WebhookDelivery(BaseModel):
     """
     The last attempt to deliver an event.
@@ -1359,13 +1316,30 @@ class ApiKeyCreated(BaseModel):
     """
 
 
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    url: AnyUrl
+    """
+    An http or https URL.
+    """
+    event_types: Annotated[
+        list[JobEventType] | MISSING, Field(max_length=8, min_length=1)
+    ] = MISSING
+    """
+    The event types to send; every type when left out.
+    """
+    description: Annotated[str | MISSING, Field(max_length=500)] = MISSING
+
+
 class Webhook(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
     )
     id: ResourceId
     url: str
-    event_types: list[WebhookEventType] | None
+    event_types: list[JobEventType] | None
     """
     null for every type.
     """
@@ -1380,7 +1354,7 @@ class WebhookCreated(BaseModel):
     )
     id: ResourceId
     url: str
-    event_types: list[WebhookEventType] | None
+    event_types: list[JobEventType] | None
     description: str | None
     created_at: AwareDatetime
     last_delivery: WebhookDelivery | None

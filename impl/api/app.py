@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from generated.operations import OPERATIONS
 from impl.api import problems, websocket
 from impl.api.docs import mount_docs
-from impl.api.handlers import HANDLERS
+from impl.api.handlers import HANDLERS, convert
 from impl.api.middleware import RATE_LIMIT_HEADERS, RequestContext
 from impl.api.readiness import Readiness
 from impl.api.routing import Handler, add_routes
@@ -25,6 +25,7 @@ from impl.observability.logs import configure_logging
 from impl.observability.metrics import Metrics
 from impl.rag.chat import ChatCompletions
 from impl.rag.conversations import Conversations
+from impl.rag.events import Event
 from impl.rag.rewriting import QuestionRewriting
 from impl.rag.service import RagService
 from impl.rag.webhooks import Webhooks
@@ -47,6 +48,11 @@ class State(TypedDict):
     conversations: Conversations
     chat: ChatCompletions
     webhooks: Webhooks
+
+
+def render_event(event: Event) -> bytes:
+    """A webhook delivery's body: the event as the event streams send it."""
+    return convert.job_event(event).model_dump_json().encode()
 
 
 def create_app(
@@ -74,7 +80,7 @@ def create_app(
         # Webhooks are sent by the server processes, not by `ragapi worker`: every deployment
         # runs a server (the embedded default runs no worker), and the delivery loop claims
         # each webhook with a lease, so several servers share the work.
-        webhooks = await run_in_threadpool(Webhooks, settings)
+        webhooks = await run_in_threadpool(Webhooks, settings, render_event)
         webhooks.start()
         try:
             yield {

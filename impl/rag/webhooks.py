@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
-import json
 import logging
 import secrets
 import socket
@@ -29,6 +28,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -51,7 +51,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from impl.db import Base, decode_time_cursor, encode_time_cursor, open_database, utcnow
 from impl.errors import InvalidInput, NotFound, WebhookUrlRefused
-from impl.rag.events import EventRow
+from impl.rag.events import Event, EventRow, event_of
 from impl.settings import Settings
 
 log = logging.getLogger("ragapi.webhooks")
@@ -210,8 +210,11 @@ class Outcome:
 class Webhooks:
     """The webhooks, in the registry's database, and this process's delivery loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, render: Callable[[Event], bytes]) -> None:
+        """``render``: an event's JSON, the body of its delivery (the web layer's, so that a
+        webhook receives what the event streams send)."""
         self._settings = settings
+        self._render = render
         self._db = open_database(settings.resolved_registry_url)
         try:
             self._db.ensure_schema(upgrade=settings.registry_upgrades_on_start)
@@ -436,11 +439,7 @@ class Webhooks:
     def send(self, url: str, secret: str, event: EventRow) -> Outcome:
         """One signed POST of the event, to an address the SSRF guard allows."""
         message_id = str(event.id)
-        data = {"job_id": event.job_id, "document_id": event.document_id, **event.data}
-        body = json.dumps(
-            {"type": event.type, "timestamp": event.created_at.isoformat(), "data": data},
-            separators=(",", ":"),
-        ).encode()
+        body = self._render(event_of(event))
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",

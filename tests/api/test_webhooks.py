@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from impl.api.app import render_event
 from impl.db import open_database, utcnow
 from impl.rag.events import EventRow
 from impl.rag.webhooks import Webhooks
@@ -160,7 +161,7 @@ def test_an_ingest_is_delivered_signed_and_its_status_recorded(
     ids = [int(d.headers["webhook-id"]) for d in deliveries]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)  # in order, each once
     ready = payloads[types.index("document.ready")]
-    assert ready["data"]["document_id"].startswith("doc_")
+    assert ready["document_id"].startswith("doc_") and ready["data"]["version"] == 1
     # A body changed in transit no longer verifies.
     forged = Received(deliveries[0].headers, deliveries[0].body.replace(b"job", b"jab", 1))
     with pytest.raises(AssertionError):
@@ -285,7 +286,7 @@ def test_a_delivery_to_a_private_address_is_refused_and_nothing_sent(
 ) -> None:
     """The check at delivery time (a name that resolved elsewhere at registration now points
     at loopback): nothing reaches the receiver, and the error says why."""
-    webhooks = Webhooks(Settings(data_dir=tmp_path / "data"))
+    webhooks = Webhooks(Settings(data_dir=tmp_path / "data"), render_event)
     try:
         event = EventRow(
             id=7,
@@ -315,7 +316,7 @@ def test_two_processes_delivering_at_once_send_each_event_once(
         registry_auto_upgrade=True,
         webhooks_allow_private=True,
     )
-    first, second = Webhooks(settings), Webhooks(settings)
+    first, second = Webhooks(settings, render_event), Webhooks(settings, render_event)
     receiver.delay = 0.02  # slow enough that the two loops overlap
     try:
         created = first.create("t", receiver.url, None, None)

@@ -96,7 +96,6 @@ from .webhook import Webhook
 from .webhook_create import WebhookCreate
 from .webhook_created import WebhookCreated
 from .webhook_delivery import WebhookDelivery
-from .webhook_event_type import WebhookEventType
 from .webhook_page import WebhookPage
 
 __all__ = (
@@ -194,6 +193,5 @@ __all__ = (
     "WebhookCreate",
     "WebhookCreated",
     "WebhookDelivery",
-    "WebhookEventType",
     "WebhookPage",
 )

@@ -7,7 +7,7 @@ from typing import Any, Self, TypeVar
 
 from attrs import define as _attrs_define
 
-from ..models.webhook_event_type import WebhookEventType, check_webhook_event_type
+from ..models.job_event_type import JobEventType, check_job_event_type
 from ..types import UNSET, Unset
 
 T = TypeVar("T", bound="WebhookCreate")
@@ -21,12 +21,12 @@ class WebhookCreate:
 
     Attributes:
         url (str): An http or https URL.
-        event_types (list[WebhookEventType] | Unset): The event types to send; every type when left out.
+        event_types (list[JobEventType] | Unset): The event types to send; every type when left out.
         description (str | Unset):
     """
 
     url: str
-    event_types: list[WebhookEventType] | Unset = UNSET
+    event_types: list[JobEventType] | Unset = UNSET
     description: str | Unset = UNSET
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,11 +61,11 @@ class WebhookCreate:
         url = d.pop("url")
 
         _event_types = d.pop("event_types", UNSET)
-        event_types: list[WebhookEventType] | Unset = UNSET
+        event_types: list[JobEventType] | Unset = UNSET
         if _event_types is not UNSET:
             event_types = []
             for event_types_item_data in _event_types:
-                event_types_item = check_webhook_event_type(event_types_item_data)
+                event_types_item = check_job_event_type(event_types_item_data)
 
                 event_types.append(event_types_item)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 from attrs import define as _attrs_define
 
-from ..models.webhook_event_type import WebhookEventType, check_webhook_event_type
+from ..models.job_event_type import JobEventType, check_job_event_type
 
 if TYPE_CHECKING:
     from ..models.webhook_delivery import WebhookDelivery
@@ -28,7 +28,7 @@ class WebhookCreated:
     Attributes:
         id (str):  Example: doc_c9f0f895fb98ab91.
         url (str):
-        event_types (list[WebhookEventType] | None):
+        event_types (list[JobEventType] | None):
         description (None | str):
         created_at (datetime.datetime):
         last_delivery (None | WebhookDelivery):
@@ -38,7 +38,7 @@ class WebhookCreated:
 
     id: str
     url: str
-    event_types: list[WebhookEventType] | None
+    event_types: list[JobEventType] | None
     description: None | str
     created_at: datetime.datetime
     last_delivery: None | WebhookDelivery
@@ -99,7 +99,7 @@ class WebhookCreated:
 
         url = d.pop("url")
 
-        def _parse_event_types(data: object) -> list[WebhookEventType] | None:
+        def _parse_event_types(data: object) -> list[JobEventType] | None:
             if data is None:
                 return data
             try:
@@ -108,14 +108,14 @@ class WebhookCreated:
                 event_types_type_0 = []
                 _event_types_type_0 = data
                 for event_types_type_0_item_data in _event_types_type_0:
-                    event_types_type_0_item = check_webhook_event_type(event_types_type_0_item_data)
+                    event_types_type_0_item = check_job_event_type(event_types_type_0_item_data)
 
                     event_types_type_0.append(event_types_type_0_item)
 
                 return event_types_type_0
             except (TypeError, ValueError, AttributeError, KeyError):
                 pass
-            return cast(list[WebhookEventType] | None, data)
+            return cast(list[JobEventType] | None, data)
 
         event_types = _parse_event_types(d.pop("event_types"))
 
