@@ -32,6 +32,31 @@ class RateLimitValue(RootModel[str]):
     ]
 
 
+class WebhookDelivery(BaseModel):
+    """
+    The last attempt to deliver an event.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    event_id: int
+    attempted_at: AwareDatetime
+    attempts: Annotated[int, Field(ge=1)]
+    """
+    The attempts made so far for this event.
+    """
+    status_code: int | None
+    """
+    The receiver's HTTP status; null when no answer came.
+    """
+    error: str | None
+    """
+    Why the attempt failed, when it did.
+    """
+    delivered: bool
+
+
 class FieldError(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -1152,6 +1177,40 @@ class RevokeApiKeyParams(BaseModel):
     key_id: ResourceId
 
 
+class ListWebhooksParams(BaseModel):
+    """
+    Path and query parameters of listWebhooks.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | MISSING, Field(max_length=512, min_length=1)] = MISSING
+
+
+class GetWebhookParams(BaseModel):
+    """
+    Path and query parameters of getWebhook.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    webhook_id: ResourceId
+
+
+class DeleteWebhookParams(BaseModel):
+    """
+    Path and query parameters of deleteWebhook.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    webhook_id: ResourceId
+
+
 class ListConversationsParams(BaseModel):
     """
     Path and query parameters of listConversations.
@@ -1255,6 +1314,62 @@ class ApiKeyCreated(BaseModel):
     """
     The secret to send as `X-API-Key`. Shown only in this answer.
     """
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    url: AnyUrl
+    """
+    An http or https URL.
+    """
+    event_types: Annotated[
+        list[JobEventType] | MISSING, Field(max_length=8, min_length=1)
+    ] = MISSING
+    """
+    The event types to send; every type when left out.
+    """
+    description: Annotated[str | MISSING, Field(max_length=500)] = MISSING
+
+
+class Webhook(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    url: str
+    event_types: list[JobEventType] | None
+    """
+    null for every type.
+    """
+    description: str | None
+    created_at: AwareDatetime
+    last_delivery: WebhookDelivery | None
+
+
+class WebhookCreated(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    id: ResourceId
+    url: str
+    event_types: list[JobEventType] | None
+    description: str | None
+    created_at: AwareDatetime
+    last_delivery: WebhookDelivery | None
+    secret: str
+    """
+    The signing secret, `whsec_` and base64; the HMAC key is the base64-decoded bytes. Shown only in this answer.
+    """
+
+
+class WebhookPage(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+    items: list[Webhook]
+    next_cursor: str | None
 
 
 class ApiKeyPage(BaseModel):

@@ -47,7 +47,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 UPGRADE_COMMAND = "ragapi db upgrade"
 # The newest migration's revision (tests/test_db.py holds it to alembic's head): a database at
 # it needs nothing, and finding that out needs no alembic.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 # A server that does not accept a connection within this is down: requests get a 503 instead
 # of waiting for the operating system's TCP timeout (minutes).
 CONNECT_TIMEOUT_SECONDS = 5

@@ -76,6 +76,10 @@ class IdempotencyKeyReused(RagapiError):
     """An Idempotency-Key came back with another request body (422)."""
 
 
+class WebhookUrlRefused(RagapiError):
+    """A webhook URL whose host is, or resolves only to, non-public addresses (422)."""
+
+
 class Unauthenticated(RagapiError):
     """No valid credentials (401). ``bearer``: the operation takes a bearer credential too, so
     the client is told it may send one (WWW-Authenticate: Bearer)."""

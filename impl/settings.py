@@ -274,6 +274,32 @@ class Settings(BaseSettings):
         description="Longest silence on an event stream: a heartbeat (an SSE comment, a "
         "WebSocket heartbeat message) is sent after it, so proxies keep the connection open.",
     )
+    webhooks_allow_private: bool = Field(
+        False,
+        description="Send webhooks to loopback, private, link-local and other non-public "
+        "addresses too (off: such URLs are refused at registration and at every delivery).",
+    )
+    webhooks_timeout_seconds: float = Field(
+        # At most 10: a delivery (connect, send, answer) then fits in the webhook's lease.
+        5.0,
+        gt=0,
+        le=10,
+        description="Timeout of a webhook delivery's connection and answer.",
+    )
+    webhooks_max_attempts: int = Field(
+        8, ge=1, le=20, description="Attempts at delivering one event before it is given up."
+    )
+    webhooks_retry_base_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Wait before a webhook's first retry; each next one waits twice as long.",
+    )
+    webhooks_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often the delivery loop reads the event log for events to send.",
+    )
     ws_buffer_events: int = Field(
         256,
         ge=1,

@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 
 from impl.db import SCHEMA_HEAD, Base, alembic_config, open_database
 from impl.errors import ConfigurationError
-from impl.rag import lexical
+from impl.rag import lexical, webhooks  # noqa: F401  (its table is Base's)
 from impl.rag.registry import Registry
 from impl.security.keys import CreatedKey, SqlKeyStore
 from impl.settings import Settings
@@ -89,6 +89,7 @@ def build_registry_before_migrations(url: str) -> None:
             "conversation_turns",
             "originals",
             "job_events",
+            "webhooks",
         )
         before_lexical = [table for table in Base.metadata.sorted_tables if table.name not in later]
         Base.metadata.create_all(engine, tables=before_lexical)

@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 from generated.operations import OPERATIONS
 from impl.api import problems, websocket
 from impl.api.docs import mount_docs
-from impl.api.handlers import HANDLERS
+from impl.api.handlers import HANDLERS, convert
 from impl.api.middleware import RATE_LIMIT_HEADERS, RequestContext
 from impl.api.readiness import Readiness
 from impl.api.routing import Handler, add_routes
@@ -25,8 +25,10 @@ from impl.observability.logs import configure_logging
 from impl.observability.metrics import Metrics
 from impl.rag.chat import ChatCompletions
 from impl.rag.conversations import Conversations
+from impl.rag.events import Event
 from impl.rag.rewriting import QuestionRewriting
 from impl.rag.service import RagService
+from impl.rag.webhooks import Webhooks
 from impl.security.keys import KeyStore, SqlKeyStore
 from impl.security.limits import RateLimiter
 from impl.security.oidc import OidcVerifier
@@ -45,6 +47,12 @@ class State(TypedDict):
     readiness: Readiness
     conversations: Conversations
     chat: ChatCompletions
+    webhooks: Webhooks
+
+
+def render_event(event: Event) -> bytes:
+    """A webhook delivery's body: the event as the event streams send it."""
+    return convert.job_event(event).model_dump_json().encode()
 
 
 def create_app(
@@ -69,6 +77,11 @@ def create_app(
         limiter = RateLimiter(settings)
         rewriting = await run_in_threadpool(QuestionRewriting, settings)
         conversations = Conversations(settings, service, rewriting)
+        # Webhooks are sent by the server processes, not by `ragapi worker`: every deployment
+        # runs a server (the embedded default runs no worker), and the delivery loop claims
+        # each webhook with a lease, so several servers share the work.
+        webhooks = await run_in_threadpool(Webhooks, settings, render_event)
+        webhooks.start()
         try:
             yield {
                 "settings": settings,
@@ -80,8 +93,10 @@ def create_app(
                 "readiness": Readiness({**service.probes(), **limiter.probes()}),
                 "conversations": conversations,
                 "chat": ChatCompletions(service, rewriting),
+                "webhooks": webhooks,
             }
         finally:
+            await run_in_threadpool(webhooks.close)
             conversations.close()
             await run_in_threadpool(service.close)
             keys.close()

@@ -13,6 +13,7 @@ from impl.observability.metrics import Metrics
 from impl.rag.chat import ChatCompletions
 from impl.rag.conversations import Conversations
 from impl.rag.service import RagService
+from impl.rag.webhooks import Webhooks
 from impl.security.keys import KeyStore
 from impl.security.limits import RateLimiter
 from impl.settings import Settings
@@ -86,3 +87,11 @@ def get_chat(request: Request) -> ChatCompletions:
 
 ConversationStore = Annotated[Conversations, Depends(get_conversations)]
 Chat = Annotated[ChatCompletions, Depends(get_chat)]
+
+
+def get_webhooks(request: Request) -> Webhooks:
+    webhooks: Webhooks = request.state.webhooks
+    return webhooks
+
+
+WebhookStore = Annotated[Webhooks, Depends(get_webhooks)]

@@ -38,6 +38,7 @@ ERROR_MAP: tuple[tuple[type[errors.RagapiError], int, str], ...] = (
     (errors.PreconditionFailed, 412, "precondition-failed"),
     (errors.PreconditionRequired, 428, "precondition-required"),
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused"),
+    (errors.WebhookUrlRefused, 422, "webhook-url-refused"),
     (errors.DocumentTooLarge, 413, "document-too-large"),
     (errors.PayloadTooLarge, 413, "payload-too-large"),
     (errors.UnsupportedMediaType, 415, "unsupported-media-type"),

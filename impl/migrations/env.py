@@ -6,7 +6,7 @@ from __future__ import annotations
 from alembic import context
 
 from impl.db import Base
-from impl.rag import conversations, events, lexical, tables  # noqa: F401  (their tables are Base's)
+from impl.rag import conversations, events, lexical, tables, webhooks  # noqa: F401  (their tables are Base's)
 from impl.security import keys  # noqa: F401
 
 context.configure(connection=context.config.attributes["connection"], target_metadata=Base.metadata)

@@ -80,7 +80,7 @@ class JobEvents:
     finished: bool
 
 
-def _event(row: EventRow) -> Event:
+def event_of(row: EventRow) -> Event:
     return Event(
         id=row.id,
         type=cast(EventType, row.type),
@@ -159,7 +159,7 @@ class EventLog:
                 .order_by(EventRow.id)
                 .limit(limit)
             ).all()
-            events = [_event(row) for row in rows]
+            events = [event_of(row) for row in rows]
             if job.status not in FINISHED_JOB_STATUSES or len(rows) == limit:
                 return JobEvents(events, finished=False)
             logged = session.scalar(
@@ -196,7 +196,7 @@ class EventLog:
             query = query.where(EventRow.id <= up_to)
         with self._db.read() as session:
             rows = session.scalars(query.order_by(EventRow.id).limit(limit))
-            return [_event(row) for row in rows]
+            return [event_of(row) for row in rows]
 
     def last_event_id(self) -> int:
         """The newest event's id; 0 when the log is empty."""

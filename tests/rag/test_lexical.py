@@ -184,6 +184,7 @@ def test_chunks_stored_before_the_lexical_index_are_indexed_at_start(
             "conversation_turns",
             "conversations",
             "job_events",
+            "webhooks",
         ):
             db.execute(f"DROP TABLE {table}")
         db.execute("DELETE FROM meta WHERE key = 'lexical_index'")

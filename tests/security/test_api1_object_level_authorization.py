@@ -34,7 +34,14 @@ def acme_objects(tenants: tuple[httpx.Client, httpx.Client]) -> dict[str, str]:
         files=[("files", ("saturn.txt", make_text(saturn.paragraphs), "text/plain"))],
     ).json()
     key = acme.post(f"{API}/keys", json={"name": "acme reader", "scopes": ["read"]}).json()
-    return {"job": body["job"]["id"], "document": body["documents"][0]["id"], "key": key["id"]}
+    # A public name (no delivery reaches it here: the tests run offline).
+    webhook = acme.post(f"{API}/webhooks", json={"url": "https://hooks.example.com/acme"}).json()
+    return {
+        "job": body["job"]["id"],
+        "document": body["documents"][0]["id"],
+        "key": key["id"],
+        "webhook": webhook["id"],
+    }
 
 
 def same_as_missing(response: httpx.Response, kind: str, object_id: str) -> None:
@@ -52,10 +59,14 @@ def test_every_id_of_another_tenant_is_not_found(
     same_as_missing(globex.get(f"{API}/documents/{document}/chunks"), "document", document)
     same_as_missing(globex.delete(f"{API}/documents/{document}"), "document", document)
     same_as_missing(globex.delete(f"{API}/keys/{key}"), "key", key)
+    webhook = acme_objects["webhook"]
+    same_as_missing(globex.get(f"{API}/webhooks/{webhook}"), "webhook", webhook)
+    same_as_missing(globex.delete(f"{API}/webhooks/{webhook}"), "webhook", webhook)
     # ...and the owner still has all of it.
     assert acme.get(f"{API}/documents/{document}").json()["status"] == "ready"
     assert acme.get(f"{API}/jobs/{job}").status_code == 200
     assert key in {k["id"] for k in acme.get(f"{API}/keys").json()["items"]}
+    assert acme.get(f"{API}/webhooks/{webhook}").status_code == 200
 
 
 def test_nothing_of_another_tenant_is_listed_searched_or_cited(
@@ -76,6 +87,8 @@ def test_nothing_of_another_tenant_is_listed_searched_or_cited(
     assert document not in {c["document_id"] for c in answer["citations"]}
     keys = globex.get(f"{API}/keys").json()["items"]
     assert {k["tenant"] for k in keys} == {"globex"}
+    webhooks = globex.get(f"{API}/webhooks").json()["items"]
+    assert acme_objects["webhook"] not in {w["id"] for w in webhooks}
 
 
 def test_the_same_content_in_two_tenants_is_two_documents(

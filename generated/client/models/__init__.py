@@ -92,6 +92,11 @@ from .stream_retrieval import StreamRetrieval
 from .stream_token import StreamToken
 from .tenant_index import TenantIndex
 from .timings import Timings
+from .webhook import Webhook
+from .webhook_create import WebhookCreate
+from .webhook_created import WebhookCreated
+from .webhook_delivery import WebhookDelivery
+from .webhook_page import WebhookPage
 
 __all__ = (
     "ApiKey",
@@ -184,4 +189,9 @@ __all__ = (
     "StreamToken",
     "TenantIndex",
     "Timings",
+    "Webhook",
+    "WebhookCreate",
+    "WebhookCreated",
+    "WebhookDelivery",
+    "WebhookPage",
 )

@@ -14,6 +14,7 @@ from impl.api.handlers import (
     operations,
     retrieval,
     streaming,
+    webhooks,
 )
 from impl.api.routing import Handler
 
@@ -41,6 +42,10 @@ HANDLERS: dict[str, Handler] = {
     "listApiKeys": keys.list_api_keys,
     "createApiKey": keys.create_api_key,
     "revokeApiKey": keys.revoke_api_key,
+    "listWebhooks": webhooks.list_webhooks,
+    "createWebhook": webhooks.create_webhook,
+    "getWebhook": webhooks.get_webhook,
+    "deleteWebhook": webhooks.delete_webhook,
     "createConversation": conversations.create_conversation,
     "listConversations": conversations.list_conversations,
     "getConversation": conversations.get_conversation,
