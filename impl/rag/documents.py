@@ -191,16 +191,7 @@ class Documents(EventLog):
                     )
                 links.setdefault(created[item.sha256], False)
             status: JobStatus = "queued" if created else "succeeded"
-            job = JobRow(
-                id=job_id,
-                tenant=tenant,
-                status=status,
-                attempts=0,
-                chunks_done=0,
-                chunks_total=0,
-                created_at=now,
-                updated_at=now,
-            )
+            job = _new_job(job_id, tenant, status, now)
             session.add(job)
             session.flush()  # the job row first: job_documents points at it
             for position, (doc_id, duplicate) in enumerate(links.items()):
@@ -356,17 +347,7 @@ class Documents(EventLog):
                 if holder not in (None, document_id):
                     raise Conflict(f"document {holder} already holds this content")
                 store_contents(session, dict(contents or {}))
-            job = JobRow(
-                id=new_id("job"),
-                tenant=tenant,
-                status="succeeded" if unchanged else "queued",
-                attempts=0,
-                chunks_done=0,
-                chunks_total=0,
-                cancel_requested=False,
-                created_at=now,
-                updated_at=now,
-            )
+            job = _new_job(new_id("job"), tenant, "succeeded" if unchanged else "queued", now)
             session.add(job)
             session.flush()
             session.add(
@@ -417,17 +398,7 @@ class Documents(EventLog):
                 .order_by(DocumentRow.created_at, DocumentRow.id)
                 .with_for_update()
             ).all()
-            job = JobRow(
-                id=new_id("job"),
-                tenant=tenant,
-                status="queued" if rows else "succeeded",
-                attempts=0,
-                chunks_done=0,
-                chunks_total=0,
-                cancel_requested=False,
-                created_at=now,
-                updated_at=now,
-            )
+            job = _new_job(new_id("job"), tenant, "queued" if rows else "succeeded", now)
             session.add(job)
             session.flush()
             for position, row in enumerate(rows):
@@ -681,6 +652,21 @@ class Documents(EventLog):
             session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))
             if drop_contents:
                 drop_unreferenced_contents(session, target.keys)
+
+
+def _new_job(job_id: str, tenant: str, status: JobStatus, now: datetime) -> JobRow:
+    """A job as registered: nothing attempted or done yet."""
+    return JobRow(
+        id=job_id,
+        tenant=tenant,
+        status=status,
+        attempts=0,
+        chunks_done=0,
+        chunks_total=0,
+        cancel_requested=False,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def _retired(row: RetiredVersionRow) -> RetiredVersion:
