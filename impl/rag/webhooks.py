@@ -50,7 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from impl.db import Base, decode_time_cursor, encode_time_cursor, open_database, utcnow
-from impl.errors import InvalidInput, NotFound, WebhookUrlRefused
+from impl.errors import DependencyUnavailable, InvalidInput, NotFound, WebhookUrlRefused
 from impl.rag.events import Event, EventRow, event_of
 from impl.settings import Settings
 
@@ -318,7 +318,9 @@ class Webhooks:
         while not self._stop.wait(self._settings.webhooks_poll_seconds):
             try:
                 self.deliver_due()
-            except Exception:  # the loop outlives a registry outage; the next poll tries again
+            except DependencyUnavailable:
+                continue  # the registry's Dependency logged the outage once; the next poll retries
+            except Exception:  # the loop outlives any one failure; the next poll tries again
                 log.exception("webhook delivery failed")
 
     def deliver_due(self) -> None:
