@@ -250,6 +250,35 @@ def test_invalid_searches_are_refused(corpus: Corpus) -> None:
         service.search(TENANT, "x", top_k=5, filters=SearchFilters(metadata={"y": MetadataRange()}))
 
 
+def test_searches_beyond_the_concurrency_limit_wait_their_turn(
+    make_service: ServiceFactory,
+) -> None:
+    """With one search at a time, searches from many threads in every mode (a refused one
+    among them) all finish with the answers a lone search gets: a refused search gives its
+    turn back, and hybrid's BM25 thread does not wait on the turn its own search holds."""
+    service = make_service(search_concurrency=1)
+    ingest(service, TENANT, [text_item(long_text(40), title="Warehouse")])
+    expected = {
+        r.mode: [hit.chunk.id for hit in service.search(TENANT, "crate 7", top_k=3, retrieval=r)]
+        for r in MODES
+    }
+    found: list[tuple[str, list[str]]] = []
+
+    def search(retrieval: RetrievalOptions) -> None:
+        with pytest.raises(InvalidInput):
+            service.search(TENANT, " ", top_k=3)
+        hits = service.search(TENANT, "crate 7", top_k=3, retrieval=retrieval)
+        found.append((retrieval.mode, [hit.chunk.id for hit in hits]))
+
+    threads = [threading.Thread(target=search, args=(r,)) for r in MODES * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(found) == sorted((r.mode, expected[r.mode]) for r in MODES * 4)
+
+
 def test_tenants_are_isolated(corpus: Corpus) -> None:
     service = corpus.service
     doc_id = corpus.ids["saturn"]
