@@ -221,7 +221,7 @@ def originals(args: argparse.Namespace) -> int:
         if not isinstance(store, LocalOriginalStore):
             print("the registry holds the originals, written and removed with their documents")
             return 0
-        removed = store.sweep(registry.keys_in_use, args.min_age_seconds)
+        removed = store.sweep(args.min_age_seconds)
     print(f"{removed} unreferenced file(s) removed")
     return 0
 
