@@ -5,8 +5,10 @@ on any machine chunks it.
 Two stores, chosen by RAGAPI_ORIGINALS_URL: a folder (the default under the data directory, or
 a volume every machine mounts), and the registry's database, whose rows are written in the
 transaction that registers their document, so a crash can leave no unreferenced bytes behind.
-The folder has no such transaction: ``sweep`` removes what a crash left there. No object store
-(S3): no S3-compatible server runs where the tests run, so none is offered untested.
+The folder has no such transaction: a protocol of pins and tombstones keeps a deletion from
+removing bytes an upload is registering (see ``LocalOriginalStore``), and ``sweep`` removes what
+a crash left there. No object store (S3): no S3-compatible server runs where the tests run, so
+none is offered untested.
 """
 
 from __future__ import annotations
