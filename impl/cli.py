@@ -208,8 +208,8 @@ def db(args: argparse.Namespace) -> int:
 
 
 def originals(args: argparse.Namespace) -> int:
-    """Remove the stored originals no document references (what a crash between storing an
-    upload and registering it leaves in a folder store)."""
+    """Remove the stored originals no document references, and the pins and tombstones of
+    uploads and deletions cut short (what a crash leaves in a folder store)."""
     from impl.rag.originals import LocalOriginalStore, open_originals
 
     settings = load_settings()
@@ -221,7 +221,7 @@ def originals(args: argparse.Namespace) -> int:
         if not isinstance(store, LocalOriginalStore):
             print("the registry holds the originals, written and removed with their documents")
             return 0
-        removed = store.sweep(registry.keys_in_use, args.min_age_seconds)
+        removed = store.sweep(args.min_age_seconds)
     print(f"{removed} unreferenced file(s) removed")
     return 0
 

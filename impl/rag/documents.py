@@ -22,7 +22,7 @@ from impl.db import Database, decode_time_cursor, encode_time_cursor, utcnow
 from impl.errors import Conflict, NotFound, PreconditionFailed
 from impl.rag.events import EventLog, EventType
 from impl.rag.job_queue import job_from_row
-from impl.rag.originals import drop_unreferenced_contents, referenced_keys, store_contents
+from impl.rag.originals import store_contents
 from impl.rag.tables import (
     DELETING,
     LIVE_STATUSES,
@@ -630,18 +630,10 @@ class Documents(EventLog):
             rows = session.scalars(select(DocumentRow).where(DocumentRow.status == DELETING))
             return [_stored_objects(session, row) for row in rows]
 
-    def keys_in_use(self, keys: Collection[str], excluding: str | None = None) -> set[str]:
-        """Which of ``keys`` a document other than ``excluding``, or a replacement being
-        indexed, still uses (any tenant: the storage is content-addressed, so tenants share
-        bytes)."""
-        with self._db.read() as session:
-            return referenced_keys(session, keys, excluding)
-
-    def delete_document_row(self, target: StoredObjects, *, drop_contents: bool) -> None:
+    def delete_document_row(self, target: StoredObjects) -> None:
         """Last step of a deletion, chunk rows of every version, a replacement and retired
         versions included (explicitly: a backend without foreign key enforcement would not
-        cascade); ``drop_contents``: also the registry's copies of its originals that no other
-        document uses, in the same transaction."""
+        cascade)."""
         document_id = target.document_id
         with self._db.write() as session:
             delete_chunks(session, [document_id])
@@ -650,8 +642,6 @@ class Documents(EventLog):
                 delete(RetiredVersionRow).where(RetiredVersionRow.document_id == document_id)
             )
             session.execute(delete(DocumentRow).where(DocumentRow.id == document_id))
-            if drop_contents:
-                drop_unreferenced_contents(session, target.keys)
 
 
 def _new_job(job_id: str, tenant: str, status: JobStatus, now: datetime) -> JobRow:

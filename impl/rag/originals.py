@@ -5,8 +5,10 @@ on any machine chunks it.
 Two stores, chosen by RAGAPI_ORIGINALS_URL: a folder (the default under the data directory, or
 a volume every machine mounts), and the registry's database, whose rows are written in the
 transaction that registers their document, so a crash can leave no unreferenced bytes behind.
-The folder has no such transaction: ``sweep`` removes what a crash left there. No object store
-(S3): no S3-compatible server runs where the tests run, so none is offered untested.
+The folder has no such transaction: a protocol of pins and tombstones keeps a deletion from
+removing bytes an upload is registering (see ``LocalOriginalStore``), and ``sweep`` removes what
+a crash left there. No object store (S3): no S3-compatible server runs where the tests run, so
+none is offered untested.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +36,9 @@ from impl.settings import Settings
 _KEY = re.compile(r"[0-9a-f]{64}")
 REGISTRY_URL = "registry://"
 _SWEEP_BATCH = 500
+_TMP = ".tmp-"
+_PIN = ".pin-"
+_TOMB = ".tomb-"
 
 
 def content_key(data: bytes) -> str:
@@ -40,21 +46,31 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class OriginalStore(Protocol):
-    # True: the registry writes the bytes in the transaction that registers their document
-    # (``Documents.register_ingest``'s contents) and removes them with its last user's row.
-    written_with_documents: bool
+class Upload(Protocol):
+    """Where an upload puts its bytes until the documents that reference them are registered."""
+
+    # The bytes by key that the registering transaction writes (``Documents.register_ingest``'s
+    # contents): the registry store's; empty when they are stored already.
+    contents: dict[str, bytes]
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` and return its key; storing the same bytes twice is a no-op."""
+        """Store ``data`` (a no-op for bytes already held) and return its key."""
+        ...
+
+
+class OriginalStore(Protocol):
+    def upload(self) -> AbstractContextManager[Upload]:
+        """Register the documents that reference what the upload stores before the block
+        ends: until then no deletion removes those bytes."""
         ...
 
     def get(self, key: str) -> bytes:
         """The bytes stored under ``key``; KeyError when there are none."""
         ...
 
-    def delete(self, key: str) -> None:
-        """Remove ``key``; removing a missing key is a no-op."""
+    def discard(self, keys: Collection[str], excluding: str | None = None) -> None:
+        """Remove those of ``keys`` that no document (other than ``excluding``, whose deletion
+        this is) or replacement references, and no upload is registering."""
         ...
 
     def exists(self, key: str) -> bool: ...
@@ -67,12 +83,34 @@ class OriginalStore(Protocol):
 class LocalOriginalStore:
     """A folder of files named by their sha256, fanned out as ``ab/cd/abcd…`` so that no one
     directory grows huge. Writes go to a temporary file in the target directory, are fsynced, then
-    renamed into place, so a reader (or a crash) never sees half a file."""
+    renamed into place, so a reader (or a crash) never sees half a file.
 
-    written_with_documents = False
+    The folder may be shared by processes on several machines that share nothing else but the
+    registry, so removing bytes must not race an upload of the same bytes (which finds the file
+    there and writes nothing). The protocol, with K a key's file, using only atomic steps of the
+    file system (link, rename) and reads of the registry:
 
-    def __init__(self, root: Path) -> None:
+    - An upload pins K: a hard link ``K.pin-<time>-<token>`` to K's file, made from K (which
+      fails when K is missing: then it writes the bytes, links the pin to them and moves them
+      to K). It registers its documents, then removes its pins.
+    - A removal renames K to a tombstone ``K.tomb-<token>``, then reads the tombstone's link
+      count (more than one: pinned), then asks the registry for references. Pinned or
+      referenced: the tombstone goes back to K (by a hard link, which never replaces a K
+      written meanwhile); neither: it is unlinked.
+    - Why no referenced bytes are lost: take an upload U and a removal R of K. If U pinned K
+      before R's rename, the pin links the file R moved: R counts it, or, when U had already
+      removed it, finds U's document, committed before that, in the registry; R restores. If
+      U came after R's rename, U's pin could not be made from K as R left it: U linked a K
+      restored or written since, or wrote K itself. No clock and no lock is involved, so this
+      holds between processes and machines.
+    - A reader that finds K missing reads the tombstone it is in for that moment.
+    - A crash can leave a pin (the sweep removes those older than an upload can take, by the
+      time in its name), a temporary file, or a tombstone (the sweep decides it as a removal
+      would)."""
+
+    def __init__(self, root: Path, database: Database) -> None:
         self._root = root
+        self._db = database
         self._root.mkdir(parents=True, exist_ok=True)
         self.dependency = Dependency("originals store", f"originals folder {root}")
 
@@ -92,42 +130,122 @@ class LocalOriginalStore:
             raise KeyError(key)
         return self._root / key[:2] / key[2:4] / key
 
-    def put(self, data: bytes) -> str:
-        with self._reaching():
-            return self._put(data)
+    @contextmanager
+    def upload(self) -> Iterator[Upload]:
+        upload = _PinnedUpload(self)
+        try:
+            yield upload
+        finally:
+            with self._reaching():
+                for pin in upload.pins.values():
+                    pin.unlink(missing_ok=True)
 
-    def _put(self, data: bytes) -> str:
-        key = content_key(data)
+    def _pin(self, key: str, data: bytes, pin_name: str) -> Path:
+        """Store ``data`` under ``key``, pinned (see the class); the pin."""
         path = self._path(key)
-        if path.exists():
-            return key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        pin = path.with_name(f"{key}{pin_name}")
+        with self._reaching():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, pin)
+            except FileNotFoundError:
+                self._write(path, data, pin)
+        return pin
+
+    @staticmethod
+    def _write(path: Path, data: bytes, pin: Path) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            os.link(tmp, pin)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return key
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         with self._reaching():
-            try:
-                return self._path(key).read_bytes()
-            except FileNotFoundError:
-                raise KeyError(key) from None  # a missing key, not a missing store
+            # K, else the tombstone it is in while a removal decides, else K once restored.
+            for candidate in (path, *self._tombstones(path), path):
+                try:
+                    return candidate.read_bytes()
+                except FileNotFoundError:
+                    continue
+        raise KeyError(key)  # a missing key, not a missing store
 
-    def delete(self, key: str) -> None:
+    def discard(self, keys: Collection[str], excluding: str | None = None) -> None:
         with self._reaching():
-            self._path(key).unlink(missing_ok=True)
+            self._discard(list(dict.fromkeys(keys)), excluding)
+
+    def _discard(self, keys: list[str], excluding: str | None) -> int:
+        """How many files went."""
+        paths = {key: self._path(key) for key in keys}
+        # A first look spares moving the files still in use out of readers' way.
+        kept = self._referenced(paths, excluding) | self._pinned(paths)
+        tombs: dict[str, Path] = {}
+        unused: set[str] = set()
+        try:
+            for key, path in paths.items():
+                if key in kept:
+                    continue
+                tomb = path.with_name(f"{key}{_TOMB}{uuid.uuid4().hex}")
+                try:
+                    path.rename(tomb)
+                except FileNotFoundError:
+                    continue  # gone already, or another removal has it
+                tombs[key] = tomb
+            # Pins first, then the registry: an upload removes its pin after it registers.
+            unused = tombs.keys() - self._pinned(tombs)
+            unused -= self._referenced(unused, excluding)
+        finally:
+            # On an error (the registry did not answer) nothing is unused: all goes back.
+            for key, tomb in tombs.items():
+                if key in unused:
+                    tomb.unlink(missing_ok=True)
+                else:
+                    _restore(tomb, paths[key])
+        return len(unused)
+
+    def _settle(self, tomb: Path, key: str) -> int:
+        """Decide the tombstone of a removal that did not finish, as it would have (any process
+        may: see the class). How many files went."""
+        path = self._path(key)
+        if path.exists() or self._pinned({key: tomb}) or self._referenced([key], None):
+            _restore(tomb, path)
+            return 0
+        tomb.unlink(missing_ok=True)
+        return 1
+
+    def _referenced(self, keys: Collection[str], excluding: str | None) -> set[str]:
+        if not keys:
+            return set()
+        with self._db.read() as session:
+            return referenced_keys(session, list(keys), excluding)
+
+    @staticmethod
+    def _pinned(paths: Mapping[str, Path]) -> set[str]:
+        """Those of the keys whose file (at the path given) has another link: a pin."""
+        pinned = set()
+        for key, path in paths.items():
+            try:
+                if path.stat().st_nlink > 1:
+                    pinned.add(key)
+            except FileNotFoundError:
+                continue
+        return pinned
+
+    @staticmethod
+    def _tombstones(path: Path) -> list[Path]:
+        return sorted(path.parent.glob(f"{path.name}{_TOMB}*"))
 
     def exists(self, key: str) -> bool:
         with self._reaching():
-            return self._path(key).is_file()
+            path = self._path(key)
+            return path.is_file() or bool(self._tombstones(path))
 
     def check(self) -> None:
         with self._reaching():
@@ -135,63 +253,87 @@ class LocalOriginalStore:
             os.close(fd)
             os.unlink(probe)
 
-    def sweep(
-        self,
-        referenced: Callable[[Collection[str]], set[str]],
-        min_age_seconds: float,
-    ) -> int:
-        """Remove the files no document references (``referenced`` names those of the given
-        keys that some document uses) and temporary files a crash left, older than
-        ``min_age_seconds``: an upload is stored before its document row is committed, so a
-        young unreferenced file may be about to be referenced. How many files went."""
+    def sweep(self, min_age_seconds: float) -> int:
+        """Remove what a crash left: files no document references, temporary files and pins
+        older than ``min_age_seconds`` (an upload is expected to register its documents
+        sooner), and tombstones of a removal that did not finish (restored or removed as it
+        would have). How many files went."""
         cutoff = time.time() - min_age_seconds
         removed = 0
-        batch: list[Path] = []
-        for path in self._old_files(cutoff):
-            if path.name.startswith(".tmp-"):
-                path.unlink(missing_ok=True)
-                removed += 1
-                continue
-            batch.append(path)
-            if len(batch) == _SWEEP_BATCH:
-                removed += self._remove_unreferenced(batch, referenced)
-                batch = []
-        return removed + self._remove_unreferenced(batch, referenced)
+        batch: list[str] = []
+        with self._reaching():
+            for path in self._root.glob("*/*/*"):
+                name = path.name
+                key = name.partition(".")[0]
+                if not _KEY.fullmatch(key) and not name.startswith(_TMP):
+                    continue  # nothing ragapi writes
+                if _TOMB in name:
+                    removed += self._settle(path, key)
+                elif _PIN in name:
+                    if _pinned_before(name, cutoff):
+                        path.unlink(missing_ok=True)
+                elif _modified_before(path, cutoff):
+                    if name == key:
+                        batch.append(key)
+                    else:  # a temporary file
+                        path.unlink(missing_ok=True)
+                        removed += 1
+                if len(batch) == _SWEEP_BATCH:
+                    removed += self._discard(batch, None)
+                    batch = []
+            return removed + self._discard(batch, None)
 
-    def _old_files(self, cutoff: float) -> Iterable[Path]:
-        for path in self._root.glob("*/*/*"):
-            try:
-                if path.is_file() and path.stat().st_mtime < cutoff:
-                    yield path
-            except FileNotFoundError:
-                continue  # removed meanwhile, by a deletion
 
-    @staticmethod
-    def _remove_unreferenced(
-        paths: list[Path], referenced: Callable[[Collection[str]], set[str]]
-    ) -> int:
-        keys = {path.name: path for path in paths if _KEY.fullmatch(path.name)}
-        in_use = referenced(list(keys))
-        for key in keys.keys() - in_use:
-            keys[key].unlink(missing_ok=True)
-        return len(keys.keys() - in_use)
+class _PinnedUpload:
+    """An upload to the folder: every key it puts stays pinned until the upload ends."""
+
+    def __init__(self, store: LocalOriginalStore) -> None:
+        self._store = store
+        self._pin_name = f"{_PIN}{int(time.time())}-{uuid.uuid4().hex}"
+        self.pins: dict[str, Path] = {}
+        self.contents: dict[str, bytes] = {}
+
+    def put(self, data: bytes) -> str:
+        key = content_key(data)
+        if key not in self.pins:
+            self.pins[key] = self._store._pin(key, data, self._pin_name)
+        return key
+
+
+def _restore(tomb: Path, path: Path) -> None:
+    """Put a tombstone back at ``path``, unless an upload wrote the same bytes there meanwhile."""
+    try:
+        os.link(tomb, path)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return  # another process decided this tombstone already
+    tomb.unlink(missing_ok=True)
+
+
+def _pinned_before(name: str, cutoff: float) -> bool:
+    made = name.partition(_PIN)[2].partition("-")[0]
+    return not made.isdigit() or int(made) < cutoff
+
+
+def _modified_before(path: Path, cutoff: float) -> bool:
+    try:
+        return path.is_file() and path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False  # removed meanwhile
 
 
 class RegistryOriginalStore:
     """Originals as rows of the registry's database (table ``originals``), so every process
-    that reaches the registry reads them. Ingestion writes them with the document row (see
-    ``Documents.register_ingest``); ``put`` is for bytes stored on their own."""
-
-    written_with_documents = True
+    that reaches the registry reads them. An upload's bytes are written in the transaction
+    that registers their document (``Documents.register_ingest``'s contents)."""
 
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def put(self, data: bytes) -> str:
-        key = content_key(data)
-        with self._db.write() as session:
-            store_contents(session, {key: data})
-        return key
+    @contextmanager
+    def upload(self) -> Iterator[Upload]:
+        yield _RegisteredUpload()
 
     def get(self, key: str) -> bytes:
         with self._db.read() as session:
@@ -200,9 +342,9 @@ class RegistryOriginalStore:
             raise KeyError(key)
         return bytes(data)
 
-    def delete(self, key: str) -> None:
+    def discard(self, keys: Collection[str], excluding: str | None = None) -> None:
         with self._db.write() as session:
-            session.execute(delete(OriginalRow).where(OriginalRow.key == key))
+            drop_unreferenced_contents(session, keys, excluding)
 
     def exists(self, key: str) -> bool:
         with self._db.read() as session:
@@ -213,6 +355,16 @@ class RegistryOriginalStore:
         # DependencyUnavailable.
         with self._db.read() as session:
             session.execute(select(1))
+
+
+class _RegisteredUpload:
+    def __init__(self) -> None:
+        self.contents: dict[str, bytes] = {}
+
+    def put(self, data: bytes) -> str:
+        key = content_key(data)
+        self.contents[key] = data
+        return key
 
 
 def store_contents(session: Session, contents: dict[str, bytes]) -> None:
@@ -231,9 +383,11 @@ def store_contents(session: Session, contents: dict[str, bytes]) -> None:
     )
 
 
-def drop_unreferenced_contents(session: Session, keys: Collection[str]) -> None:
-    """Remove those of ``keys`` no document references, in the caller's transaction (the one
-    that deleted their last document's row). Locked first: see ``store_contents``."""
+def drop_unreferenced_contents(
+    session: Session, keys: Collection[str], excluding: str | None
+) -> None:
+    """Remove those of ``keys`` no document other than ``excluding`` references, in the
+    caller's transaction. Locked first: see ``store_contents``."""
     if not keys:
         return
     held = list(
@@ -241,7 +395,7 @@ def drop_unreferenced_contents(session: Session, keys: Collection[str]) -> None:
             select(OriginalRow.key).where(OriginalRow.key.in_(list(keys))).with_for_update()
         )
     )
-    in_use = referenced_keys(session, held)
+    in_use = referenced_keys(session, held, excluding)
     unused = [key for key in held if key not in in_use]
     if unused:
         session.execute(delete(OriginalRow).where(OriginalRow.key.in_(unused)))
@@ -270,13 +424,13 @@ def open_originals(settings: Settings, database: Database) -> OriginalStore:
     """The originals store RAGAPI_ORIGINALS_URL names (``database``: the registry's)."""
     url = settings.originals_url
     if url is None:
-        return LocalOriginalStore(settings.data_dir / "originals")
+        return LocalOriginalStore(settings.data_dir / "originals", database)
     if url == REGISTRY_URL:
         return RegistryOriginalStore(database)
     if url.startswith("file://"):
         folder = Path(url.removeprefix("file://"))
         if folder.is_absolute():
-            return LocalOriginalStore(folder)
+            return LocalOriginalStore(folder, database)
     raise ConfigurationError(
         f"RAGAPI_ORIGINALS_URL {url!r} is not a store ragapi knows: use file:///absolute/folder "
         f"or {REGISTRY_URL}"

@@ -50,7 +50,7 @@ from impl.rag.idempotency import RecordedResponse
 from impl.rag.jobs import IngestWorkers, chunk_id, encode_extracted, recover_interrupted
 from impl.rag.lexical import LexicalHit
 from impl.rag.loaders import ExtractedText
-from impl.rag.originals import content_key
+from impl.rag.originals import Upload
 from impl.rag.parsing import ParserProcesses
 from impl.rag.reindex import SpaceMover
 from impl.rag.spaces import Move, Space, TenantIndex
@@ -231,8 +231,9 @@ class RagService:
         self._earlier_models: dict[str, EmbeddingModel] = {}
         self._earlier_models_lock = threading.Lock()
         self._mover = SpaceMover(self._spaces, self._vectors, self._embeddings)
-        # Held while originals are stored and registered, and while a deletion frees them, so
-        # a deletion never removes bytes that a new document is about to reference.
+        # Held while a submission checks the queue's room and offers its job, so the check
+        # stays true. (The originals store keeps a deletion from removing an upload's bytes,
+        # across processes too.)
         self._ingest_lock = threading.Lock()
         # Held while a document's metadata is changed in the vector store and the registry,
         # and while a replacement (which carries the metadata on) is registered: in this
@@ -373,9 +374,9 @@ class RagService:
             existing = self._documents.find_live(tenant, [p.sha256 for p in prepared])
             if any(p.sha256 not in existing for p in prepared) and not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
-            contents: dict[str, bytes] = {}
-            new_documents = [self._store_original(p, contents) for p in prepared]
-            job = self._documents.register_ingest(tenant, new_documents, contents)
+            with self._originals.upload() as upload:
+                new_documents = [self._store_original(p, upload) for p in prepared]
+                job = self._documents.register_ingest(tenant, new_documents, upload.contents)
             if job.status == "queued":
                 # Room was checked under the same lock, and only submissions fill the queue.
                 self._workers.offer(job.id)
@@ -402,19 +403,13 @@ class RagService:
             title=derive_title(item, extracted),
         )
 
-    def _store_original(self, prepared: _Prepared, contents: dict[str, bytes]) -> NewDocument:
-        """The document to register. Its bytes and extracted text are stored now, or, when the
-        registry holds them, added to ``contents`` for the transaction that registers it."""
-        original = prepared.item.content
-        extracted = encode_extracted(prepared.extracted)
-        if self._originals.written_with_documents:
-            original_key, extracted_key = content_key(original), content_key(extracted)
-            contents.update({original_key: original, extracted_key: extracted})
-        else:
-            # Stored even when the content looks like a duplicate: storing is a no-op for bytes
-            # already held, and the registry decides duplicates again in its own transaction.
-            original_key = self._originals.put(original)
-            extracted_key = self._originals.put(extracted)
+    @staticmethod
+    def _store_original(prepared: _Prepared, upload: Upload) -> NewDocument:
+        """The document to register, its bytes and extracted text put in ``upload``. Put even
+        when the content looks like a duplicate: putting is a no-op for bytes already held,
+        and the registry decides duplicates again in its own transaction."""
+        original_key = upload.put(prepared.item.content)
+        extracted_key = upload.put(encode_extracted(prepared.extracted))
         return NewDocument(
             sha256=prepared.sha256,
             title=prepared.title,
@@ -445,20 +440,22 @@ class RagService:
         with self._document_lock, self._ingest_lock:
             if not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
-            contents: dict[str, bytes] = {}
-            new = self._store_original(prepared, contents)
+            new: NewDocument | None = None
             try:
-                job = self._documents.register_replacement(
-                    tenant,
-                    doc_id,
-                    new,
-                    title=prepared.title if item.title else None,
-                    metadata=metadata,
-                    if_match=if_match,
-                    contents=contents,
-                )
+                with self._originals.upload() as upload:
+                    new = self._store_original(prepared, upload)
+                    job = self._documents.register_replacement(
+                        tenant,
+                        doc_id,
+                        new,
+                        title=prepared.title if item.title else None,
+                        metadata=metadata,
+                        if_match=if_match,
+                        contents=upload.contents,
+                    )
             except RagapiError:
-                self._free_locked((new.original_key, new.extracted_key))
+                if new is not None:  # once the upload has ended: it kept its bytes till then
+                    self.free((new.original_key, new.extracted_key))
                 raise
             if job.status == "queued":
                 self._workers.offer(job.id)
@@ -601,15 +598,7 @@ class RagService:
 
     def free(self, keys: Sequence[str]) -> None:
         """Delete the stored bytes of these keys that no document or replacement uses."""
-        with self._ingest_lock:
-            self._free_locked(keys)
-
-    def _free_locked(self, keys: Sequence[str]) -> None:
-        if not keys:
-            return
-        in_use = self._documents.keys_in_use(keys, excluding=None)
-        for key in set(keys) - in_use:
-            self._originals.delete(key)
+        self._originals.discard(keys)
 
     def get_job(self, tenant: str, job_id: str) -> Job:
         job = self._jobs.get_job(tenant, job_id)
@@ -735,13 +724,8 @@ class RagService:
 
     def _finish_delete(self, target: StoredObjects) -> None:
         self._vectors.delete_documents(target.tenant, [target.document_id])
-        in_registry = self._originals.written_with_documents
-        if not in_registry:
-            with self._ingest_lock:
-                in_use = self._documents.keys_in_use(target.keys, excluding=target.document_id)
-                for key in set(target.keys) - in_use:
-                    self._originals.delete(key)
-        self._documents.delete_document_row(target, drop_contents=in_registry)
+        self._originals.discard(target.keys, excluding=target.document_id)
+        self._documents.delete_document_row(target)
 
     # -- retrieval ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 
 from impl.api.readiness import PROBE_TIMEOUT_SECONDS, Readiness
 from impl.errors import DependencyUnavailable
-from impl.rag.originals import LocalOriginalStore
+from tests.rag.conftest import folder_store
 
 
 def test_a_probe_that_hangs_is_down_at_the_deadline_and_runs_once() -> None:
@@ -42,17 +42,18 @@ def test_a_probe_that_hangs_is_down_at_the_deadline_and_runs_once() -> None:
 
 def test_the_originals_probe_fails_while_the_folder_is_gone(tmp_path: Path) -> None:
     root = tmp_path / "originals"
-    store = LocalOriginalStore(root)
-    key = store.put(b"kept")
-    store.check()
-    moved = tmp_path / "elsewhere"
-    root.rename(moved)
-    root.write_bytes(b"")  # a file where the folder was: every write into it fails
-    with pytest.raises(DependencyUnavailable, match="originals store"):
+    with folder_store(tmp_path) as store:
+        with store.upload() as upload:
+            key = upload.put(b"kept")
         store.check()
-    with pytest.raises(DependencyUnavailable):
-        store.put(b"new")
-    root.unlink()
-    shutil.move(moved, root)
-    store.check()
-    assert store.get(key) == b"kept"
+        moved = tmp_path / "elsewhere"
+        root.rename(moved)
+        root.write_bytes(b"")  # a file where the folder was: every write into it fails
+        with pytest.raises(DependencyUnavailable, match="originals store"):
+            store.check()
+        with pytest.raises(DependencyUnavailable), store.upload() as upload:
+            upload.put(b"new")
+        root.unlink()
+        shutil.move(moved, root)
+        store.check()
+        assert store.get(key) == b"kept"

@@ -4,6 +4,7 @@ embedding model, loaded once per session. The helpers below are imported by the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest
 from chromadb.errors import NotFoundError
 
 from impl.rag.embeddings import EmbeddingModel, build_embeddings
+from impl.rag.originals import LocalOriginalStore
+from impl.rag.registry import Registry
 from impl.rag.service import RagService
 from impl.rag.store import chroma_settings, collection_name
 from impl.rag.types import IngestItem, Job, Metadata
@@ -21,6 +24,16 @@ from impl.settings import Settings
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Settings for a test: nothing read from the environment or a .env file."""
     return Settings(_env_file=None, data_dir=data_dir, **overrides)  # type: ignore[call-arg]
+
+
+@contextmanager
+def folder_store(folder: Path) -> Iterator[LocalOriginalStore]:
+    """An originals folder under ``folder`` with its registry (SQLite, holding no document)."""
+    registry = Registry(f"sqlite:///{folder / 'registry.db'}", upgrade=True)
+    try:
+        yield LocalOriginalStore(folder / "originals", registry.database)
+    finally:
+        registry.close()
 
 
 def text_item(

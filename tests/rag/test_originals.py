@@ -6,12 +6,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from impl.errors import ConfigurationError, PreconditionFailed
+from impl.errors import ConfigurationError, NotFound, PreconditionFailed
+from impl.rag.embeddings import EmbeddingModel
 from impl.rag.originals import LocalOriginalStore, content_key, open_originals
+from impl.rag.registry import Registry
+from impl.rag.service import RagService
+from impl.rag.types import Job
 from tests.documents import CORPUS
 from tests.rag.conftest import ServiceFactory, ingest, make_settings, text_item
 from tests.test_cli import ragapi
@@ -91,7 +96,8 @@ def test_a_folder_by_url_holds_the_originals(make_service: ServiceFactory, tmp_p
     service = make_service(originals_url=f"file://{shared}")
     content = "\n\n".join(CORPUS["saturn"].paragraphs).encode()
     ingest(service, TENANT, [text_item(content.decode())])
-    assert LocalOriginalStore(shared).get(content_key(content)) == content
+    key = content_key(content)
+    assert (shared / key[:2] / key[2:4] / key).read_bytes() == content
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/originals", "file://relative/folder", "registry"])
@@ -106,27 +112,88 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
-def test_the_sweep_removes_old_unreferenced_files_only(
+def test_the_sweep_removes_what_crashes_left_and_nothing_in_use(
     make_service: ServiceFactory, data_dir: Path
 ) -> None:
     service = make_service()
     content = "Kept: a document references these bytes."
     ingest(service, TENANT, [text_item(content)])
     service.close()
-    folder = LocalOriginalStore(data_dir / "originals")
-    orphan = folder.put(b"stored by an upload whose process died before registering it")
-    in_flight = folder.put(b"stored a moment ago, its document about to be registered")
-    leftover = data_dir / "originals" / "ab" / "cd" / ".tmp-crashed"
-    leftover.parent.mkdir(parents=True, exist_ok=True)
-    leftover.write_bytes(b"half a file")
-    for path in (data_dir / "originals").rglob("*"):
-        if path.is_file() and path.name != in_flight:
-            age(path, 7200)
+    root = data_dir / "originals"
+    registry = Registry(make_settings(data_dir).resolved_registry_url, upgrade=True)
+    try:
+        folder = LocalOriginalStore(root, registry.database)
+        with folder.upload() as upload:
+            orphan = upload.put(b"stored by an upload whose process died before registering")
+            in_flight = upload.put(b"stored a moment ago, its document about to be registered")
+            doomed = upload.put(b"being removed by a process that died")
+        stored = {path.name: path for path in root.rglob("*") if path.is_file()}
+        # Its upload never ended: the pin it made two hours ago is still there.
+        died = stored[orphan].with_name(f"{orphan}.pin-{int(time.time()) - 7200}-died")
+        os.link(stored[orphan], died)
+        leftover = root / "ab" / "cd" / ".tmp-crashed"
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_bytes(b"half a file")
+        for path in root.rglob("*"):
+            if path.is_file() and path.name != in_flight:
+                age(path, 7200)
+        # Removals that died after moving the bytes aside, before deciding: one of bytes a
+        # document uses, which readers still find meanwhile.
+        kept = content_key(content.encode())
+        stored[kept].rename(stored[kept].with_name(f"{kept}.tomb-died"))
+        assert folder.get(kept) == content.encode()
+        stored[doomed].rename(stored[doomed].with_name(f"{doomed}.tomb-died"))
+    finally:
+        registry.close()
 
     swept = ragapi(data_dir, "originals", "sweep")
 
     assert swept.returncode == 0, swept.stderr
-    assert swept.stdout.strip() == "2 unreferenced file(s) removed"
-    assert not folder.exists(orphan) and not leftover.exists()
-    assert folder.exists(in_flight)
-    assert folder.exists(content_key(content.encode()))
+    assert swept.stdout.strip() == "3 unreferenced file(s) removed"
+    remaining = {path.name for path in root.rglob("*") if path.is_file()}
+    assert remaining == stored.keys() - {orphan, doomed}  # the tombstone in use restored
+
+
+def test_a_deletion_on_one_machine_never_removes_bytes_an_upload_on_another_is_registering(
+    make_service: ServiceFactory,
+    embeddings: EmbeddingModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two machines share only the registry and the originals folder. Machine B uploads bytes
+    that machine A's document holds, and A deletes that document in the worst moment: after
+    B stored its bytes (already there, so nothing was written) and before B's registration
+    commits. B's document must still find its stored copy when a worker chunks it."""
+    shared = {
+        "registry_url": f"sqlite:///{tmp_path / 'registry.db'}",
+        "registry_auto_upgrade": True,
+        "originals_url": f"file://{tmp_path / 'shared-originals'}",
+    }
+    machine_a = make_service(**shared)
+    machine_b = RagService(make_settings(tmp_path / "machine-b", **shared), embeddings)
+    try:
+        machine_b.start()
+        content = "\n\n".join(CORPUS["saturn"].paragraphs)
+        (held,) = ingest(machine_a, TENANT, [text_item(content)]).document_ids
+
+        registry_b = machine_b._documents
+        register = registry_b.register_ingest
+
+        def deleted_meanwhile(*args: Any, **kwargs: Any) -> Job:
+            machine_a.delete_document(TENANT, held)
+            return register(*args, **kwargs)
+
+        monkeypatch.setattr(registry_b, "register_ingest", deleted_meanwhile)
+        job = machine_b.submit_ingest(OTHER, [text_item(content)])
+        monkeypatch.undo()
+
+        finished = machine_b.wait_for_job(OTHER, job.id, 120)
+        (document_id,) = finished.document_ids
+        document = machine_b.get_document(OTHER, document_id)
+        assert (finished.status, document.status, document.error) == ("succeeded", "ready", None)
+        hits = machine_b.search(OTHER, CORPUS["saturn"].question, top_k=1)
+        assert hits[0].chunk.document_id == document_id
+        with pytest.raises(NotFound):
+            machine_a.get_document(TENANT, held)
+    finally:
+        machine_b.close()

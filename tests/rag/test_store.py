@@ -4,19 +4,19 @@ originals."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
 
 from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
-from impl.rag.originals import LocalOriginalStore
 from impl.rag.store import VectorStore, build_where, collection_name
 from impl.rag.types import Chunk, Metadata, MetadataRange, SearchFilters
 from tests.conftest import chroma_server, free_port
-from tests.rag.conftest import make_settings
+from tests.rag.conftest import folder_store, make_settings
 
 DIM = 4
 
@@ -278,24 +278,62 @@ def test_a_chroma_server_by_url(tmp_path: Path) -> None:
 
 
 def test_originals_are_content_addressed_and_written_atomically(tmp_path: Path) -> None:
-    originals = LocalOriginalStore(tmp_path / "originals")
-    key = originals.put(b"hello")
-    assert key == hashlib.sha256(b"hello").hexdigest()
-    assert originals.put(b"hello") == key
-    assert originals.exists(key) and originals.get(key) == b"hello"
-    files = [p for p in (tmp_path / "originals").rglob("*") if p.is_file()]
-    assert [p.name for p in files] == [key]  # one copy, no temporary files left over
-    originals.delete(key)
-    originals.delete(key)
-    assert not originals.exists(key)
-    with pytest.raises(KeyError):
-        originals.get(key)
+    with folder_store(tmp_path) as originals:
+        with originals.upload() as upload:
+            key = upload.put(b"hello")
+            assert upload.put(b"hello") == key
+        assert key == hashlib.sha256(b"hello").hexdigest()
+        assert originals.exists(key) and originals.get(key) == b"hello"
+        files = [p for p in (tmp_path / "originals").rglob("*") if p.is_file()]
+        assert [p.name for p in files] == [key]  # one copy, no temporary file or pin left over
+        originals.discard([key])
+        originals.discard([key])
+        assert not originals.exists(key)
+        with pytest.raises(KeyError):
+            originals.get(key)
+
+
+def test_originals_an_upload_is_registering_are_not_discarded(tmp_path: Path) -> None:
+    with folder_store(tmp_path) as originals:
+        with originals.upload() as upload:
+            key = upload.put(b"about to be registered")
+            originals.discard([key])
+            assert originals.get(key) == b"about to be registered"
+        originals.discard([key])  # the upload ended without registering a document
+        assert not originals.exists(key)
 
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "ABC", "", "a" * 63, "g" * 64])
 def test_originals_refuse_keys_that_are_not_sha256(tmp_path: Path, key: str) -> None:
-    originals = LocalOriginalStore(tmp_path / "originals")
-    with pytest.raises(KeyError):
-        originals.get(key)
-    with pytest.raises(KeyError):
-        originals.delete(key)
+    with folder_store(tmp_path) as originals:
+        with pytest.raises(KeyError):
+            originals.get(key)
+        with pytest.raises(KeyError):
+            originals.discard([key])
+
+
+def test_an_upload_while_a_removal_has_moved_the_bytes_aside_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = b"uploaded again while its last document's deletion removes it"
+    with folder_store(tmp_path) as originals, contextlib.ExitStack() as uploads:
+        with originals.upload() as upload:
+            key = upload.put(data)
+        ask_registry = originals._referenced
+        looks: list[Collection[str]] = []
+
+        def upload_meanwhile(keys: Collection[str], excluding: str | None) -> set[str]:
+            looks.append(list(keys))
+            if len(looks) == 2:  # the removal's second look: the file is a tombstone now
+                uploads.enter_context(originals.upload()).put(data)
+            return ask_registry(keys, excluding)
+
+        monkeypatch.setattr(originals, "_referenced", upload_meanwhile)
+        originals.discard([key])
+        assert looks == [[key], [key]]
+        assert originals.get(key) == data
+        uploads.close()  # the upload registered its document and ended
+        monkeypatch.undo()
+        assert originals.get(key) == data
+        names = [p.name for p in (tmp_path / "originals").rglob("*") if p.is_file()]
+        assert names == [key]
