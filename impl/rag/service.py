@@ -798,8 +798,9 @@ class RagService:
         vector = None
         space = None
         if retrieval.mode != "lexical":
-            # Read once: the question is embedded by the space's model and searched in its
-            # vectors alone, even if a move switches the tenant meanwhile.
+            # The space this process last read: the question is embedded by its model and
+            # searched in its vectors alone, even if a move switches the tenant meanwhile,
+            # unless the move has dropped them (below).
             space = self._vectors.search_space(tenant)
             vector = self._query_model(space).embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
