@@ -799,9 +799,10 @@ class RagService:
         vector = None
         space = None
         if retrieval.mode != "lexical":
-            # Read once: the question is embedded by the space's model and searched in its
-            # vectors alone, even if a move switches the tenant meanwhile.
-            space = self._vectors.spaces(tenant)[0]
+            # The space this process last read: the question is embedded by its model and
+            # searched in its vectors alone, even if a move switches the tenant meanwhile,
+            # unless the move has dropped them (below).
+            space = self._vectors.search_space(tenant)
             vector = self._query_model(space).embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()
@@ -822,6 +823,12 @@ class RagService:
                 dense = self._vectors.nearest(
                     tenant, vector, depth, filters, excluded, only_versions, space=space
                 )
+            if space is not None and not dense and self._vectors.search_space(tenant) != space:
+                # The space's collection is gone: another process moved the tenant since this
+                # one last read its space. The question is embedded again for the new one.
+                space = self._vectors.search_space(tenant)
+                vector = self._query_model(space).embed_query(query)
+                continue
             lexical_hits = lexical.result()
             found = {(hit.document_id, hit.version) for hit in dense} | {
                 (hit.document_id, hit.version) for hit in lexical_hits

@@ -237,6 +237,9 @@ class VectorStore:
         self.dependency = Dependency("vector store", f"vector store {where}")
         self._client = _connect(settings)
         self._collections: dict[str, Collection] = {}
+        # Each tenant's current space as last read from the registry: a search starts from it
+        # without a registry read (see ``search_space``).
+        self._search_spaces: dict[str, Space] = {}
         self._lock = threading.Lock()
         try:
             self._batch = self._client.get_max_batch_size()
@@ -248,6 +251,7 @@ class VectorStore:
     def close(self) -> None:
         with self._lock:
             self._collections.clear()
+            self._search_spaces.clear()
         self._client.close()
 
     @_reaching
@@ -260,14 +264,26 @@ class VectorStore:
             default = Space(self._model.model_id, self._model.dimension, default=True)
             return default, default
         current = self._spaces.current_space(tenant)
-        if current.same_model(self._model):
-            return current, current
-        if not self._holds_space(tenant, current):
+        if not current.same_model(self._model) and not self._holds_space(tenant, current):
             # The tenant holds no vectors of the old model: nothing to move, so it switches
             # now, and its first documents answer at once.
             self._spaces.switch_space(tenant, self._model)
-            return self._model, self._model
-        return current, self._model
+            current = self._model
+        with self._lock:
+            self._search_spaces[tenant] = current
+        return current, current if current.same_model(self._model) else self._model
+
+    def search_space(self, tenant: str) -> Space:
+        """The tenant's current space as this process last read it (``spaces``), without
+        reading the registry again: a search's registry read cost as much CPU as its dense
+        retrieval's ranking. A move that another process switched is seen when the old space's
+        collection is gone, which the move's last step makes it right after the switch: a
+        search that finds no collection calls ``spaces`` (``VectorIndex.nearest``), and the
+        searches before that read the old space as if they had read the registry just before
+        the switch."""
+        with self._lock:
+            remembered = self._search_spaces.get(tenant)
+        return remembered if remembered is not None else self.spaces(tenant)[0]
 
     # Only what asks the server is reaching it: a call answered from the registry alone would
     # report the store as back while it is down (and the next call as down again).
@@ -339,6 +355,8 @@ class VectorStore:
         switch (again after a crash)."""
         kept = collection_name(tenant, keep)
         default = collection_name(tenant)
+        with self._lock:
+            self._search_spaces.pop(tenant, None)
         for collection in self._client.list_collections():
             ours = collection.name == default or (collection.metadata or {}).get(
                 _TENANT_KEY
@@ -439,17 +457,20 @@ class VectorStore:
         self, tenant: str, space: Space | None, run: Callable[[Collection], _R]
     ) -> _R | None:
         """``run`` on the space's collection; None when there is none (anymore: a move's last
-        step drops the old one, maybe after this caller read the registry)."""
+        step drops the old one, maybe after this caller read the registry, and then the
+        tenant's space is read again by the next ``search_space``)."""
         if space is None:
             space = self.spaces(tenant)[0]
         collection = self._collection(tenant, space, create=False)
-        if collection is None:
-            return None
-        try:
-            return run(collection)
-        except NotFoundError:
-            self._forget(collection.name)
-            return None
+        if collection is not None:
+            try:
+                return run(collection)
+            except NotFoundError:
+                self._forget(collection.name)
+        with self._lock:
+            if self._search_spaces.get(tenant) == space:
+                del self._search_spaces[tenant]
+        return None
 
     @_reaching
     def query(

@@ -345,6 +345,11 @@ class VectorIndex(Protocol):
         """The tenant's current space (its searches') and the one writes go into."""
         ...
 
+    def search_space(self, tenant: str) -> Space:
+        """The tenant's current space as this process last read it; read again after a
+        search (``nearest``, ``query``) found that space's collection gone."""
+        ...
+
     def drop_other_spaces(self, tenant: str, keep: Space) -> None:
         """Delete the tenant's vectors of every space but ``keep``."""
         ...

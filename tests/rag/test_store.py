@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from impl.errors import ConfigurationError, InvalidInput, ServiceUnavailable
+from impl.rag.registry import Registry
 from impl.rag.store import VectorStore, build_where, collection_name
 from impl.rag.types import Chunk, Metadata, MetadataRange, SearchFilters
 from tests.conftest import chroma_server, free_port
@@ -337,3 +338,33 @@ def test_an_upload_while_a_removal_has_moved_the_bytes_aside_keeps_them(
         assert originals.get(key) == data
         names = [p.name for p in (tmp_path / "originals").rglob("*") if p.is_file()]
         assert names == [key]
+
+
+def test_a_search_finds_the_space_another_process_switched_the_tenant_to(tmp_path: Path) -> None:
+    """Each process remembers a tenant's space for its searches instead of reading the
+    registry each time; a move run by another process is seen as soon as that move drops the
+    old collection."""
+    settings = make_settings(tmp_path / "data")
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", upgrade=True)
+    registry.record_default_model("model-a", DIM)
+    searching = VectorStore(settings, "model-a", DIM, registry)
+    moving = VectorStore(settings, "model-b", 8, registry)
+    try:
+        add_document(searching, "t", "doc", unit(1, 0, 0, 0))
+        old = searching.search_space("t")
+        assert old.model_id == "model-a"
+        assert len(searching.nearest("t", unit(1, 0, 0, 0), 5, None, space=old)) == 1
+        # The other process's move: the new model's vectors, the switch, the old ones dropped.
+        moving.add("t", chunks_of("doc", 1), [unit(0, 1, 0, 0, 0, 0, 0, 0)], {})
+        new = moving.spaces("t")[1]
+        registry.switch_space("t", new)
+        moving.drop_other_spaces("t", new)
+        assert searching.search_space("t") == old  # remembered, not read again
+        assert searching.nearest("t", unit(1, 0, 0, 0), 5, None, space=old) == []
+        assert searching.search_space("t") == new
+        found = searching.nearest("t", unit(0, 1, 0, 0, 0, 0, 0, 0), 5, None, space=new)
+        assert [hit.document_id for hit in found] == ["doc"]
+    finally:
+        moving.close()
+        searching.close()
+        registry.close()
