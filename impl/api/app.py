@@ -74,6 +74,7 @@ def create_app(
         service = await run_in_threadpool(RagService, settings, None, metrics)
         metrics.store_counts = service.store_counts
         await run_in_threadpool(service.start)
+        service.start_parsers()
         limiter = RateLimiter(settings)
         rewriting = await run_in_threadpool(QuestionRewriting, settings)
         conversations = Conversations(settings, service, rewriting)

@@ -96,12 +96,19 @@ class JobRows(EventLog):
     def claim_job(self, job_id: str | None, owner: str, lease: timedelta) -> ClaimedJob | None:
         """Move a queued job to running under ``owner``'s lease: the given one, or the oldest
         queued one when ``job_id`` is None. None when there is nothing (left) to claim."""
-        if job_id is None and self._db.is_sqlite:
-            # A read first: idle workers poll, and must not take SQLite's write lock to do it.
-            oldest = self.queued_job_ids(1)
-            if not oldest:
-                return None
-            job_id = oldest[0]
+        if job_id is not None or not self._db.is_sqlite:
+            return self._claim(job_id, owner, lease)
+        # A read first: idle workers poll, and must not take SQLite's write lock to do it. A
+        # claim lost to another worker (two finished a job at once) looks again: that one took
+        # the job, and the next may be queued; giving up waited a poll (scripts/bench --scaling).
+        while oldest := self.queued_job_ids(1):
+            claimed = self._claim(oldest[0], owner, lease)
+            if claimed is not None:
+                return claimed
+        return None
+
+    def _claim(self, job_id: str | None, owner: str, lease: timedelta) -> ClaimedJob | None:
+        """One claim: of the given job, or (PostgreSQL) the oldest queued one no one locked."""
         now = utcnow()
         with self._db.write() as session:
             if job_id is None:

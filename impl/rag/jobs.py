@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
@@ -57,8 +58,10 @@ INTERRUPTED_DETAIL = "interrupted too often"
 # shutdown waits for a worker (about a second with the packaged model).
 EMBED_BATCH = 32
 # How often an idle worker looks in the registry for jobs the in-process queue does not know
-# (another process's, or more than the queue held at start-up).
-POLL_SECONDS = 2.0
+# (another process's, or more than the queue held at start-up): the longest such a job waits
+# for an idle worker. A look is one indexed read, 0.4 ms of CPU (on SQLite it takes no write
+# lock); at 2 s a one-worker run of scripts/bench --scaling waited 1.75 s of its 32 s for it.
+POLL_SECONDS = 0.5
 # Heartbeats per lease: a lease survives a missed beat or two (a registry that answers slowly).
 BEATS_PER_LEASE = 4
 _WAKE_UP = ""  # not a job id: put on the queue only to wake a worker at shutdown
@@ -171,6 +174,18 @@ class _Held:
 
 class _Cancelled(Exception):
     """The job was asked to cancel."""
+
+
+@dataclass
+class _Finishing:
+    """A document's last write and completion, running while the next document is embedded."""
+
+    job: ClaimedJob
+    owner: str
+    document: DocumentWork
+    not_written: int  # the chunks of its last batch: not due if its deletion began first
+    future: Future[bool]
+    settled: bool = False  # its outcome dealt with
 
 
 class IngestWorkers:
@@ -419,23 +434,51 @@ class IngestWorkers:
             total=sum(len(spans) for _, spans in planned),
             work=work,
         )
-        for number, (document, spans) in enumerate(planned):
-            try:
-                self._index_document(job, owner, document, spans)
-            except _Stopping:
-                # The job goes back without counting an attempt: leave it no vectors to clean.
-                # Unless shutdown already queued it again (this thread overran its stop time):
-                # another worker may be writing this document's vectors by now.
-                if not self._held.is_lost(job.id):
-                    self._remove_vectors(document)
-                raise
-            except _Cancelled:
-                self._cancel([item for item, _ in planned[number:]])
-            except (LeaseLost, DependencyUnavailable):
-                raise
-            except Exception as exc:
-                self._fail(document, exc, failures)
+        # One writer for the job: writes stay one at a time and in order, and a document's last
+        # write and completion run while the next document's first batch is embedded (most
+        # documents are one batch, which would otherwise wait for every write of theirs).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragapi-write") as writer:
+            finishing: _Finishing | None = None  # the document before, still being written
+            for number, (document, spans) in enumerate(planned):
+                try:
+                    finishing = self._index_document(
+                        job, owner, document, spans, writer, finishing, failures
+                    )
+                except _Stopping:
+                    self._settle(finishing, failures)
+                    # The job goes back without counting an attempt: leave it no vectors to
+                    # clean. Unless shutdown already queued it again (this thread overran its
+                    # stop time): another worker may be writing this document's vectors by now.
+                    if not self._held.is_lost(job.id):
+                        self._remove_vectors(document)
+                    raise
+                except _Cancelled:
+                    self._settle(finishing, failures)
+                    self._cancel([item for item, _ in planned[number:]])
+                except (LeaseLost, DependencyUnavailable):
+                    raise
+                except Exception as exc:
+                    self._settle(finishing, failures)
+                    self._fail(document, exc, failures)
+            self._settle(finishing, failures)
         return failures
+
+    def _settle(self, finishing: _Finishing | None, failures: list[str]) -> None:
+        """Wait for a document's last write and completion, and deal with how they ended."""
+        if finishing is None or finishing.settled:
+            return
+        finishing.settled = True
+        try:
+            written = finishing.future.result()
+        except (LeaseLost, DependencyUnavailable):
+            raise
+        except Exception as exc:
+            self._fail(finishing.document, exc, failures)
+            return
+        if not written:
+            self._deletion_began(
+                finishing.job, finishing.owner, finishing.document, finishing.not_written
+            )
 
     def _remove_vectors(self, document: DocumentWork) -> None:
         """What indexing this work may have written to the vector store."""
@@ -468,14 +511,23 @@ class IngestWorkers:
         return spans
 
     def _index_document(
-        self, job: ClaimedJob, owner: str, document: DocumentWork, spans: Sequence[ChunkSpan]
-    ) -> None:
-        # Each batch is embedded while the one before it is written: writing waits on the
-        # vector store's and the registry's work, and the embedding would wait with it (about
-        # a tenth of a worker's time, scripts/bench --scaling). Writes stay one at a time and in
-        # order, and leaving this block waits for the last one, whatever ends it.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragapi-write") as writer:
-            writing: tuple[int, Future[bool]] | None = None  # a batch's start, its write
+        self,
+        job: ClaimedJob,
+        owner: str,
+        document: DocumentWork,
+        spans: Sequence[ChunkSpan],
+        writer: ThreadPoolExecutor,
+        before: _Finishing | None,
+        failures: list[str],
+    ) -> _Finishing | None:
+        """Embed the document's batches, each while the one before it is written (writing waits
+        on the vector store's and the registry's work, and the embedding would wait with it:
+        about a tenth of a worker's time, scripts/bench --scaling). ``before``, the previous
+        document's last write, is settled once this one's first batch is embedded. This one's
+        last write and completion are left running: None when its deletion began first."""
+        writing: tuple[int, Future[bool]] | None = None  # a batch's start, its write
+        finishing: _Finishing | None = None
+        try:
             for start in range(0, len(spans), EMBED_BATCH):
                 self._check_in_hand(job)
                 if self._registry.cancel_requested(job.id):
@@ -499,13 +551,41 @@ class IngestWorkers:
                 self._observer.chunks_embedded(len(chunks))
                 if len(vectors) != len(chunks):
                     raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+                self._settle(before, failures)
                 if writing is not None and not writing[1].result():
                     self._deletion_began(job, owner, document, len(spans) - writing[0])
-                    return
-                writing = (start, writer.submit(self._write, job, owner, document, chunks, vectors))
-            if writing is not None and not writing[1].result():
-                self._deletion_began(job, owner, document, len(spans) - writing[0])
-                return
+                    return None
+                if start + EMBED_BATCH < len(spans):
+                    write = writer.submit(self._write, job, owner, document, chunks, vectors)
+                    writing = (start, write)
+                else:
+                    writing = None
+                    last = writer.submit(
+                        self._write_last, job, owner, document, chunks, vectors, spans
+                    )
+                    finishing = _Finishing(job, owner, document, len(spans) - start, last)
+        except BaseException:
+            if writing is not None:
+                # Whatever ends this document waits for its write: the caller may remove what
+                # was written.
+                with contextlib.suppress(Exception):
+                    writing[1].result()
+            raise
+        return finishing
+
+    def _write_last(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        document: DocumentWork,
+        chunks: Sequence[Chunk],
+        vectors: Sequence[Sequence[float]],
+        spans: Sequence[ChunkSpan],
+    ) -> bool:
+        """A document's last batch, then the document becomes ready (or its new version
+        current); False when its deletion began before the batch's rows were recorded."""
+        if not self._write(job, owner, document, chunks, vectors):
+            return False
         ids = [chunk_id(document.id, span.index, document.version) for span in spans]
         stored = self._store.count(document.tenant, ids)
         if stored != len(spans):
@@ -514,13 +594,14 @@ class IngestWorkers:
             # False means deletion began after the last batch was recorded; the deleter removes
             # every vector written so far, so nothing is left to do here.
             self._registry.mark_ready(document.id, len(spans))
-            return
+            return True
         retired = self._registry.swap_version(document.id, document.version)
         if retired is None:
             # The document was deleted meanwhile (its deleter removes every version's vectors).
             self._remove_vectors(document)
-            return
+            return True
         self._cleanup.retire(retired)
+        return True
 
     def _write(
         self,

@@ -19,6 +19,7 @@ import os
 import resource
 import threading
 import time
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 
 from impl.errors import DocumentTooLarge, RagapiError, ServiceUnavailable, UnreadableDocument
@@ -50,6 +51,12 @@ class ParserProcesses:
         self._slots = threading.BoundedSemaphore(settings.parse_workers)
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload([__name__, *PARSER_MODULES])
+
+    def start(self) -> None:
+        """Start the forkserver now, in the background, rather than at the first upload: it
+        imports every parser library first, which cost the first upload after a start about a
+        second (scripts/bench --scaling), counted against that parse's time limit."""
+        forkserver.ensure_running()
 
     def parse(
         self, content: bytes, filename: str | None, declared: str | None

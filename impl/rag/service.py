@@ -308,6 +308,11 @@ class RagService:
         self._lexical_threads.shutdown(wait=True)
         self._stores.close()
 
+    def start_parsers(self) -> None:
+        """Ready the upload parsers now, so that the first upload does not wait for them (a
+        process that serves the API; a ``ragapi worker`` never parses)."""
+        self._parsers.start()
+
     def ingestion_alive(self) -> bool:
         """The ingestion threads and their lease heartbeat run (a worker's liveness)."""
         return self._workers.alive()
