@@ -393,7 +393,7 @@ class Settings(BaseSettings):
         ge=0,
         le=256,
         description="Searches (and the retrieval of answers) one server process runs at once; "
-        "more wait their turn in arrival order. 0: the machine's CPU cores.",
+        "more wait their turn in arrival order. 0: twice the machine's CPU cores.",
     )
     hnsw_ef_search: int = Field(
         400, ge=10, description="HNSW ef at query time (Chroma's default measured poor recall)."
