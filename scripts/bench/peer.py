@@ -77,6 +77,7 @@ def _post(server: Server, path: str, files: list[tuple[str, bytes]], key: str | 
 
 def ingestion_cpu(python: Path, work: Path, rounds: int) -> dict[str, Any]:
     """CPU-seconds per document of each side, summed over ``rounds`` fresh servers each."""
+    work.mkdir(parents=True, exist_ok=True)
     files = [(path.name, path.read_bytes()) for path in sorted(DOCUMENTS.glob("*.html"))]
     batches = [
         files[start : start + _FILES_PER_REQUEST]
