@@ -198,8 +198,16 @@ class JobRows(EventLog):
         )
 
     def renew_lease(self, job_id: str, owner: str, lease: timedelta) -> None:
+        """Extend the lease; LeaseLost when another worker has the job or it was queued again.
+        A job that ended meanwhile (the heartbeat renews the jobs in hand as it last saw them)
+        has no lease left to renew, which is no loss."""
         with self._db.write() as session:
-            self._renew(session, job_id, owner, lease)
+            try:
+                self._renew(session, job_id, owner, lease)
+            except LeaseLost:
+                status = session.scalar(select(JobRow.status).where(JobRow.id == job_id))
+                if status in ("queued", "running"):
+                    raise
 
     def start_progress(
         self, job_id: str, owner: str, lease: timedelta, total: int, work: Sequence[DocumentWork]

@@ -200,8 +200,13 @@ def test_progress_needs_the_lease(registry: Registry) -> None:
     assert page is not None and [c.index for c in page.items] == [0]
     with pytest.raises(LeaseLost):
         registry.finish_job(job.id, "intruder", None)
+    with pytest.raises(LeaseLost):
+        registry.renew_lease(job.id, "intruder", LEASE)
     registry.finish_job(job.id, "owner", None)
     assert registry.get_job("t", job.id).status == "succeeded"  # type: ignore[union-attr]
+    # A heartbeat that saw the job in hand before it ended renews nothing and loses nothing
+    # (it logged "lease taken by another worker" for a job no one else ever had).
+    registry.renew_lease(job.id, "owner", LEASE)
 
 
 def test_chunks_are_refused_once_deletion_began(registry: Registry) -> None:
