@@ -815,6 +815,9 @@ class RagService:
             vector = self._query_model(space).embed_query(query)
             self._observer.observe("embedding", time.perf_counter() - started)
         retrieving = time.perf_counter()
+        # What a search that used every round on spaces other processes moved finds: nothing.
+        lexical_hits: list[LexicalHit] = []
+        current: dict[str, tuple[str, int]] = {}
         for _ in range(_SEARCH_ROUNDS):
             dense: list[DenseHit] = []
             chunks: dict[str, Chunk] = {}
