@@ -3,6 +3,7 @@ one exception for every way a call can fail, and the answer stream read event by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
-from httpx_sse import SSEError, connect_sse
+from httpx_sse import ServerSentEvent, SSEError, connect_sse
 
 from generated.client import Client
 from generated.client.api.ingestion import get_job, stream_job_events
@@ -130,28 +131,19 @@ def stream_answer(
     """Asks through POST /api/v1/query/stream, handing each `retrieval` and `token` event to
     `show` as it arrives; returns the `done` event's answer. A refusal before the stream
     starts, an `error` event, or a stream that ends early raises ApiError."""
-    # The request as the generated client builds it (method, path and body from the spec),
-    # read as it arrives: the generated stream_query itself waits for the whole body.
     request = stream_query._get_kwargs(body=QueryRequest(question=question))
-    method, url = request.pop("method"), request.pop("url")
-    with connect_sse(client.get_httpx_client(), method, url, **request) as source:
-        response = source.response
-        if response.status_code != 200:
-            raise ApiError.from_body(response.status_code, response.read())
-        try:
-            for event in source.iter_sse():
-                data = json.loads(event.data)
-                if event.event == "retrieval":
-                    show(StreamRetrieval.from_dict(data))
-                elif event.event == "token":
-                    show(StreamToken.from_dict(data))
-                elif event.event == "done":
-                    return QueryResponse.from_dict(data)
-                elif event.event == "error":
-                    raise ApiError.from_problem(Problem.from_dict(data))
-                # Any other event is a later addition to the contract: skipped, not fatal.
-        except SSEError as error:
-            raise ApiError("Not an event stream", str(error)) from None
+    with contextlib.closing(_events(client, request)) as events:
+        for event in events:
+            data = json.loads(event.data)
+            if event.event == "retrieval":
+                show(StreamRetrieval.from_dict(data))
+            elif event.event == "token":
+                show(StreamToken.from_dict(data))
+            elif event.event == "done":
+                return QueryResponse.from_dict(data)
+            elif event.event == "error":
+                raise ApiError.from_problem(Problem.from_dict(data))
+            # Any other event is a later addition to the contract: skipped, not fatal.
     raise ApiError("Answer cut short", "The stream ended before the answer was complete.")
 
 
@@ -192,14 +184,22 @@ def job_events(
     (an unknown job, a missing scope) raises ApiError; a connection that fails or drops,
     httpx.TransportError."""
     request = stream_job_events._get_kwargs(job_id, last_event_id=last_event_id or UNSET)
+    with contextlib.closing(_events(client, request)) as events:
+        for event in events:
+            yield event.id or None, JobEvent.from_dict(json.loads(event.data))
+
+
+def _events(client: Client, request: dict[str, Any]) -> Iterator[ServerSentEvent]:
+    """The server-sent events of a request as the generated client builds it (method, path,
+    headers and body from the contract), each as it arrives: the generated functions wait for
+    the whole body. A refusal, or a body that is not an event stream, raises ApiError."""
     method, url = request.pop("method"), request.pop("url")
     with connect_sse(client.get_httpx_client(), method, url, **request) as source:
         response = source.response
         if response.status_code != 200:
             raise ApiError.from_body(response.status_code, response.read())
         try:
-            for event in source.iter_sse():
-                yield event.id or None, JobEvent.from_dict(json.loads(event.data))
+            yield from source.iter_sse()
         except SSEError as error:
             raise ApiError("Not an event stream", str(error)) from None
 
