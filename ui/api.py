@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -189,7 +189,7 @@ def job_events(
             yield event.id or None, JobEvent.from_dict(json.loads(event.data))
 
 
-def _events(client: Client, request: dict[str, Any]) -> Iterator[ServerSentEvent]:
+def _events(client: Client, request: dict[str, Any]) -> Generator[ServerSentEvent, None, None]:
     """The server-sent events of a request as the generated client builds it (method, path,
     headers and body from the contract), each as it arrives: the generated functions wait for
     the whole body. A refusal, or a body that is not an event stream, raises ApiError."""
