@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Table, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from impl.db import Database, decode_time_cursor, encode_time_cursor, utcnow
@@ -244,19 +244,23 @@ class JobRows(EventLog):
                 new = session.get(ReplacementRow, work.id)
                 if new is None or new.version != work.version:
                     return False
-            session.add_all(
-                ChunkRow(
-                    id=chunk.id,
-                    document_id=work.id,
-                    tenant=doc.tenant,
-                    version=work.version,
-                    chunk_index=chunk.index,
-                    text=chunk.text,
-                    page=chunk.page,
-                    start_char=chunk.start_char,
-                    end_char=chunk.end_char,
-                )
-                for chunk in chunks
+            # A Core insert: the rows are not read back, so no ORM objects to track.
+            session.execute(
+                insert(cast(Table, ChunkRow.__table__)),
+                [
+                    {
+                        "id": chunk.id,
+                        "document_id": work.id,
+                        "tenant": doc.tenant,
+                        "version": work.version,
+                        "chunk_index": chunk.index,
+                        "text": chunk.text,
+                        "page": chunk.page,
+                        "start_char": chunk.start_char,
+                        "end_char": chunk.end_char,
+                    }
+                    for chunk in chunks
+                ],
             )
             lexical.index_chunks(session, doc.tenant, chunks)
             self._renew(session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(chunks))

@@ -38,6 +38,7 @@ import typing
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -49,6 +50,7 @@ from sqlalchemy import (
     Integer,
     Select,
     String,
+    Table,
     and_,
     bindparam,
     case,
@@ -180,7 +182,11 @@ def index_chunks(session: Session, tenant: str, chunks: Sequence[Chunk]) -> None
             for term, frequency in counts.items()
         )
     if postings:
-        session.execute(insert(PostingRow), postings)
+        # A Core insert of the table, not the ORM's bulk insert: no per-row ORM bookkeeping.
+        # In key order, so SQLite walks the postings' B-tree forward instead of jumping
+        # about it (a sixth less CPU per chunk; docs/benchmarks.md, "Worker scaling").
+        postings.sort(key=itemgetter("term"))
+        session.execute(insert(typing.cast(Table, PostingRow.__table__)), postings)
         upsert = (
             sqlite_insert(LexicalTermRow)
             if session.get_bind().dialect.name == "sqlite"
