@@ -820,18 +820,8 @@ class RagService:
         current: dict[str, tuple[str, int]] = {}
         for _ in range(_SEARCH_ROUNDS):
             dense: list[DenseHit] = []
-            chunks: dict[str, Chunk] = {}
-            if vector is not None and retrieval.mode == "dense":
-                scored = self._vectors.query(
-                    tenant, vector, depth, filters, excluded, only_versions, space=space
-                )
-                chunks = {hit.chunk.id: hit.chunk for hit in scored}
-                dense = [
-                    DenseHit(hit.chunk.id, hit.chunk.document_id, hit.chunk.version, hit.score)
-                    for hit in scored
-                ]
-            elif vector is not None:
-                # Hybrid keeps a few of its candidates: their texts come from the registry.
+            if vector is not None:
+                # Ids and scores: the texts of the hits kept come from the registry.
                 dense = self._vectors.nearest(
                     tenant, vector, depth, filters, excluded, only_versions, space=space
                 )
@@ -862,9 +852,7 @@ class RagService:
             only_versions.update(stale)
             lexical = start_lexical(excluded)
         ranked = _fuse(retrieval, dense, lexical_hits)[:top_k]
-        chunks.update(
-            self._documents.get_chunks(tenant, [c for c, _, _ in ranked if c not in chunks])
-        )
+        chunks = self._documents.get_chunks(tenant, [c for c, _, _ in ranked])
         self._observer.observe("retrieval", time.perf_counter() - retrieving)
         return [
             SearchHit(

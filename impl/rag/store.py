@@ -6,8 +6,12 @@ embedded client (``<data_dir>/chroma``) serves one process only: Chroma's embedd
 process-safe. Several processes share a Chroma server (``chroma_url``) instead.
 
 Vectors are always given explicitly: a collection never gets an embedding function, so Chroma
-never loads (or downloads) a model of its own. Which model's collection answers a tenant's
-searches, and which one writers fill, is the registry's to say (spaces.py).
+never loads (or downloads) a model of its own. A vector carries only what searches filter on
+(its document, version and the user's metadata): the chunk's text and place are the registry's,
+read for the hits a search keeps. Texts in Chroma too cost its server a full-text index entry
+per chunk (about 1.1 ms of CPU a chunk, docs/benchmarks.md, "Worker scaling"). Which model's
+collection answers a tenant's searches, and which one writers fill, is the registry's to say
+(spaces.py).
 """
 
 from __future__ import annotations
@@ -44,10 +48,6 @@ DOCUMENT_ID = "document_id"
 # The document's version the vector belongs to. Vectors written before versions existed lack
 # it: they are version 1, and Chroma's $ne and $nin match a missing key.
 VERSION = "version"
-_INDEX = "chunk_index"
-_START = "start_char"
-_END = "end_char"
-_PAGE = "page"
 USER_PREFIX = "m_"
 _MODEL_KEY = "ragapi_model_id"
 _DIMENSION_KEY = "ragapi_dimension"
@@ -121,19 +121,13 @@ def _check_key(key: str) -> None:
 
 
 @dataclass(frozen=True)
-class ScoredChunk:
-    chunk: Chunk
-    score: float  # 1 - cosine distance: cosine similarity, higher is closer
-
-
-@dataclass(frozen=True)
 class DenseHit:
     """A nearest chunk without its text: what fusion needs of it."""
 
     chunk_id: str
     document_id: str
     version: int
-    score: float  # as ScoredChunk's
+    score: float  # 1 - cosine distance: cosine similarity, higher is closer
 
 
 def _connect(settings: Settings) -> Client:
@@ -380,23 +374,12 @@ class VectorStore:
         user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
         for start in range(0, len(chunks), self._batch):
             part = chunks[start : start + self._batch]
-            metadatas: list[dict[str, Any]] = []
-            for chunk in part:
-                item: dict[str, Any] = {
-                    **user,
-                    DOCUMENT_ID: chunk.document_id,
-                    VERSION: chunk.version,
-                    _INDEX: chunk.index,
-                    _START: chunk.start_char,
-                    _END: chunk.end_char,
-                }
-                if chunk.page is not None:
-                    item[_PAGE] = chunk.page
-                metadatas.append(item)
+            metadatas = [
+                {**user, DOCUMENT_ID: chunk.document_id, VERSION: chunk.version} for chunk in part
+            ]
             collection.upsert(
                 ids=[chunk.id for chunk in part],
                 embeddings=np.asarray(vectors[start : start + self._batch], dtype=np.float32),
-                documents=[chunk.text for chunk in part],
                 metadatas=cast(Any, metadatas),
             )
 
@@ -473,57 +456,6 @@ class VectorStore:
         return None
 
     @_reaching
-    def query(
-        self,
-        tenant: str,
-        vector: Sequence[float],
-        top_k: int,
-        filters: SearchFilters | None,
-        exclude_documents: AbstractSet[str] = frozenset(),
-        only_versions: Mapping[str, int] | None = None,
-        *,
-        space: Space | None = None,
-    ) -> list[ScoredChunk]:
-        """The ``top_k`` nearest chunks that pass ``filters``, closest first; of the documents
-        in ``only_versions``, only that version's. ``vector``: the question embedded by the
-        model of ``space`` (None: the tenant's current space)."""
-        if filters is not None and filters.document_ids is not None and not filters.document_ids:
-            return []
-        where = build_where(filters, exclude_documents, only_versions or {})
-        result = self._searched(
-            tenant,
-            space,
-            lambda collection: collection.query(
-                query_embeddings=np.asarray([vector], dtype=np.float32),
-                n_results=top_k,
-                where=cast(Any, where),
-                include=["documents", "metadatas", "distances"],
-            ),
-        )
-        if result is None:
-            return []
-        ids = result["ids"][0]
-        texts = (result["documents"] or [[]])[0]
-        metadatas = (result["metadatas"] or [[]])[0]
-        distances = (result["distances"] or [[]])[0]
-        hits = []
-        for chunk_id, text, meta, distance in zip(ids, texts, metadatas, distances, strict=True):
-            page = meta.get(_PAGE)
-            version = meta.get(VERSION, 1)
-            chunk = Chunk(
-                id=chunk_id,
-                document_id=str(meta[DOCUMENT_ID]),
-                index=int(cast(int, meta[_INDEX])),
-                text=text or "",
-                page=None if page is None else int(cast(int, page)),
-                start_char=int(cast(int, meta[_START])),
-                end_char=int(cast(int, meta[_END])),
-                version=int(cast(int, version)),
-            )
-            hits.append(ScoredChunk(chunk=chunk, score=1.0 - float(distance)))
-        return hits
-
-    @_reaching
     def nearest(
         self,
         tenant: str,
@@ -535,9 +467,11 @@ class VectorStore:
         *,
         space: Space | None = None,
     ) -> list[DenseHit]:
-        """query's hits as ids and scores only. Reading the results' metadata and texts is most
-        of the cost of a wide query (hybrid asks for 50 candidates and keeps a few, whose texts
-        the registry holds): 5.6 ms of CPU against 3.4 ms for 50 at 10k chunks."""
+        """The ``top_k`` nearest chunks that pass ``filters``, closest first, as ids and scores:
+        of the documents in ``only_versions``, only that version's. ``vector``: the question
+        embedded by the model of ``space`` (None: the tenant's current space). Only ids and
+        distances are read: results' metadata cost most of a wide query (hybrid asks for 50
+        candidates and keeps a few): 5.6 ms of CPU against 3.4 ms for 50 at 10k chunks."""
         if filters is not None and filters.document_ids is not None and not filters.document_ids:
             return []
         where = build_where(filters, exclude_documents, only_versions or {})

@@ -24,7 +24,7 @@ from impl.rag.lexical import LexicalHit
 from impl.rag.originals import OriginalStore, open_originals
 from impl.rag.registry import Registry
 from impl.rag.spaces import DocumentChunks, Move, Space
-from impl.rag.store import DenseHit, ScoredChunk, VectorStore
+from impl.rag.store import DenseHit, VectorStore
 from impl.rag.types import (
     Chunk,
     Document,
@@ -325,21 +325,10 @@ class VectorIndex(Protocol):
         *,
         space: Space | None = None,
     ) -> list[DenseHit]:
-        """query's hits as ids, versions and scores only, without their texts; ``vector`` is
-        the question embedded by ``space``'s model, searched in that space's vectors."""
+        """The nearest chunks that pass ``filters``, closest first, as ids, versions and
+        scores (their texts are the registry's); ``vector`` is the question embedded by
+        ``space``'s model, searched in that space's vectors."""
         ...
-
-    def query(
-        self,
-        tenant: str,
-        vector: Sequence[float],
-        top_k: int,
-        filters: SearchFilters | None,
-        exclude_documents: Collection[str] = frozenset(),
-        only_versions: Mapping[str, int] | None = None,
-        *,
-        space: Space | None = None,
-    ) -> list[ScoredChunk]: ...
 
     def spaces(self, tenant: str) -> tuple[Space, Space]:
         """The tenant's current space (its searches') and the one writes go into."""
@@ -347,7 +336,7 @@ class VectorIndex(Protocol):
 
     def search_space(self, tenant: str) -> Space:
         """The tenant's current space as this process last read it; read again after a
-        search (``nearest``, ``query``) found that space's collection gone."""
+        search (``nearest``) found that space's collection gone."""
         ...
 
     def drop_other_spaces(self, tenant: str, keep: Space) -> None:

@@ -27,7 +27,7 @@ from impl.errors import (
 from impl.rag.embeddings import EmbeddingModel
 from impl.rag.service import NO_ANSWER, RagService
 from impl.rag.spaces import Move
-from impl.rag.store import ScoredChunk, chroma_settings, collection_name
+from impl.rag.store import DenseHit, chroma_settings, collection_name
 from impl.rag.stores import VectorIndex, build_stores
 from impl.rag.types import (
     Document,
@@ -829,9 +829,9 @@ class RecordingIndex:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.index, name)
 
-    def query(self, tenant: str, *args: Any, **kwargs: Any) -> list[ScoredChunk]:
+    def nearest(self, tenant: str, *args: Any, **kwargs: Any) -> list[DenseHit]:
         self.queried.append(tenant)
-        return self.index.query(tenant, *args, **kwargs)
+        return self.index.nearest(tenant, *args, **kwargs)
 
 
 def test_the_service_works_on_the_stores_it_is_given(
@@ -877,10 +877,10 @@ def test_a_search_that_pinned_the_version_swapped_out_meanwhile_finds_the_next_o
             swapped.set()
 
     monkeypatch.setattr(service._jobs, "swap_version", held_swap)
-    query = service._vectors.query
+    nearest = service._vectors.nearest
     calls: list[dict[str, int]] = []
 
-    def racing_query(*args: Any, **kwargs: Any) -> Any:
+    def racing_nearest(*args: Any, **kwargs: Any) -> Any:
         only_versions = dict(args[5])
         calls.append(only_versions)
         if only_versions == {document_id: 1}:
@@ -892,13 +892,13 @@ def test_a_search_that_pinned_the_version_swapped_out_meanwhile_finds_the_next_o
             while service.get_job(TENANT, job.id).status != "succeeded":
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        return query(*args, **kwargs)
+        return nearest(*args, **kwargs)
 
     job = service.replace_document(
         TENANT, document_id, text_item(summer), metadata=None, if_match=None
     )
     assert at_swap.wait(120)  # both versions' vectors are written: the job waits to swap
-    monkeypatch.setattr(service._vectors, "query", racing_query)
+    monkeypatch.setattr(service._vectors, "nearest", racing_nearest)
     hits = service.search(
         TENANT, "where do the tugs wait", top_k=3, retrieval=RetrievalOptions(mode="dense")
     )

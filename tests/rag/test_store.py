@@ -54,8 +54,8 @@ def add_document(
 def found_documents(
     store: VectorStore, tenant: str, filters: SearchFilters | None, top_k: int = 10
 ) -> set[str]:
-    hits = store.query(tenant, unit(1, 0, 0, 0), top_k, filters)
-    return {hit.chunk.document_id for hit in hits}
+    hits = store.nearest(tenant, unit(1, 0, 0, 0), top_k, filters)
+    return {hit.document_id for hit in hits}
 
 
 def test_collection_names_are_valid_and_distinct_for_any_tenant(store: VectorStore) -> None:
@@ -64,8 +64,8 @@ def test_collection_names_are_valid_and_distinct_for_any_tenant(store: VectorSto
     assert len(names) == len(tenants)
     for tenant in tenants:
         add_document(store, tenant, "doc", unit(1, 0, 0, 0))
-        [hit] = store.query(tenant, unit(1, 0, 0, 0), 5, None)
-        assert hit.chunk.document_id == "doc"
+        [hit] = store.nearest(tenant, unit(1, 0, 0, 0), 5, None)
+        assert hit.document_id == "doc"
 
 
 def test_collections_get_the_configured_hnsw_settings(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_existing_collections_follow_the_configured_ef_search(tmp_path: Path) ->
     store.close()
     store = VectorStore(make_settings(data_dir, hnsw_ef_search=300, hnsw_m=8), "model-a", DIM)
     try:
-        assert len(store.query("t", unit(1, 0, 0, 0), 5, None)) == 1
+        assert len(store.nearest("t", unit(1, 0, 0, 0), 5, None)) == 1
         collection = store._collection("t", store.spaces("t")[0], create=False)
         assert collection is not None
         hnsw = collection.configuration["hnsw"]
@@ -107,14 +107,14 @@ def test_existing_collections_follow_the_configured_ef_search(tmp_path: Path) ->
         store.close()
 
 
-def test_query_scores_are_cosine_similarity_best_first(store: VectorStore) -> None:
+def test_nearest_scores_are_cosine_similarity_best_first(store: VectorStore) -> None:
     add_document(store, "t", "same", unit(1, 0, 0, 0))
     add_document(store, "t", "near", unit(1, 1, 0, 0))
     add_document(store, "t", "opposite", unit(-1, 0, 0, 0))
-    hits = store.query("t", unit(1, 0, 0, 0), 3, None)
-    assert [hit.chunk.document_id for hit in hits] == ["same", "near", "opposite"]
+    hits = store.nearest("t", unit(1, 0, 0, 0), 3, None)
+    assert [hit.document_id for hit in hits] == ["same", "near", "opposite"]
     assert [round(hit.score, 4) for hit in hits] == [1.0, round(math.sqrt(0.5), 4), -1.0]
-    assert hits[0].chunk == chunks_of("same", 1)[0]
+    assert hits[0].chunk_id == chunks_of("same", 1)[0].id
 
 
 def stored(store: VectorStore, tenant: str, document_id: str, count: int) -> int:
@@ -152,7 +152,7 @@ def test_delete_removes_those_documents_in_one_tenant(store: VectorStore) -> Non
 
 
 def test_reads_do_not_create_collections(store: VectorStore) -> None:
-    assert store.query("nobody", unit(1, 0, 0, 0), 5, None) == []
+    assert store.nearest("nobody", unit(1, 0, 0, 0), 5, None) == []
     assert stored(store, "nobody", "doc", 1) == 0
     store.delete_documents("nobody", ["doc"])
     names = {collection.name for collection in store._client.list_collections()}
@@ -188,8 +188,8 @@ def test_metadata_filters(store: VectorStore) -> None:
 
 def test_user_metadata_cannot_collide_with_ours(store: VectorStore) -> None:
     add_document(store, "t", "real", unit(1, 0, 0, 0), {"document_id": "fake", "chunk_index": 9})
-    [hit] = store.query("t", unit(1, 0, 0, 0), 5, None)
-    assert (hit.chunk.document_id, hit.chunk.index) == ("real", 0)
+    [hit] = store.nearest("t", unit(1, 0, 0, 0), 5, None)
+    assert hit.chunk_id == "real-0"
     assert found_documents(store, "t", SearchFilters(metadata={"document_id": "fake"})) == {"real"}
     store.delete_documents("t", ["fake"])
     assert stored(store, "t", "real", 1) == 1
@@ -230,13 +230,13 @@ def test_a_collection_holding_another_models_vectors_is_refused(tmp_path: Path) 
     for model_id, dimension in (("model-b", DIM), ("model-a", 8)):
         other = VectorStore(settings, model_id, dimension)
         with pytest.raises(ConfigurationError) as caught:
-            other.query("t", unit(1, 0, 0, 0), 5, None)
+            other.nearest("t", unit(1, 0, 0, 0), 5, None)
         other.close()
         assert "built with model model-a" in caught.value.detail
         assert "re-index (`ragapi reindex`) or use a new data_dir" in caught.value.detail
         assert str(tmp_path) not in caught.value.detail
     store = VectorStore(settings, "model-a", DIM)
-    assert len(store.query("t", unit(1, 0, 0, 0), 5, None)) == 1
+    assert len(store.nearest("t", unit(1, 0, 0, 0), 5, None)) == 1
     store.close()
 
 
@@ -270,7 +270,7 @@ def test_a_chroma_server_by_url(tmp_path: Path) -> None:
         other = VectorStore(settings, "model-b", DIM)
         try:
             with pytest.raises(ConfigurationError):
-                other.query("t", unit(1, 0, 0, 0), 5, None)
+                other.nearest("t", unit(1, 0, 0, 0), 5, None)
         finally:
             other.close()
 
