@@ -176,16 +176,59 @@ class _Cancelled(Exception):
     """The job was asked to cancel."""
 
 
+@dataclass(frozen=True)
+class _LastBatch:
+    """A document's last batch of chunks: written, then the document is complete."""
+
+    document: DocumentWork
+    chunks: Sequence[Chunk]
+    spans: Sequence[ChunkSpan]  # all of the document's
+
+
 @dataclass
 class _Finishing:
-    """A document's last write and completion, running while the next document is embedded."""
+    """Documents' last writes and completions, running while the next document is embedded."""
 
     job: ClaimedJob
     owner: str
-    document: DocumentWork
-    not_written: int  # the chunks of its last batch: not due if its deletion began first
-    future: Future[bool]
+    batches: Sequence[_LastBatch]
+    future: Future[list[bool]]  # each document's: False when its deletion began first
     settled: bool = False  # its outcome dealt with
+
+
+def _shared_batches(
+    planned: Sequence[tuple[DocumentWork, list[ChunkSpan]]],
+) -> list[list[tuple[DocumentWork, list[ChunkSpan]]]]:
+    """The documents in order, consecutive small ones together up to EMBED_BATCH chunks, a
+    larger one alone. Documents of a batch are embedded in one call and written to the vector
+    store in one request: a Chroma write costs its server 10-20 ms of CPU however few vectors
+    it holds, which made a job of two-chunk documents spend 5.6 ms of Chroma's CPU a chunk
+    (docs/benchmarks.md, "Worker scaling")."""
+    batches: list[list[tuple[DocumentWork, list[ChunkSpan]]]] = []
+    room = 0  # chunks the last batch can still take
+    for document, spans in planned:
+        if len(spans) > room or not batches:
+            batches.append([])
+            room = EMBED_BATCH
+        batches[-1].append((document, spans))
+        room -= len(spans)
+    return batches
+
+
+def _chunks(document: DocumentWork, spans: Sequence[ChunkSpan]) -> list[Chunk]:
+    return [
+        Chunk(
+            id=chunk_id(document.id, span.index, document.version),
+            document_id=document.id,
+            version=document.version,
+            index=span.index,
+            text=span.text,
+            page=span.page,
+            start_char=span.start_char,
+            end_char=span.end_char,
+        )
+        for span in spans
+    ]
 
 
 class IngestWorkers:
@@ -438,28 +481,36 @@ class IngestWorkers:
         # write and completion run while the next document's first batch is embedded (most
         # documents are one batch, which would otherwise wait for every write of theirs).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragapi-write") as writer:
-            finishing: _Finishing | None = None  # the document before, still being written
-            for number, (document, spans) in enumerate(planned):
+            finishing: _Finishing | None = None  # the documents before, still being written
+            batches = _shared_batches(planned)
+            for number, batch in enumerate(batches):
                 try:
-                    finishing = self._index_document(
-                        job, owner, document, spans, writer, finishing, failures
-                    )
+                    if len(batch) == 1:
+                        finishing = self._index_document(
+                            job, owner, *batch[0], writer, finishing, failures
+                        )
+                    else:
+                        finishing = self._index_together(
+                            job, owner, batch, writer, finishing, failures
+                        )
                 except _Stopping:
                     self._settle(finishing, failures)
                     # The job goes back without counting an attempt: leave it no vectors to
                     # clean. Unless shutdown already queued it again (this thread overran its
-                    # stop time): another worker may be writing this document's vectors by now.
+                    # stop time): another worker may be writing these documents' vectors.
                     if not self._held.is_lost(job.id):
-                        self._remove_vectors(document)
+                        for document, _ in batch:
+                            self._remove_vectors(document)
                     raise
                 except _Cancelled:
                     self._settle(finishing, failures)
-                    self._cancel([item for item, _ in planned[number:]])
+                    self._cancel([item for later in batches[number:] for item, _ in later])
                 except (LeaseLost, DependencyUnavailable):
                     raise
                 except Exception as exc:
                     self._settle(finishing, failures)
-                    self._fail(document, exc, failures)
+                    for document, _ in batch:
+                        self._fail(document, exc, failures)
             self._settle(finishing, failures)
         return failures
 
@@ -473,12 +524,14 @@ class IngestWorkers:
         except (LeaseLost, DependencyUnavailable):
             raise
         except Exception as exc:
-            self._fail(finishing.document, exc, failures)
+            for batch in finishing.batches:
+                self._fail(batch.document, exc, failures)
             return
-        if not written:
-            self._deletion_began(
-                finishing.job, finishing.owner, finishing.document, finishing.not_written
-            )
+        for batch, recorded in zip(finishing.batches, written, strict=True):
+            if not recorded:
+                self._deletion_began(
+                    finishing.job, finishing.owner, batch.document, len(batch.chunks)
+                )
 
     def _remove_vectors(self, document: DocumentWork) -> None:
         """What indexing this work may have written to the vector store."""
@@ -532,25 +585,8 @@ class IngestWorkers:
                 self._check_in_hand(job)
                 if self._registry.cancel_requested(job.id):
                     raise _Cancelled
-                chunks = [
-                    Chunk(
-                        id=chunk_id(document.id, span.index, document.version),
-                        document_id=document.id,
-                        version=document.version,
-                        index=span.index,
-                        text=span.text,
-                        page=span.page,
-                        start_char=span.start_char,
-                        end_char=span.end_char,
-                    )
-                    for span in spans[start : start + EMBED_BATCH]
-                ]
-                started = time.perf_counter()
-                vectors = self._embeddings.embed_documents([chunk.text for chunk in chunks])
-                self._observer.observe("embedding", time.perf_counter() - started)
-                self._observer.chunks_embedded(len(chunks))
-                if len(vectors) != len(chunks):
-                    raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+                chunks = _chunks(document, spans[start : start + EMBED_BATCH])
+                vectors = self._embed(chunks)
                 self._settle(before, failures)
                 if writing is not None and not writing[1].result():
                     self._deletion_began(job, owner, document, len(spans) - writing[0])
@@ -560,10 +596,10 @@ class IngestWorkers:
                     writing = (start, write)
                 else:
                     writing = None
-                    last = writer.submit(
-                        self._write_last, job, owner, document, chunks, vectors, spans
+                    last = [_LastBatch(document, chunks, spans)]
+                    finishing = _Finishing(
+                        job, owner, last, writer.submit(self._write_last, job, owner, last, vectors)
                     )
-                    finishing = _Finishing(job, owner, document, len(spans) - start, last)
         except BaseException:
             if writing is not None:
                 # Whatever ends this document waits for its write: the caller may remove what
@@ -573,35 +609,81 @@ class IngestWorkers:
             raise
         return finishing
 
+    def _index_together(
+        self,
+        job: ClaimedJob,
+        owner: str,
+        batch: Sequence[tuple[DocumentWork, Sequence[ChunkSpan]]],
+        writer: ThreadPoolExecutor,
+        before: _Finishing | None,
+        failures: list[str],
+    ) -> _Finishing:
+        """Small documents' chunks embedded in one call, while the documents before are
+        written; their write and completion are left running."""
+        self._check_in_hand(job)
+        if self._registry.cancel_requested(job.id):
+            raise _Cancelled
+        last = [_LastBatch(document, _chunks(document, spans), spans) for document, spans in batch]
+        vectors = self._embed([chunk for each in last for chunk in each.chunks])
+        self._settle(before, failures)
+        return _Finishing(
+            job, owner, last, writer.submit(self._write_last, job, owner, last, vectors)
+        )
+
+    def _embed(self, chunks: Sequence[Chunk]) -> list[list[float]]:
+        started = time.perf_counter()
+        vectors = self._embeddings.embed_documents([chunk.text for chunk in chunks])
+        self._observer.observe("embedding", time.perf_counter() - started)
+        self._observer.chunks_embedded(len(chunks))
+        if len(vectors) != len(chunks):
+            raise RuntimeError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+        return vectors
+
     def _write_last(
         self,
         job: ClaimedJob,
         owner: str,
-        document: DocumentWork,
-        chunks: Sequence[Chunk],
+        last: Sequence[_LastBatch],
         vectors: Sequence[Sequence[float]],
-        spans: Sequence[ChunkSpan],
-    ) -> bool:
-        """A document's last batch, then the document becomes ready (or its new version
-        current); False when its deletion began before the batch's rows were recorded."""
-        if not self._write(job, owner, document, chunks, vectors):
-            return False
-        ids = [chunk_id(document.id, span.index, document.version) for span in spans]
-        stored = self._store.count(document.tenant, ids)
-        if stored != len(spans):
-            raise RuntimeError(f"the vector store holds {stored} of {len(spans)} vectors")
+    ) -> list[bool]:
+        """Documents' last batches (their vectors in one request), then each document becomes
+        ready (or its new version current); for each, False when its deletion began before
+        its batch's rows were recorded."""
+        tenant = last[0].document.tenant  # a job's documents are one tenant's
+        chunks = [chunk for each in last for chunk in each.chunks]
+        self._store.add(
+            tenant, chunks, vectors, {each.document.id: each.document.metadata for each in last}
+        )
+        recorded = [
+            self._registry.add_chunks(job.id, owner, self._lease, each.document, each.chunks)
+            for each in last
+        ]
+        complete = [each for each, ok in zip(last, recorded, strict=True) if ok]
+        ids = [
+            chunk_id(each.document.id, span.index, each.document.version)
+            for each in complete
+            for span in each.spans
+        ]
+        stored = self._store.count(tenant, ids)
+        if stored != len(ids):
+            raise RuntimeError(f"the vector store holds {stored} of {len(ids)} vectors")
+        for each in complete:
+            self._complete(each.document, len(each.spans))
+        return recorded
+
+    def _complete(self, document: DocumentWork, chunks: int) -> None:
+        """Every chunk written: the document becomes ready, or its new version current."""
         if not document.replacement:
             # False means deletion began after the last batch was recorded; the deleter removes
             # every vector written so far, so nothing is left to do here.
-            self._registry.mark_ready(document.id, len(spans))
-            return True
+            self._registry.mark_ready(document.id, chunks)
+            return
         retired = self._registry.swap_version(document.id, document.version)
         if retired is None:
             # The document was deleted meanwhile (its deleter removes every version's vectors).
             self._remove_vectors(document)
-            return True
+            return
         self._cleanup.retire(retired)
-        return True
 
     def _write(
         self,
@@ -613,7 +695,7 @@ class IngestWorkers:
     ) -> bool:
         """Vectors first, then the chunk rows and progress; False when the document's deletion
         began before the rows were recorded."""
-        self._store.add(document.tenant, chunks, vectors, document.metadata)
+        self._store.add(document.tenant, chunks, vectors, {document.id: document.metadata})
         return self._registry.add_chunks(job.id, owner, self._lease, document, chunks)
 
     def _deletion_began(

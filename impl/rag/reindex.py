@@ -150,7 +150,7 @@ class SpaceMover:
         for start in range(0, len(ids), EMBED_BATCH):
             part = document.chunks[start : start + EMBED_BATCH]
             vectors = self._embeddings.embed_documents([chunk.text for chunk in part])
-            self._vectors.add(tenant, part, vectors, document.metadata)
+            self._vectors.add(tenant, part, vectors, {document.document_id: document.metadata})
         if self._spaces.ready_version(tenant, document.document_id) != document.version:
             # Deleted or replaced meanwhile, perhaps after its vectors were removed: ours go.
             self._vectors.delete_chunks(tenant, ids)

@@ -366,16 +366,21 @@ class VectorStore:
         tenant: str,
         chunks: Sequence[Chunk],
         vectors: Sequence[Sequence[float]],
-        metadata: Metadata,
+        metadata: Mapping[str, Metadata],
     ) -> None:
-        """Write the chunks' vectors; writing the same chunk ids again replaces them."""
+        """Write the chunks' vectors, each with its document's user ``metadata`` (by document
+        id); writing the same chunk ids again replaces them."""
         collection = self._collection(tenant, self.spaces(tenant)[1], create=True)
         assert collection is not None
-        user = {USER_PREFIX + key: _stored(value) for key, value in metadata.items()}
+        user = {
+            document_id: {USER_PREFIX + key: _stored(value) for key, value in values.items()}
+            for document_id, values in metadata.items()
+        }
         for start in range(0, len(chunks), self._batch):
             part = chunks[start : start + self._batch]
             metadatas = [
-                {**user, DOCUMENT_ID: chunk.document_id, VERSION: chunk.version} for chunk in part
+                {**user[chunk.document_id], DOCUMENT_ID: chunk.document_id, VERSION: chunk.version}
+                for chunk in part
             ]
             collection.upsert(
                 ids=[chunk.id for chunk in part],

@@ -307,8 +307,10 @@ class VectorIndex(Protocol):
         tenant: str,
         chunks: Sequence[Chunk],
         vectors: Sequence[Sequence[float]],
-        metadata: Metadata,
-    ) -> None: ...
+        metadata: Mapping[str, Metadata],
+    ) -> None:
+        """Each chunk's vector with its document's user ``metadata`` (by document id)."""
+        ...
 
     def count(self, tenant: str, chunk_ids: Sequence[str]) -> int: ...
 

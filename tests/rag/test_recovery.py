@@ -129,7 +129,9 @@ def test_a_job_interrupted_too_often_fails_and_leaves_no_vectors(
         db.execute("UPDATE jobs SET status = 'running', attempts = 3 WHERE id = ?", (job.id,))
     store = VectorStore(make_settings(data_dir), embeddings.model_id, embeddings.dimension)
     partial = Chunk(f"{doc_id}-0", doc_id, 0, "Interrupted", None, 0, 11)
-    store.add(TENANT, [partial], embeddings.embed_documents([partial.text]), {})
+    store.add(
+        TENANT, [partial], embeddings.embed_documents([partial.text]), {partial.document_id: {}}
+    )
     store.close()
 
     service = make_service()

@@ -855,6 +855,45 @@ def test_the_service_works_on_the_stores_it_is_given(
     assert recording.queried == [TENANT]
 
 
+def test_a_jobs_small_documents_reach_the_vector_store_in_one_write_each_with_its_metadata(
+    data_dir: Path, embeddings: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Chroma write costs its server about the same however few vectors it holds, so the
+    small documents of a job are embedded and written together; each still gets its own
+    metadata and is found alone by it."""
+    service = RagService(make_settings(data_dir), embeddings)
+    writes: list[set[str]] = []
+    add = service._vectors.add
+
+    def recording_add(tenant: str, chunks: Any, *args: Any, **kwargs: Any) -> None:
+        writes.append({chunk.document_id for chunk in chunks})
+        add(tenant, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(service._vectors, "add", recording_add)
+    topics = ["lighthouses", "beekeeping", "glassblowing", "falconry", "origami", "tides"]
+    items = [
+        text_item(f"A short note on {topic}: {topic} is practised by few.", metadata={"n": n})
+        for n, topic in enumerate(topics)
+    ]
+    try:
+        service.start()
+        job = ingest(service, TENANT, items)
+        assert writes == [set(job.document_ids)]
+        for n, (topic, doc_id) in enumerate(zip(topics, job.document_ids, strict=True)):
+            assert service.get_document(TENANT, doc_id).status == "ready"
+            hits = service.search(
+                TENANT,
+                topic,
+                top_k=3,
+                filters=SearchFilters(metadata={"n": n}),
+                retrieval=RetrievalOptions(mode="dense"),
+            )
+            assert [hit.chunk.document_id for hit in hits] == [doc_id]
+            assert topic in hits[0].chunk.text
+    finally:
+        service.close()
+
+
 def test_a_search_that_pinned_the_version_swapped_out_meanwhile_finds_the_next_one(
     service: RagService, monkeypatch: pytest.MonkeyPatch
 ) -> None:

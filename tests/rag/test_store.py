@@ -48,7 +48,7 @@ def add_document(
     vector: list[float],
     metadata: Metadata | None = None,
 ) -> None:
-    store.add(tenant, chunks_of(document_id, 1), [vector], metadata or {})
+    store.add(tenant, chunks_of(document_id, 1), [vector], {document_id: metadata or {}})
 
 
 def found_documents(
@@ -125,20 +125,20 @@ def stored(store: VectorStore, tenant: str, document_id: str, count: int) -> int
 def test_writes_larger_than_chromas_batch_limit_are_split(store: VectorStore) -> None:
     count = store._client.get_max_batch_size() + 100
     vectors = [unit(1, i, 0, 1) for i in range(count)]
-    store.add("t", chunks_of("big", count), vectors, {})
+    store.add("t", chunks_of("big", count), vectors, {"big": {}})
     assert stored(store, "t", "big", count + 5) == count
     # Writing the same chunks again replaces them rather than adding more.
-    store.add("t", chunks_of("big", 10), vectors[:10], {})
+    store.add("t", chunks_of("big", 10), vectors[:10], {"big": {}})
     assert store._client.get_collection(collection_name("t")).count() == count
     store.delete_documents("t", ["big"])
     assert stored(store, "t", "big", count) == 0
 
 
 def test_delete_removes_those_documents_in_one_tenant(store: VectorStore) -> None:
-    store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {})
-    store.add("t", chunks_of("b", 2), [unit(1, 0, 0, 0)] * 2, {})
-    store.add("t", chunks_of("c", 4), [unit(1, 0, 0, 0)] * 4, {})
-    store.add("u", chunks_of("a", 1), [unit(1, 0, 0, 0)], {})
+    store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {"a": {}})
+    store.add("t", chunks_of("b", 2), [unit(1, 0, 0, 0)] * 2, {"b": {}})
+    store.add("t", chunks_of("c", 4), [unit(1, 0, 0, 0)] * 4, {"c": {}})
+    store.add("u", chunks_of("a", 1), [unit(1, 0, 0, 0)], {"a": {}})
     store.delete_documents("t", ["a", "c", "never-stored"])
     left = {(tenant, doc): stored(store, tenant, doc, 4) for tenant in "tu" for doc in "abc"}
     assert left == {
@@ -261,7 +261,7 @@ def test_a_chroma_server_by_url(tmp_path: Path) -> None:
         store = VectorStore(settings, "model-a", DIM)
         try:
             store.heartbeat()
-            store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {"team": "red"})
+            store.add("t", chunks_of("a", 3), [unit(1, 0, 0, 0)] * 3, {"a": {"team": "red"}})
             assert found_documents(store, "t", SearchFilters(metadata={"team": "red"})) == {"a"}
             store.delete_documents("t", ["a"])
             assert stored(store, "t", "a", 3) == 0
@@ -355,7 +355,7 @@ def test_a_search_finds_the_space_another_process_switched_the_tenant_to(tmp_pat
         assert old.model_id == "model-a"
         assert len(searching.nearest("t", unit(1, 0, 0, 0), 5, None, space=old)) == 1
         # The other process's move: the new model's vectors, the switch, the old ones dropped.
-        moving.add("t", chunks_of("doc", 1), [unit(0, 1, 0, 0, 0, 0, 0, 0)], {})
+        moving.add("t", chunks_of("doc", 1), [unit(0, 1, 0, 0, 0, 0, 0, 0)], {"doc": {}})
         new = moving.spaces("t")[1]
         registry.switch_space("t", new)
         moving.drop_other_spaces("t", new)
