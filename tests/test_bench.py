@@ -23,7 +23,13 @@ FIGURES = {
     "footprint": ("rss_idle_mb", "rss_loaded_mb", "peak_rss_mb", "ready_seconds"),
     "recall": ("server_recall", "raw_recall"),
     "corpus": ("cache_check_min_cosine", "distinct_chunk_share", "seed_chunk_chars_mean"),
-    "embedding": ("cpu_ms_per_chunk", "gflops_per_cpu_s", "gemm_gflops_1core", "peak_fraction"),
+    "embedding": (
+        "cpu_ms_per_chunk",
+        "gflops_per_cpu_s",
+        "gemm_gflops_1core",
+        "peak_gflops_1core",
+        "peak_fraction",
+    ),
 }
 CONCURRENCY = ("http_rps", "http_p95_ms", "raw_rps", "raw_p95_ms", "rps_ratio")
 SCALING_COUNTS = ["1", "2"]  # given, not the machine's cores: the same block on every runner

@@ -226,8 +226,9 @@ class Run:
         groups = _split_by_bytes(self.plan.ingest, budgets)
         self.scaling_pool = groups[len(groups) - len(scaling_budgets) :]
         *self.ingest_rounds, self.bulk = groups[: len(groups) - len(scaling_budgets)]
-        # The model the server runs, with the server's thread setting.
-        self.model = OnnxMiniLM(threads=Settings().embedding_threads)
+        # The model the server runs, with the server's thread setting and a cache folder, so
+        # the graph it runs is the one runnable_graph writes.
+        self.model = OnnxMiniLM(threads=Settings().embedding_threads, cache_dir=work / "models")
         self.cache = EmbeddingCache(
             work / "cache" if args.quick else args.cache_dir, self.model.model_id
         )

@@ -62,8 +62,10 @@ before = rss()
 session = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
 made = rss()
 ids = np.full((1, 202), 2000, dtype=np.int64)
-session.run(None, {'input_ids': ids, 'attention_mask': np.ones_like(ids),
-                   'token_type_ids': np.zeros_like(ids)})
+feeds = {'input_ids': ids, 'attention_mask': np.ones_like(ids),
+         'token_type_ids': np.zeros_like(ids)}
+inputs = {node.name for node in session.get_inputs()}  # the runnable graph has no token types
+session.run(None, {name: value for name, value in feeds.items() if name in inputs})
 print(json.dumps({'session': made - before, 'first run': rss() - made, 'total': rss() - before}))
 """.replace("{rss}", _RSS)
 # The server's heavy top-level packages, in the order it imports them.

