@@ -226,28 +226,38 @@ class JobRows(EventLog):
             return bool(session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
 
     def add_chunks(
-        self, job_id: str, owner: str, lease: timedelta, work: DocumentWork, chunks: Sequence[Chunk]
-    ) -> bool:
-        """Record indexed chunks and the job's progress. False, writing nothing, when the
-        document is no longer being indexed (deletion began, or the replacement was dropped):
-        the caller then removes its vectors."""
+        self,
+        job_id: str,
+        owner: str,
+        lease: timedelta,
+        written: Sequence[tuple[DocumentWork, Sequence[Chunk]]],
+    ) -> list[bool]:
+        """Record indexed chunks of one or more documents and the job's progress, in one
+        transaction. For each document, False, writing nothing of it, when it is no longer
+        being indexed (deletion began, or the replacement was dropped): the caller then
+        removes its vectors."""
         with self._db.write() as session:
-            # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
-            doc = session.execute(
-                select(DocumentRow.status, DocumentRow.tenant)
-                .where(DocumentRow.id == work.id)
-                .with_for_update()
-            ).one_or_none()
-            if doc is None or doc.status != ("ready" if work.replacement else "pending"):
-                return False
-            if work.replacement:
-                new = session.get(ReplacementRow, work.id)
-                if new is None or new.version != work.version:
-                    return False
-            # A Core insert: the rows are not read back, so no ORM objects to track.
-            session.execute(
-                insert(cast(Table, ChunkRow.__table__)),
-                [
+            recorded: list[bool] = []
+            rows: list[dict[str, Any]] = []
+            indexed: list[Chunk] = []
+            tenant = ""
+            for work, chunks in written:
+                # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
+                doc = session.execute(
+                    select(DocumentRow.status, DocumentRow.tenant)
+                    .where(DocumentRow.id == work.id)
+                    .with_for_update()
+                ).one_or_none()
+                recorded.append(
+                    doc is not None
+                    and doc.status == ("ready" if work.replacement else "pending")
+                    and (not work.replacement or self._replacing(session, work))
+                )
+                if not recorded[-1]:
+                    continue
+                assert doc is not None
+                tenant = doc.tenant  # a job's documents are one tenant's
+                rows.extend(
                     {
                         "id": chunk.id,
                         "document_id": work.id,
@@ -260,12 +270,24 @@ class JobRows(EventLog):
                         "end_char": chunk.end_char,
                     }
                     for chunk in chunks
-                ],
+                )
+                indexed.extend(chunks)
+            if not indexed:
+                return recorded
+            # A Core insert: the rows are not read back, so no ORM objects to track.
+            session.execute(insert(cast(Table, ChunkRow.__table__)), rows)
+            lexical.index_chunks(session, tenant, indexed)
+            self._renew(
+                session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(indexed)
             )
-            lexical.index_chunks(session, doc.tenant, chunks)
-            self._renew(session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(chunks))
             self._record_progress(session, job_id)
-            return True
+            return recorded
+
+    @staticmethod
+    def _replacing(session: Session, work: DocumentWork) -> bool:
+        """The document's replacement is still this version."""
+        new = session.get(ReplacementRow, work.id)
+        return new is not None and new.version == work.version
 
     def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None:
         """Take chunks that will not be indexed (their document went away) out of the total."""

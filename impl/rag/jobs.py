@@ -654,10 +654,9 @@ class IngestWorkers:
         self._store.add(
             tenant, chunks, vectors, {each.document.id: each.document.metadata for each in last}
         )
-        recorded = [
-            self._registry.add_chunks(job.id, owner, self._lease, each.document, each.chunks)
-            for each in last
-        ]
+        recorded = self._registry.add_chunks(
+            job.id, owner, self._lease, [(each.document, each.chunks) for each in last]
+        )
         complete = [each for each, ok in zip(last, recorded, strict=True) if ok]
         ids = [
             chunk_id(each.document.id, span.index, each.document.version)
@@ -696,7 +695,8 @@ class IngestWorkers:
         """Vectors first, then the chunk rows and progress; False when the document's deletion
         began before the rows were recorded."""
         self._store.add(document.tenant, chunks, vectors, {document.id: document.metadata})
-        return self._registry.add_chunks(job.id, owner, self._lease, document, chunks)
+        [recorded] = self._registry.add_chunks(job.id, owner, self._lease, [(document, chunks)])
+        return recorded
 
     def _deletion_began(
         self, job: ClaimedJob, owner: str, document: DocumentWork, not_written: int

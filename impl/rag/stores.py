@@ -220,10 +220,14 @@ class JobQueue(Protocol):
     ) -> None: ...
 
     def add_chunks(
-        self, job_id: str, owner: str, lease: timedelta, work: DocumentWork, chunks: Sequence[Chunk]
-    ) -> bool:
-        """Store the chunk rows (and their lexical postings); False when the document's
-        deletion began."""
+        self,
+        job_id: str,
+        owner: str,
+        lease: timedelta,
+        written: Sequence[tuple[DocumentWork, Sequence[Chunk]]],
+    ) -> list[bool]:
+        """Store the documents' chunk rows (and their lexical postings) in one transaction;
+        for each document, False when its deletion began."""
         ...
 
     def skip_chunks(self, job_id: str, owner: str, lease: timedelta, count: int) -> None: ...

@@ -32,7 +32,7 @@ def run_job(registry: Registry, tenant: str, content: str, error: JobError | Non
     registry.start_progress(job.id, "owner", LEASE, total=2, work=registry.job_work(job.id))
     work = DocumentWork(id=doc_id, tenant=tenant, extracted_key="", metadata={})
     chunks = [Chunk(f"{doc_id}-{i}", doc_id, i, f"text {i}", None, 0, 6) for i in range(2)]
-    assert registry.add_chunks(job.id, "owner", LEASE, work, chunks)
+    assert registry.add_chunks(job.id, "owner", LEASE, [(work, chunks)]) == [True]
     registry.mark_ready(doc_id, 2)
     registry.finish_job(job.id, "owner", error)
     return job.id

@@ -190,11 +190,11 @@ def test_progress_needs_the_lease(registry: Registry) -> None:
     registry.claim_job(job.id, "owner", LEASE)
     registry.start_progress(job.id, "owner", LEASE, total=2, work=registry.job_work(job.id))
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
-    assert registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), [chunk])
+    assert registry.add_chunks(job.id, "owner", LEASE, [(new_work(doc_id), [chunk])]) == [True]
     assert registry.get_job("t", job.id).chunks_done == 1  # type: ignore[union-attr]
     second = Chunk(f"{doc_id}-1", doc_id, 1, "more", None, 4, 8)
     with pytest.raises(LeaseLost):
-        registry.add_chunks(job.id, "intruder", LEASE, new_work(doc_id), [second])
+        registry.add_chunks(job.id, "intruder", LEASE, [(new_work(doc_id), [second])])
     # The refused write left nothing behind.
     page = registry.list_chunks("t", doc_id, limit=10, cursor=None)
     assert page is not None and [c.index for c in page.items] == [0]
@@ -218,9 +218,31 @@ def test_chunks_are_refused_once_deletion_began(registry: Registry) -> None:
     # Asked again (a DELETE retried after an outage stopped the first), it is still to finish.
     assert registry.mark_deleting("t", doc_id) == target
     chunk = Chunk(f"{doc_id}-0", doc_id, 0, "text", None, 0, 4)
-    assert not registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), [chunk])
+    assert registry.add_chunks(job.id, "owner", LEASE, [(new_work(doc_id), [chunk])]) == [False]
     assert not registry.mark_ready(doc_id, 1)
     assert registry.get_document("t", doc_id) is None
+
+
+def test_documents_recorded_together_are_refused_one_by_one(registry: Registry) -> None:
+    """Small documents' chunks are recorded in one transaction; one whose deletion began is
+    refused without its neighbours, and the job counts only what was recorded."""
+    job = registry.register_ingest("t", [new_document("x"), new_document("y")])
+    kept, deleted = job.document_ids
+    registry.claim_job(job.id, "owner", LEASE)
+    registry.start_progress(job.id, "owner", LEASE, total=3, work=registry.job_work(job.id))
+    assert registry.mark_deleting("t", deleted) is not None
+    written = [
+        (
+            new_work(kept),
+            [Chunk(f"{kept}-{i}", kept, i, f"kept {i}", None, i, i + 1) for i in (0, 1)],
+        ),
+        (new_work(deleted), [Chunk(f"{deleted}-0", deleted, 0, "gone", None, 0, 4)]),
+    ]
+    assert registry.add_chunks(job.id, "owner", LEASE, written) == [True, False]
+    assert registry.get_job("t", job.id).chunks_done == 2  # type: ignore[union-attr]
+    page = registry.list_chunks("t", kept, limit=10, cursor=None)
+    assert page is not None and [c.text for c in page.items] == ["kept 0", "kept 1"]
+    assert registry.get_chunks("t", [f"{deleted}-0"]) == {}
 
 
 def test_chunk_pages_follow_the_index(registry: Registry) -> None:
@@ -229,8 +251,8 @@ def test_chunk_pages_follow_the_index(registry: Registry) -> None:
     registry.claim_job(job.id, "owner", LEASE)
     chunks = [Chunk(f"{doc_id}-{i}", doc_id, i, f"c{i}", 1, i, i + 1) for i in range(7)]
     # Written out of order, read back by index.
-    registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), chunks[4:])
-    registry.add_chunks(job.id, "owner", LEASE, new_work(doc_id), chunks[:4])
+    registry.add_chunks(job.id, "owner", LEASE, [(new_work(doc_id), chunks[4:])])
+    registry.add_chunks(job.id, "owner", LEASE, [(new_work(doc_id), chunks[:4])])
     seen, cursor = [], None
     while True:
         page = registry.list_chunks("t", doc_id, limit=3, cursor=cursor)
