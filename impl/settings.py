@@ -373,9 +373,10 @@ class Settings(BaseSettings):
             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ragapi"
         ),
         description="Folder where the packaged embedding model is written once as onnxruntime "
-        "runs it (FP32 weights in a file each process maps rather than copies: about 90 MB less "
-        "memory per process); default: $XDG_CACHE_HOME/ragapi, else ~/.cache/ragapi. A folder "
-        "that cannot be written costs that memory, nothing else.",
+        "runs it: its attention fused (about a fifth less CPU per chunk), its FP32 weights in a "
+        "file each process maps rather than copies (about 90 MB less memory per process); "
+        "default: $XDG_CACHE_HOME/ragapi, else ~/.cache/ragapi. A folder that cannot be written "
+        "costs that CPU and memory, nothing else.",
     )
     embedding_query_wait_ms: float = Field(
         2.0,
