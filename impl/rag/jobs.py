@@ -34,11 +34,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from impl.errors import DependencyUnavailable, RagapiError, UnreadableDocument
 from impl.rag.chunking import Chunker, ChunkSpan
@@ -196,22 +196,24 @@ class _Finishing:
     settled: bool = False  # its outcome dealt with
 
 
-def _shared_batches(
-    planned: Sequence[tuple[DocumentWork, list[ChunkSpan]]],
-) -> list[list[tuple[DocumentWork, list[ChunkSpan]]]]:
-    """The documents in order, consecutive small ones together up to EMBED_BATCH chunks, a
-    larger one alone. Documents of a batch are embedded in one call and written to the vector
-    store in one request: a Chroma write costs its server 10-20 ms of CPU however few vectors
-    it holds, which made a job of two-chunk documents spend 5.6 ms of Chroma's CPU a chunk
-    (docs/benchmarks.md, "Worker scaling")."""
-    batches: list[list[tuple[DocumentWork, list[ChunkSpan]]]] = []
+_Item = TypeVar("_Item")
+
+
+def shared_batches(documents: Sequence[_Item], size: Callable[[_Item], int]) -> list[list[_Item]]:
+    """The documents in order, consecutive small ones together up to EMBED_BATCH chunks
+    (``size``: a document's), a larger one alone. Documents of a batch are embedded in one
+    call and written to the vector store in one request: a Chroma write costs its server 10-20
+    ms of CPU however few vectors it holds, which made a job of two-chunk documents spend 5.6
+    ms of Chroma's CPU a chunk (docs/benchmarks.md, "Worker scaling")."""
+    batches: list[list[_Item]] = []
     room = 0  # chunks the last batch can still take
-    for document, spans in planned:
-        if len(spans) > room or not batches:
+    for document in documents:
+        chunks = size(document)
+        if chunks > room or not batches:
             batches.append([])
             room = EMBED_BATCH
-        batches[-1].append((document, spans))
-        room -= len(spans)
+        batches[-1].append(document)
+        room -= chunks
     return batches
 
 
@@ -482,7 +484,7 @@ class IngestWorkers:
         # documents are one batch, which would otherwise wait for every write of theirs).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragapi-write") as writer:
             finishing: _Finishing | None = None  # the documents before, still being written
-            batches = _shared_batches(planned)
+            batches = shared_batches(planned, lambda planned_document: len(planned_document[1]))
             for number, batch in enumerate(batches):
                 try:
                     if len(batch) == 1:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from impl.rag.embeddings import OnnxMiniLM
-from impl.rag.jobs import EMBED_BATCH
+from impl.rag.jobs import EMBED_BATCH, shared_batches
 from impl.rag.loaders import detect_media_type, extract_text
 from impl.settings import Settings
 from scripts.bench.client import Connection, load
@@ -282,18 +282,23 @@ def worker_scaling(
 
 
 def _raw_process(share: Path) -> None:
-    """One raw embedding process: load the model, say so, wait for the start, embed each
-    document's chunks in the batches a worker embeds, report."""
+    """One raw embedding process: load the model, say so, wait for the start, embed the
+    documents' chunks in the batches a worker embeds (small documents together), report."""
     texts: list[list[str]] = json.loads(share.read_text())
     # At the workers' niceness, so that both sides meet the same competition for the CPU.
-    os.nice(Settings().worker_nice)
-    model = OnnxMiniLM(threads=1)
+    settings = Settings()
+    os.nice(settings.worker_nice)
+    # The graph the workers run: the model as written to their cache folder.
+    model = OnnxMiniLM(threads=1, cache_dir=settings.model_cache_dir)
     print("ready", flush=True)
     sys.stdin.readline()
     started, cpu_started = time.time(), time.process_time()
-    for document in texts:
-        for start in range(0, len(document), EMBED_BATCH):
-            model.embed_documents(document[start : start + EMBED_BATCH])
+    for batch in shared_batches(texts, len):
+        if len(batch) > 1:
+            model.embed_documents([text for document in batch for text in document])
+            continue
+        for start in range(0, len(batch[0]), EMBED_BATCH):
+            model.embed_documents(batch[0][start : start + EMBED_BATCH])
     finished = time.time()
     chunks = sum(len(document) for document in texts)
     report = {
