@@ -481,6 +481,9 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
         # 7. Restart every process and server.
         topology.stop()
         assert all(w.process.returncode == 0 for w in topology.workers)
+        # The other worker may have finished the job given back at shutdown before the restart
+        # (ingestion is quick); the metrics below count only what the restarted processes did.
+        [(given_back,)] = deployment.sql("SELECT status FROM jobs WHERE id = %s", interrupted_job)
         a.close()
         b.close()
         stack.close()
@@ -499,7 +502,7 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
             granary = wait_for(
                 lambda: (job := get_job(a, interrupted_job))["status"] == "succeeded" and job,
                 180,
-                "the job given back at shutdown finished after the restart",
+                "the job given back at shutdown finished",
             )["document_ids"][0]
 
             # 8. Metrics add up across processes, counted from the restart on.
@@ -507,8 +510,9 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
                 ingest(http, ledger(name, 40), name.title())["documents"][0]["id"]
                 for http, name in ((a, "quarry"), (b, "orchard"))
             ]
+            since_restart = fresh if given_back == "succeeded" else [granary, *fresh]
             expected_chunks = sum(
-                a.get(f"{API}/documents/{doc}").json()["chunk_count"] for doc in [granary, *fresh]
+                a.get(f"{API}/documents/{doc}").json()["chunk_count"] for doc in since_restart
             )
             worker_metrics = [httpx.get(f"{w.url}/metrics").text for w in topology.workers]
             assert (
@@ -520,7 +524,7 @@ def test_the_scaled_out_deployment(tmp_path: Path, postgres: Postgres) -> None:
                     metric(m, 'ragapi_ingest_job_events_total{event="succeeded"}')
                     for m in worker_metrics
                 )
-                == 3
+                == len(since_restart)  # a job each
             )
             api_metrics = [http.get(f"{API}/metrics").text for http in (a, b)]
             ingests = 'ragapi_requests_total{operation="ingestDocuments",status="200"}'
