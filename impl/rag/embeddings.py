@@ -576,7 +576,9 @@ def build_recorded_model(model_id: str, dimension: int, settings: Settings) -> E
     provider, _, rest = model_id.partition(":")
     model: EmbeddingModel | None = None
     if provider == "onnx":
-        model = OnnxMiniLM(threads=settings.embedding_threads)
+        # The graph the settings' model runs, so that a question gets the same vector from
+        # either path (the packaged graph's differ in the seventh digit).
+        model = OnnxMiniLM(threads=settings.embedding_threads, cache_dir=settings.model_cache_dir)
     elif provider == "openai" and "@" in rest:
         name, _, base_url = rest.rpartition("@")
         configured = (settings.embedding_base_url or "").rstrip("/") == base_url
