@@ -240,7 +240,6 @@ class JobRows(EventLog):
             recorded: list[bool] = []
             rows: list[dict[str, Any]] = []
             indexed: list[Chunk] = []
-            tenant = ""
             for work, chunks in written:
                 # FOR UPDATE (PostgreSQL) keeps a deletion from starting before this commits.
                 doc = session.execute(
@@ -256,7 +255,6 @@ class JobRows(EventLog):
                 if not recorded[-1]:
                     continue
                 assert doc is not None
-                tenant = doc.tenant  # a job's documents are one tenant's
                 rows.extend(
                     {
                         "id": chunk.id,
@@ -276,7 +274,8 @@ class JobRows(EventLog):
                 return recorded
             # A Core insert: the rows are not read back, so no ORM objects to track.
             session.execute(insert(cast(Table, ChunkRow.__table__)), rows)
-            lexical.index_chunks(session, tenant, indexed)
+            # A job's documents are one tenant's.
+            lexical.index_chunks(session, written[0][0].tenant, indexed)
             self._renew(
                 session, job_id, owner, lease, chunks_done=JobRow.chunks_done + len(indexed)
             )
