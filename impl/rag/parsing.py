@@ -1,13 +1,17 @@
-"""Uploads are parsed in processes of their own, one per document.
+"""Uploads are parsed in processes of their own, one per request.
 
-Each document is recognised and read (loaders.detect_media_type, loaders.extract_text) in a
-child process forked from a forkserver that has the parsers imported, so a child starts in
-milliseconds. The child may use max_parse_memory_bytes of address space and a little more CPU
-time than max_parse_seconds; the caller waits max_parse_seconds for its answer and kills it when
-none came. So a parse ends within its time limit even inside one long library call, its memory
-is the operating system's to take back the moment it ends, and a parser library that crashes
-fails one document instead of the server. At most parse_workers documents are parsed at once,
-however many requests the HTTP server's threads carry.
+A request's documents are recognised and read (loaders.detect_media_type, loaders.extract_text)
+one after another in a child process forked from a forkserver that has the parsers imported.
+Forking and ending a child costs about 10 ms of CPU, twice what reading a small HTML page does
+(docs/benchmarks.md, "Worker scaling"), so the documents of one request share it. Each document
+may take max_parse_seconds: the caller waits that long for each answer and kills the child when
+none came. The child may use max_parse_memory_bytes of address space; a document that runs out
+of it after others were read in the same child is read again in a fresh one, so that every
+document gets the whole limit. So a parse ends within its time limit even inside one long
+library call, its memory is the operating system's to take back the moment the request's
+parsing ends, and a parser library that crashes fails one request instead of the server. At most
+parse_workers documents are parsed at once, however many requests the HTTP server's threads
+carry.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import multiprocessing
 import os
 import resource
 import threading
-import time
+from collections.abc import Sequence
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 
@@ -30,6 +34,7 @@ from impl.rag.loaders import (
     detect_media_type,
     extract_text,
 )
+from impl.rag.types import IngestItem
 from impl.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,11 @@ _CHILD_NICENESS = 10
 
 # (media type, text), or the error that refused the document.
 _Outcome = tuple[str, ExtractedText] | RagapiError
+# How long a child that was told there are no more documents may take to end.
+_END_SECONDS = 5.0
+# The child's answer for a document that ran out of memory after it had read others: read it
+# again in a fresh child.
+_READ_AGAIN = None
 
 
 class ParserProcesses:
@@ -58,28 +68,30 @@ class ParserProcesses:
         second (scripts/bench --scaling), counted against that parse's time limit."""
         forkserver.ensure_running()
 
-    def parse(
-        self, content: bytes, filename: str | None, declared: str | None
-    ) -> tuple[str, ExtractedText]:
-        """The media type and text of an upload, as loaders' functions give them, within
-        the limits. Raises what they raise, DocumentTooLarge past a limit, and
-        ServiceUnavailable when no parser came free within parse_wait_seconds."""
+    def parse(self, items: Sequence[IngestItem]) -> list[_Outcome]:
+        """The media type and text of each item in turn, as loaders' functions give them,
+        within the limits, up to the first item refused: its error (what they raise, or
+        DocumentTooLarge past a limit) is the last outcome. Raises ServiceUnavailable when no
+        parser came free within parse_wait_seconds."""
         if not self._slots.acquire(timeout=self.wait_seconds):
             raise ServiceUnavailable("every document parser is busy; try again shortly")
         try:
-            outcome = self._run_child(content, filename, declared)
+            outcomes: list[_Outcome] = []
+            while len(outcomes) < len(items) and not (
+                outcomes and isinstance(outcomes[-1], RagapiError)
+            ):
+                outcomes += self._run_child(items[len(outcomes) :])
         finally:
             self._slots.release()
-        if isinstance(outcome, RagapiError):
-            raise outcome
-        return outcome
+        return outcomes
 
-    def _run_child(self, content: bytes, filename: str | None, declared: str | None) -> _Outcome:
-        deadline = time.monotonic() + self.limits.max_parse_seconds
+    def _run_child(self, items: Sequence[IngestItem]) -> list[_Outcome]:
+        """The outcomes of one child's reading of ``items``, up to the first refused or the
+        first to be read again in a fresh child (which is left out)."""
         connection, child_end = self._context.Pipe()
         child = self._context.Process(
             target=_parse_in_child,
-            args=(child_end, filename, declared, self.limits, self.memory_bytes),
+            args=(child_end, self.limits, self.memory_bytes),
             name="ragapi-parser",
             daemon=True,
         )
@@ -87,50 +99,78 @@ class ParserProcesses:
             child.start()
         finally:
             child_end.close()  # the child holds the only other end: its death reads as EOF
+        outcomes: list[_Outcome] = []
         try:
-            # Through the pipe, not the arguments: the forkserver would pickle a copy first.
-            connection.send_bytes(content)
-            if not connection.poll(max(0.0, deadline - time.monotonic())):
-                return DocumentTooLarge(
-                    f"reading the document took longer than {self.limits.max_parse_seconds:g} "
-                    "seconds"
-                )
-            outcome: _Outcome = connection.recv()
-            return outcome
+            for item in items:
+                # Through the pipe, not the arguments: the forkserver would pickle a copy first.
+                connection.send((item.filename, item.declared_media_type))
+                connection.send_bytes(item.content)
+                if not connection.poll(self.limits.max_parse_seconds):
+                    child.kill()
+                    outcomes.append(
+                        DocumentTooLarge(
+                            "reading the document took longer than "
+                            f"{self.limits.max_parse_seconds:g} seconds"
+                        )
+                    )
+                    break
+                outcome: _Outcome | None = connection.recv()
+                if outcome is _READ_AGAIN:
+                    break
+                outcomes.append(outcome)
+                if isinstance(outcome, RagapiError):
+                    break
         except (EOFError, BrokenPipeError):
             child.join()
             logger.warning("a parser died without an answer (exit code %s)", child.exitcode)
-            return UnreadableDocument("the document could not be read (its parser failed)")
+            outcomes.append(
+                UnreadableDocument("the document could not be read (its parser failed)")
+            )
         finally:
-            connection.close()
+            connection.close()  # the child reads no more documents and ends
+            child.join(timeout=_END_SECONDS)
             if child.is_alive():
                 child.kill()
-            child.join()
+                child.join()
             child.close()
+        return outcomes
 
 
-def _parse_in_child(
-    connection: Connection,
-    filename: str | None,
-    declared: str | None,
-    limits: ParseLimits,
-    memory_bytes: int,
-) -> None:
+def _parse_in_child(connection: Connection, limits: ParseLimits, memory_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    os.nice(_CHILD_NICENESS)
     # A backstop only: the parent kills the child at max_parse_seconds of wall time.
     cpu_seconds = math.ceil(limits.max_parse_seconds) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    os.nice(_CHILD_NICENESS)
-    content = connection.recv_bytes()
-    outcome: _Outcome
-    try:
-        media_type = detect_media_type(content, filename, declared)
-        outcome = (media_type, extract_text(content, media_type, limits))
-    except RagapiError as exc:
-        outcome = exc
-    except MemoryError:
-        outcome = DocumentTooLarge(
-            f"reading the document needs more than {memory_bytes // MB:,} MB of memory"
-        )
-    connection.send(outcome)
+    _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+    documents_read = 0
+    while True:
+        try:
+            filename, declared = connection.recv()
+            content = connection.recv_bytes()
+        except EOFError:  # no more documents
+            break
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_soft = math.ceil(used.ru_utime + used.ru_stime) + cpu_seconds
+        if cpu_hard != resource.RLIM_INFINITY:
+            cpu_soft = min(cpu_soft, cpu_hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_hard))
+        outcome: _Outcome | None
+        try:
+            media_type = detect_media_type(content, filename, declared)
+            outcome = (media_type, extract_text(content, media_type, limits))
+        except RagapiError as exc:
+            outcome = exc
+        except MemoryError:
+            outcome = (
+                _READ_AGAIN
+                if documents_read
+                else DocumentTooLarge(
+                    f"reading the document needs more than {memory_bytes // MB:,} MB of memory"
+                )
+            )
+        del content  # not held while the next document is received
+        connection.send(outcome)
+        if not isinstance(outcome, tuple):
+            break
+        documents_read += 1
     connection.close()

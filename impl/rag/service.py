@@ -128,6 +128,11 @@ def _token_events(answer: AnswerStream) -> Generator[TokenEvent, None, tuple[str
             yield TokenEvent(delta)
 
 
+def _name(number: int, item: IngestItem) -> str:
+    """What an error about an item of a request calls it."""
+    return item.filename or f"document {number}"
+
+
 def _naming(name: str, exc: RagapiError) -> RagapiError:
     """The same error, its detail prefixed with the file it is about."""
     detail = f"{name}: {exc.detail}"
@@ -378,7 +383,7 @@ class RagService:
                 f"at most {self._settings.max_files_per_request} documents per request"
             )
         # Every item is checked before anything is stored: one bad file refuses the request.
-        prepared = [self._prepare(number, item) for number, item in enumerate(items, start=1)]
+        prepared = self._prepare(items)
         with self._ingest_lock:
             existing = self._documents.find_live(tenant, [p.sha256 for p in prepared])
             if any(p.sha256 not in existing for p in prepared) and not self._workers.has_room():
@@ -391,26 +396,34 @@ class RagService:
                 self._workers.offer(job.id)
         return job
 
-    def _prepare(self, number: int, item: IngestItem) -> _Prepared:
-        name = item.filename or f"document {number}"
-        try:
-            if len(item.content) > self._settings.max_upload_bytes:
-                raise PayloadTooLarge(
-                    f"larger than the {self._settings.max_upload_bytes} bytes accepted"
+    def _prepare(self, items: list[IngestItem]) -> list[_Prepared]:
+        """Each item checked and read, in order; the first refused raises, naming its file."""
+        for number, item in enumerate(items, start=1):
+            try:
+                if len(item.content) > self._settings.max_upload_bytes:
+                    raise PayloadTooLarge(
+                        f"larger than the {self._settings.max_upload_bytes} bytes accepted"
+                    )
+                validate_metadata(item.metadata)
+            except RagapiError as exc:
+                raise _naming(_name(number, item), exc) from exc
+        prepared: list[_Prepared] = []
+        for number, (item, outcome) in enumerate(
+            zip(items, self._parsers.parse(items), strict=False), start=1
+        ):
+            if isinstance(outcome, RagapiError):
+                raise _naming(_name(number, item), outcome) from outcome
+            media_type, extracted = outcome
+            prepared.append(
+                _Prepared(
+                    item=item,
+                    media_type=media_type,
+                    extracted=extracted,
+                    sha256=hashlib.sha256(item.content).hexdigest(),
+                    title=derive_title(item, extracted),
                 )
-            validate_metadata(item.metadata)
-            media_type, extracted = self._parsers.parse(
-                item.content, item.filename, item.declared_media_type
             )
-        except RagapiError as exc:
-            raise _naming(name, exc) from exc
-        return _Prepared(
-            item=item,
-            media_type=media_type,
-            extracted=extracted,
-            sha256=hashlib.sha256(item.content).hexdigest(),
-            title=derive_title(item, extracted),
-        )
+        return prepared
 
     @staticmethod
     def _store_original(prepared: _Prepared, upload: Upload) -> NewDocument:
@@ -445,7 +458,7 @@ class RagService:
         self._check_if_match_given(if_match)
         if metadata is not None:
             validate_metadata(metadata)
-        prepared = self._prepare(1, item)
+        (prepared,) = self._prepare([item])
         with self._document_lock, self._ingest_lock:
             if not self._workers.has_room():
                 raise ServiceUnavailable("the ingestion queue is full; try again shortly")
