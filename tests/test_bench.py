@@ -105,8 +105,8 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
         assert figure(scaling[key]), key
     interference = scaling["interference"]
     assert interference["workers"] == 2 and interference["during_searches"] > 0
-    assert interference["errors"] == 0
-    for key in ("idle_p95_ms", "during_p95_ms", "p95_ratio"):
+    assert interference["raw_during_searches"] > 0 and interference["errors"] == 0
+    for key in ("idle_p95_ms", "during_p95_ms", "p95_ratio", "raw_during_p95_ms", "raw_p95_ratio"):
         assert figure(interference[key]), key
 
     targets = results["targets"]

@@ -174,6 +174,14 @@ def _scaling_rows(scaling: dict[str, Any]) -> list[tuple[str, ...]]:
             _f(it["p95_ratio"], 2),
         )
     )
+    rows.append(
+        (
+            f"search p95 ms while {it['workers']} raw embedding process(es) run (idle)",
+            _f(it["raw_during_p95_ms"]),
+            _f(it["idle_p95_ms"]),
+            _f(it["raw_p95_ratio"], 2),
+        )
+    )
     return rows
 
 

@@ -10,8 +10,9 @@ parsing, no stores. Each process loads its model before the clock starts.
 
 Workers count from the first job queued to the last one's end (its ``updated_at``); raw
 processes from one start signal to the last one's end. Raw processes run at the workers'
-niceness (RAGAPI_WORKER_NICE). Then, with the largest count, one client
-searches while the workers ingest more, against the same client before and after.
+niceness (RAGAPI_WORKER_NICE). Then, with the largest count, one client searches while the
+workers ingest more and while as many raw processes embed the same chunks, against the same
+client before and after.
 
     python -m scripts.bench.scaling TEXTS.json   # one raw embedding process (run by the block)
 """
@@ -180,34 +181,54 @@ def _raw_block(texts: list[list[str]], processes: int, folder: Path) -> dict[str
 
 
 def _interference(
-    api: Api, queries: Sequence[str], jobs: Sequence[Sequence[SourceDocument]], idle_seconds: float
+    api: Api,
+    queries: Sequence[str],
+    jobs: Sequence[Sequence[SourceDocument]],
+    processes: int,
+    work: Path,
+    idle_seconds: float,
 ) -> dict[str, Any]:
-    idle = api.load(search_call(queries), clients=1, seconds=idle_seconds / 2)
+    """One client's search p95 while ``processes`` workers ingest ``jobs`` and while as many
+    raw embedding processes embed the same chunks, against the idle API before and after. The
+    raw side is the floor the machine sets: embedding on the other cores slows the API's own
+    CPU work (measured here: a fifth to two fifths more CPU time for SQLite reads beside one
+    embedding process, whatever the priorities), which no scheduling of the workers removes."""
+    searching = search_call(queries)
+    idle = api.load(searching, clients=1, seconds=idle_seconds / 2)
+
+    def during(work_of_others: Any) -> Any:
+        done = False
+
+        async def others() -> None:
+            nonlocal done
+            await asyncio.to_thread(work_of_others)
+            done = True
+
+        async def measure() -> Any:
+            search = load(
+                HOST, api.server.port, api.headers, searching, clients=1, until=lambda: done
+            )
+            result, _ = await asyncio.gather(search, others())
+            return result
+
+        return asyncio.run(measure())
+
     job_ids = _queue(api, jobs)
-    done = False
-
-    async def watch() -> None:
-        nonlocal done
-        await asyncio.to_thread(_finished, api, job_ids)
-        done = True
-
-    async def measure() -> Any:
-        searching = load(
-            HOST, api.server.port, api.headers, search_call(queries), clients=1, until=lambda: done
-        )
-        during, _ = await asyncio.gather(searching, watch())
-        return during
-
-    during = asyncio.run(measure())
-    after = api.load(search_call(queries), clients=1, seconds=idle_seconds / 2)
+    ingesting = during(lambda: _finished(api, job_ids))
+    embedding = during(lambda: _raw_block(_chunk_texts(jobs), processes, work))
+    after = api.load(searching, clients=1, seconds=idle_seconds / 2)
     idle_p95 = percentiles(idle.latencies_ms + after.latencies_ms)["p95_ms"]
-    during_p95 = percentiles(during.latencies_ms)["p95_ms"]
+    during_p95 = percentiles(ingesting.latencies_ms)["p95_ms"]
+    raw_p95 = percentiles(embedding.latencies_ms)["p95_ms"]
     return {
         "idle_p95_ms": idle_p95,
         "during_p95_ms": during_p95,
-        "during_searches": len(during.latencies_ms),
-        "errors": idle.errors + during.errors + after.errors,
+        "during_searches": len(ingesting.latencies_ms),
+        "raw_during_p95_ms": raw_p95,
+        "raw_during_searches": len(embedding.latencies_ms),
+        "errors": idle.errors + ingesting.errors + embedding.errors + after.errors,
         "p95_ratio": ratio(during_p95, idle_p95),
+        "raw_p95_ratio": ratio(raw_p95, idle_p95),
     }
 
 
@@ -265,7 +286,9 @@ def worker_scaling(
                 say(f"worker scaling: search while {count} worker(s) ingest")
                 results["interference"] = {
                     "workers": count,
-                    **_interference(api, queries, _copies(pool, count, "search"), idle_seconds),
+                    **_interference(
+                        api, queries, _copies(pool, count, "search"), count, work, idle_seconds
+                    ),
                 }
     finally:
         for server in reversed(servers):
