@@ -339,8 +339,8 @@ class Settings(BaseSettings):
         2,
         ge=1,
         le=64,
-        description="Documents parsed at the same time by one server process (each in a "
-        "process of its own); independent of the HTTP server's threads.",
+        description="Documents parsed at the same time by one server process (each request's "
+        "in a process of its own); independent of the HTTP server's threads.",
     )
     parse_wait_seconds: float = Field(
         75.0,
