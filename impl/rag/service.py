@@ -210,6 +210,49 @@ def _fuse(
     return ranked
 
 
+def _another_round_changes_nothing(
+    options: RetrievalOptions,
+    dense: list[DenseHit],
+    lexical_hits: list[LexicalHit],
+    *,
+    more_dense: bool,
+    more_lexical: bool,
+    top_k: int,
+) -> bool:
+    """Whether the top_k that ``dense`` and ``lexical_hits`` fuse to is what a search that
+    excludes the documents whose hits were just dropped from them would answer. That search
+    finds the hits kept, in the same order, and where a list was full (``more_*``) up to as many
+    more at its end. Each list falls in score, so in dense or lexical mode those come after every
+    hit kept. In hybrid a chunk gains at most weight / (rrf_k + length + 1) from a full list it
+    is not in: no such gain may lift a chunk past the one above it or into the top_k, and a
+    chunk in neither list must stay out of it."""
+    if options.mode != "hybrid":
+        kept, more = (
+            (dense, more_dense) if options.mode == "dense" else (lexical_hits, more_lexical)
+        )
+        return len(kept) >= top_k or not more
+    gains: dict[Signal, float] = {
+        "dense": options.dense_weight / (options.rrf_k + len(dense) + 1) if more_dense else 0.0,
+        "lexical": (
+            options.lexical_weight / (options.rrf_k + len(lexical_hits) + 1)
+            if more_lexical
+            else 0.0
+        ),
+    }
+    ranked = _fuse(options, dense, lexical_hits)
+    if len(ranked) < top_k:
+        return not (more_dense or more_lexical)
+    last = ranked[top_k - 1][1]
+    if sum(gains.values()) >= last:  # a chunk in neither list
+        return False
+    for position, (_, score, signals) in enumerate(ranked):
+        gain = sum(g for signal, g in gains.items() if signal not in signals)
+        above = last if position >= top_k else ranked[position - 1][1] if position else math.inf
+        if gain > 0 and score + gain >= above:
+            return False
+    return True
+
+
 class RagService:
     def __init__(
         self,
@@ -859,8 +902,25 @@ class RagService:
                 for doc, version in [*found, *only_versions.items()]
                 if doc in current and current[doc][1] != version
             }
-            if not not_ready and all(only_versions.get(d) == v for d, v in stale.items()):
-                break
+            if all(only_versions.get(d) == v for d, v in stale.items()):
+                if not not_ready:
+                    break
+                # While documents are indexed, a search finds their first chunks in about one
+                # case in twenty: dropping those hits is enough when another round could not
+                # change the answer, and saves that round (docs/benchmarks.md, "Worker
+                # scaling").
+                dense_kept = [hit for hit in dense if hit.document_id not in not_ready]
+                lexical_kept = [hit for hit in lexical_hits if hit.document_id not in not_ready]
+                if _another_round_changes_nothing(
+                    retrieval,
+                    dense_kept,
+                    lexical_kept,
+                    more_dense=len(dense) == depth,
+                    more_lexical=len(lexical_hits) == depth,
+                    top_k=top_k,
+                ):
+                    dense, lexical_hits = dense_kept, lexical_kept
+                    break
             excluded |= not_ready
             only_versions.update(stale)
             lexical = start_lexical(excluded)
