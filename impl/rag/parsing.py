@@ -120,7 +120,7 @@ class ParserProcesses:
                 outcomes.append(outcome)
                 if isinstance(outcome, RagapiError):
                     break
-        except (EOFError, BrokenPipeError):
+        except (EOFError, ConnectionError):  # a pipe broken or reset by its death
             child.join()
             logger.warning("a parser died without an answer (exit code %s)", child.exitcode)
             outcomes.append(

@@ -4,8 +4,11 @@ at once."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,38 @@ def test_a_document_past_the_memory_limit_after_others_is_refused_alike(tmp_path
     assert len(outcomes) == 2 and not isinstance(outcomes[0], RagapiError)
     assert isinstance(outcomes[1], DocumentTooLarge)
     assert "more than 256 MB of memory" in outcomes[1].detail
+
+
+def parser_children() -> list[int]:
+    """The pids of the parser processes alive now (the forkserver's children)."""
+    server = forkserver._forkserver._forkserver_pid
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == server:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_parser_that_dies_fails_its_document_and_not_the_caller(tmp_path: Path) -> None:
+    parsers = ParserProcesses(make_settings(tmp_path, max_parse_seconds=30.0))
+    parse_one(parsers, b"warm up the forkserver", None, None)
+    outcomes: list[object] = []
+    parsing = threading.Thread(
+        target=lambda: outcomes.extend(parsers.parse([item(NESTED_HTML, "nested.html")]))
+    )
+    parsing.start()
+    deadline = time.monotonic() + 10
+    while not (children := parser_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in children:  # whether it has read the document yet or not
+        os.kill(pid, signal.SIGKILL)
+    parsing.join(timeout=10)
+    assert not parsing.is_alive()
+    assert len(outcomes) == 1 and isinstance(outcomes[0], UnreadableDocument)
+    assert "its parser failed" in outcomes[0].detail
+    # The next request gets a parser of its own.
+    assert parse_one(parsers, b"a small text", None, None)[1].text == "a small text"
