@@ -905,10 +905,10 @@ class RagService:
             if all(only_versions.get(d) == v for d, v in stale.items()):
                 if not not_ready:
                     break
-                # While documents are indexed, a search finds their first chunks in about one
-                # case in twenty: dropping those hits is enough when another round could not
-                # change the answer, and saves that round (docs/benchmarks.md, "Worker
-                # scaling").
+                # A search finds chunks of documents still being indexed (one hybrid search in
+                # twenty while two workers ingested: docs/benchmarks.md, "Worker scaling").
+                # Dropping those hits is enough when another round could not change the
+                # answer, and saves that round.
                 dense_kept = [hit for hit in dense if hit.document_id not in not_ready]
                 lexical_kept = [hit for hit in lexical_hits if hit.document_id not in not_ready]
                 if _another_round_changes_nothing(
